@@ -1,0 +1,53 @@
+"""ckptdiff: tensor-level checkpoint diffs, frozen-layer drift detection and snapshot history.
+
+The public API is re-exported here lazily, so ``import ckptdiff`` stays cheap
+(no torch, no textual) and the CLI starts fast.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "open_checkpoint": ("ckptdiff.formats", "open_checkpoint"),
+    "Checkpoint": ("ckptdiff.checkpoint", "Checkpoint"),
+    "TensorRef": ("ckptdiff.checkpoint", "TensorRef"),
+    "Manifest": ("ckptdiff.manifest", "Manifest"),
+    "CkptError": ("ckptdiff.errors", "CkptError"),
+    "diff": ("ckptdiff.diff", "diff"),
+    "DiffReport": ("ckptdiff.report", "DiffReport"),
+    "TensorDiff": ("ckptdiff.report", "TensorDiff"),
+    "Store": ("ckptdiff.store", "Store"),
+    "track": ("ckptdiff.hook", "track"),
+    "audit": ("ckptdiff.hook", "audit"),
+    "Tracker": ("ckptdiff.hook", "Tracker"),
+    "FrozenDriftError": ("ckptdiff.hook", "FrozenDriftError"),
+}
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .checkpoint import Checkpoint, TensorRef
+    from .diff import diff
+    from .errors import CkptError
+    from .formats import open_checkpoint
+    from .manifest import Manifest
+    from .report import DiffReport, TensorDiff
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        mod_name, attr = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'ckptdiff' has no attribute {name!r}") from None
+    import importlib
+    value = getattr(importlib.import_module(mod_name), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_LAZY))
+
+
+__all__ = list(_LAZY) + ["__version__"]

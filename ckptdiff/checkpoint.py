@@ -1,0 +1,242 @@
+"""Checkpoint and TensorRef: the one shape every format opens as.
+
+A :class:`Checkpoint` is a read-only mapping from tensor name to a lazy
+:class:`TensorRef`. Nothing reads tensor bytes until asked, and then only in
+chunks, so the diff engine and the store can stream checkpoints far larger
+than memory. Readers (``ckptdiff.formats``) build these; the engine, the
+store, the CLI and the TUI only ever see this module's types.
+
+Byte contract: a TensorRef's bytes are the tensor's elements in C order,
+little-endian, exactly ``numel * itemsize`` of them. Readers convert anything
+else (big-endian HDF5, Fortran-ordered .npy) before handing bytes out, so the
+same weights hash the same whatever file they came from.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import dtypes
+from .errors import CkptError, FormatError
+
+if TYPE_CHECKING:
+    from .manifest import Manifest
+
+#: Default chunk size for streaming tensor bytes: big enough to amortise
+#: per-call overhead, small enough to stay in L2/L3 for the fused diff pass.
+DEFAULT_CHUNK_BYTES = 4 << 20
+
+Buffer = bytes | bytearray | memoryview
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    return math.prod(shape) if shape else 1
+
+
+@dataclass(eq=False)
+class TensorRef:
+    """A tensor inside a checkpoint, not yet read.
+
+    Exactly one of ``view`` and ``pieces`` is given by the reader:
+
+    * ``view()`` returns a zero-copy memoryview of all the tensor's bytes
+      (mmap-backed formats: safetensors, .npy, uncompressed .npz, .pt via
+      torch's mmap). The engine slices it directly.
+    * ``pieces()`` yields the bytes in pieces of any size (HDF5 slabs,
+      compressed .npz members, store blobs); :meth:`chunks` re-cuts them.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    view: Callable[[], memoryview] | None = None
+    pieces: Callable[[], Iterable[Buffer]] | None = None
+    #: BLAKE3 hex digest of the bytes when the source already knows it (the store).
+    hash: str | None = None
+    #: Where the bytes live, for messages only (e.g. a shard's file name).
+    source: str | None = None
+
+    def __post_init__(self) -> None:
+        self.shape = tuple(int(s) for s in self.shape)
+        if any(s < 0 for s in self.shape):
+            raise FormatError(f"tensor {self.name!r} has a negative dimension {self.shape}")
+        dtypes.get(self.dtype)  # validates the name
+        if (self.view is None) == (self.pieces is None):
+            raise ValueError("TensorRef needs exactly one of view= or pieces=")
+
+    @property
+    def dtype_info(self) -> dtypes.DType:
+        return dtypes.DTYPES[self.dtype]
+
+    @property
+    def itemsize(self) -> int:
+        return self.dtype_info.itemsize
+
+    @property
+    def numel(self) -> int:
+        return _numel(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.itemsize
+
+    def buffer(self) -> memoryview | None:
+        """All bytes as one zero-copy view, or None if the source cannot give one."""
+        if self.view is None:
+            return None
+        mv = self.view()
+        mv = mv if isinstance(mv, memoryview) else memoryview(mv)
+        if mv.ndim != 1 or mv.itemsize != 1:
+            mv = mv.cast("B")
+        if mv.nbytes != self.nbytes:
+            raise FormatError(f"tensor {self.name!r}: expected {self.nbytes} bytes, source holds {mv.nbytes}")
+        return mv
+
+    def chunks(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[memoryview]:
+        """Yield the bytes in chunks of exactly ``chunk_bytes`` (the last may be shorter).
+
+        ``chunk_bytes`` is rounded down to a multiple of the item size, so a
+        chunk never splits an element and two tensors of one dtype chunked with
+        the same size line up element for element.
+        """
+        step = max(self.itemsize, chunk_bytes - chunk_bytes % self.itemsize)
+        whole = self.buffer()
+        if whole is not None:
+            for start in range(0, whole.nbytes, step):
+                yield whole[start:start + step]
+            return
+        assert self.pieces is not None
+        yield from _rechunk(self.pieces(), step, self.nbytes, self.name)
+
+    def read(self) -> bytes:
+        """All bytes, copied. For small tensors and tests; the engine streams instead."""
+        whole = self.buffer()
+        if whole is not None:
+            return whole.tobytes()
+        return b"".join(bytes(c) for c in self.chunks())
+
+    def numpy(self) -> np.ndarray:
+        """The tensor as a numpy array (bf16/fp8 through ml_dtypes). Reads it whole."""
+        whole = self.buffer()
+        data: Buffer = whole if whole is not None else self.read()
+        return np.frombuffer(data, dtype=self.dtype_info.np_dtype).reshape(self.shape)
+
+
+def _rechunk(pieces: Iterable[Buffer], step: int, expected: int, name: str) -> Iterator[memoryview]:
+    """Re-cut arbitrary pieces into exact ``step``-sized chunks, checking the total."""
+    pending = bytearray()
+    total = 0
+    for piece in pieces:
+        mv = memoryview(piece).cast("B") if not isinstance(piece, memoryview) or piece.format != "B" else piece
+        total += mv.nbytes
+        if total > expected:
+            raise FormatError(f"tensor {name!r}: source holds more than the expected {expected} bytes")
+        if not pending and mv.nbytes == step:
+            yield mv
+            continue
+        pending += mv
+        while len(pending) >= step:
+            yield memoryview(bytes(pending[:step]))
+            del pending[:step]
+    if total != expected:
+        raise FormatError(f"tensor {name!r}: expected {expected} bytes, source holds {total}")
+    if pending:
+        yield memoryview(bytes(pending))
+
+
+@dataclass(eq=False)
+class Checkpoint(Mapping[str, TensorRef]):
+    """A read-only mapping of tensor name -> TensorRef, plus what the file says about itself.
+
+    ``metadata`` holds non-tensor values (safetensors ``__metadata__``,
+    scalars of a nested training checkpoint such as ``epoch``); ``manifest`` is
+    a trainable-key manifest embedded in the checkpoint, if any.
+    Close it (or use ``with``) to release mmaps and file handles.
+    """
+
+    path: str
+    format: str
+    tensors: dict[str, TensorRef]
+    metadata: dict[str, Any] = field(default_factory=dict)
+    manifest: Manifest | None = None
+    _closers: list[Callable[[], None]] = field(default_factory=list, repr=False)
+
+    def __getitem__(self, name: str) -> TensorRef:
+        return self.tensors[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def on_close(self, fn: Callable[[], None]) -> None:
+        self._closers.append(fn)
+
+    def close(self) -> None:
+        while self._closers:
+            fn = self._closers.pop()
+            try:
+                fn()
+            except (BufferError, OSError, ValueError):
+                # An mmap still exported by a live memoryview cannot close
+                # yet; the GC releases it with the last view.
+                pass
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @classmethod
+    def from_arrays(
+        cls,
+        arrays: Mapping[str, np.ndarray],
+        *,
+        path: str = "<memory>",
+        format: str = "memory",
+        metadata: dict[str, Any] | None = None,
+        manifest: Manifest | None = None,
+    ) -> Checkpoint:
+        """Wrap in-memory numpy arrays (any dtype in the table) as a Checkpoint."""
+        tensors: dict[str, TensorRef] = {}
+        for name, arr in arrays.items():
+            arr = np.asarray(arr)
+            dt = dtypes.from_numpy(arr.dtype)
+            arr = np.ascontiguousarray(arr, dtype=dt.np_dtype)
+            tensors[name] = TensorRef(name, dt.name, arr.shape, view=_array_view(arr))
+        return cls(path, format, tensors, dict(metadata or {}), manifest)
+
+
+def _array_view(arr: np.ndarray) -> Callable[[], memoryview]:
+    def view() -> memoryview:
+        return memoryview(arr.reshape(-1).view(np.uint8))
+    return view
+
+
+def check_shape(name: str, shape: Iterable[Any], *, max_elements: int = 1 << 48) -> tuple[int, ...]:
+    """Validate an untrusted shape: non-negative ints whose product cannot overflow."""
+    out: list[int] = []
+    for s in shape:
+        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+            raise FormatError(f"tensor {name!r}: invalid dimension {s!r}")
+        out.append(s)
+    n = 1
+    for s in out:
+        n *= s
+        if n > max_elements:
+            raise FormatError(f"tensor {name!r}: shape {tuple(out)} is absurdly large")
+    return tuple(out)
+
+
+__all__ = ["Checkpoint", "TensorRef", "DEFAULT_CHUNK_BYTES", "check_shape", "CkptError"]

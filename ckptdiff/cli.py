@@ -1,0 +1,111 @@
+"""The ``ckptdiff`` command line.
+
+Each subcommand lives in ``ckptdiff/commands/<name>.py`` with
+``register(subparsers)`` (adds its parser and sets ``func``) so this file only
+wires them together and owns the error contract shared by all of them:
+
+* exit 0: success / the policy passed; 1: differences that fail the policy;
+  2: trouble (bad input, missing file, internal error);
+* errors are one line on stderr, ``ckptdiff: error: PATH: what is wrong``,
+  never a traceback (``--debug`` shows it).
+
+Nothing here imports torch or textual; commands import what they need when
+they run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .errors import CkptError
+
+#: Subcommand modules, in the order ``--help`` lists them.
+COMMANDS = ("diff", "store_cmds", "tui_cmd")
+
+EXIT_OK, EXIT_FAIL, EXIT_TROUBLE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        # argparse's own usage errors follow the same one-line contract.
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_TROUBLE, f"ckptdiff: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="ckptdiff",
+        description=(
+            "Tensor-by-tensor diffs of model checkpoints, frozen-layer drift detection, "
+            "and a deduplicated snapshot history for fine-tuning runs."
+        ),
+        epilog=(
+            "Exit codes follow diff(1): 0 = passes, 1 = differences that fail the policy, "
+            "2 = trouble (bad input, missing file). Run 'ckptdiff COMMAND --help' for details."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"ckptdiff {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for mod_name in COMMANDS:
+        try:
+            mod = importlib.import_module(f".commands.{mod_name}", __package__)
+        except ModuleNotFoundError as e:
+            if e.name and e.name.startswith(f"{__package__}.commands"):
+                continue  # a command not written yet
+            raise
+        mod.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return EXIT_TROUBLE
+    debug = args.debug or bool(os.environ.get("CKPTDIFF_DEBUG"))
+    try:
+        return int(args.func(args) or 0)
+    except CkptError as e:
+        if debug:
+            raise
+        _error(str(e))
+        return EXIT_TROUBLE
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+    except BrokenPipeError:
+        # `ckptdiff diff ... | head`: not an error worth a message.
+        try:
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
+        except OSError:
+            pass
+        return EXIT_OK
+    except MemoryError:
+        _error("out of memory")
+        return EXIT_TROUBLE
+    except OSError as e:
+        if debug:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        _error(f"{where}{e.strerror or e}")
+        return EXIT_TROUBLE
+    except Exception as e:  # a bug: still one line, the traceback behind --debug
+        if debug:
+            raise
+        _error(f"internal error: {type(e).__name__}: {e} (run with --debug for the traceback)")
+        return EXIT_TROUBLE
+
+
+def _error(msg: str) -> None:
+    print(f"ckptdiff: error: {msg}", file=sys.stderr)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""Errors a user can act on.
+
+Everything that is the user's input being wrong (a missing file, a corrupt
+header, an unknown ref) raises :class:`CkptError`. The CLI turns it into one
+line, ``ckptdiff: error: PATH: what is wrong``, and exit code 2; anything
+else escaping is a bug in ckptdiff.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class CkptError(Exception):
+    """A problem with the user's input, reported as one line and exit 2."""
+
+    def __init__(self, message: str, path: str | os.PathLike[str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.path = None if path is None else os.fspath(path)
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class FormatError(CkptError):
+    """The file exists but is not a valid checkpoint of the format it claims."""
+
+
+class UnsupportedFormatError(CkptError):
+    """The file's content matches no reader."""

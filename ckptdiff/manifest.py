@@ -1,0 +1,149 @@
+"""The trainable-key manifest: which tensors were meant to move.
+
+A manifest is ``{"trainable": [patterns], "frozen": [patterns], "buffers": [patterns]}``
+(all optional), each pattern an fnmatch glob on the full tensor name (an exact
+name matches itself). It can come from a JSON file, from a checkpoint that
+embeds ``trainable_keys``, or be derived by the training hook from the live
+model and optimizer.
+
+Roles: ``trainable`` (expected to change; a bitwise-identical one is *stale*),
+``frozen`` (must not change; any change beyond tolerance is *drift*),
+``buffer`` (non-parameter state of a trained module, e.g. BatchNorm running
+stats: allowed to change, never stale) and ``unknown`` (no manifest).
+
+Resolution, when several patterns match one name: an exact name beats any
+glob; otherwise the most specific glob wins (the one with the most literal,
+non-wildcard characters); on a tie ``frozen`` wins, because reporting a
+possible drift is cheaper than missing one. With only ``trainable`` given,
+every other tensor is frozen.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from .errors import CkptError
+
+ROLES = ("trainable", "frozen", "buffer", "unknown")
+_KEYS = ("trainable", "frozen", "buffers")
+_ROLE_OF_KEY = {"trainable": "trainable", "frozen": "frozen", "buffers": "buffer"}
+# On equal specificity the earlier key wins: frozen first (conservative).
+_TIE_ORDER = {"frozen": 0, "buffers": 1, "trainable": 2}
+_WILDCARDS = re.compile(r"\[[^\]]*\]|[*?]")
+
+
+def _is_glob(p: str) -> bool:
+    return any(c in p for c in "*?[")
+
+
+def _specificity(p: str) -> int:
+    return len(_WILDCARDS.sub("", p))
+
+
+@dataclass(frozen=True)
+class Manifest:
+    trainable: tuple[str, ...] = ()
+    frozen: tuple[str, ...] = ()
+    buffers: tuple[str, ...] = ()
+    #: Where it came from, for messages ("manifest.json", "embedded trainable_keys", "hook").
+    source: str = ""
+    _cache: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for key in _KEYS:
+            object.__setattr__(self, key, tuple(getattr(self, key)))
+
+    def role(self, name: str) -> str:
+        """``trainable``, ``frozen`` or ``buffer`` for this tensor name."""
+        hit = self._cache.get(name)
+        if hit is None:
+            hit = self._cache[name] = self._resolve(name)
+        return hit
+
+    def _resolve(self, name: str) -> str:
+        for key in ("frozen", "buffers", "trainable"):
+            if name in getattr(self, key):
+                return _ROLE_OF_KEY[key]
+        best: tuple[int, int] | None = None
+        role = None
+        for key in _KEYS:
+            for pat in getattr(self, key):
+                if _is_glob(pat) and _match(pat, name):
+                    rank = (_specificity(pat), -_TIE_ORDER[key])
+                    if best is None or rank > best:
+                        best, role = rank, _ROLE_OF_KEY[key]
+        if role is not None:
+            return role
+        if not self.frozen:
+            return "frozen"  # only trainable (and buffers) listed: the rest is frozen
+        return "unknown"
+
+    def to_dict(self) -> dict[str, list[str]]:
+        out = {"trainable": list(self.trainable), "frozen": list(self.frozen)}
+        if self.buffers:
+            out["buffers"] = list(self.buffers)
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "") -> Manifest:
+        if isinstance(data, list):  # a bare list of trainable keys
+            data = {"trainable": data}
+        if not isinstance(data, dict):
+            raise CkptError("manifest must be a JSON object with 'trainable'/'frozen' lists", source or None)
+        unknown = set(data) - set(_KEYS)
+        if unknown:
+            raise CkptError(f"manifest has unknown keys {sorted(unknown)}; expected {list(_KEYS)}", source or None)
+        lists: dict[str, tuple[str, ...]] = {}
+        for key in _KEYS:
+            val = data.get(key, [])
+            if not isinstance(val, list) or not all(isinstance(p, str) for p in val):
+                raise CkptError(f"manifest '{key}' must be a list of strings", source or None)
+            lists[key] = tuple(val)
+        if not lists["trainable"] and not lists["frozen"]:
+            raise CkptError("manifest lists no 'trainable' and no 'frozen' patterns", source or None)
+        return cls(lists["trainable"], lists["frozen"], lists["buffers"], source=source)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Manifest:
+        """Read a manifest JSON file; CkptError with the path on any problem."""
+        p = os.fspath(path)
+        try:
+            with open(p, "rb") as f:
+                raw = f.read((16 << 20) + 1)
+        except FileNotFoundError:
+            raise CkptError("manifest file not found", p) from None
+        except IsADirectoryError:
+            raise CkptError("manifest is a directory, expected a JSON file", p) from None
+        except OSError as e:
+            raise CkptError(f"cannot read manifest: {e.strerror}", p) from None
+        if len(raw) > 16 << 20:
+            raise CkptError("manifest is larger than 16 MiB", p)
+        try:
+            data = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CkptError(f"manifest is not valid JSON ({e})", p) from None
+        return cls.from_dict(data, source=p)
+
+    @classmethod
+    def from_keys(cls, trainable: Iterable[str], *, frozen: Sequence[str] = (), buffers: Sequence[str] = (),
+                  source: str = "") -> Manifest:
+        return cls(tuple(trainable), tuple(frozen), tuple(buffers), source=source)
+
+
+@lru_cache(maxsize=4096)
+def _compiled(pat: str) -> re.Pattern[str]:
+    return re.compile(fnmatch.translate(pat))
+
+
+def _match(pat: str, name: str) -> bool:
+    return _compiled(pat).match(name) is not None

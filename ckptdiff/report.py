@@ -1,0 +1,149 @@
+"""DiffReport: the one result every renderer, the CLI and the TUI read.
+
+The engine (``ckptdiff.diff``) fills it; nothing here reads files. The JSON
+form (:meth:`DiffReport.to_dict`) is a stable, documented schema,
+``ckptdiff.diff/1``: fields are only ever added, never renamed or removed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+SCHEMA = "ckptdiff.diff/1"
+
+#: Status values, in the order summaries list them.
+STATUSES = ("identical", "changed", "added", "removed", "shape_changed", "dtype_changed")
+FAIL_ON = ("drift", "change", "never")
+
+
+@dataclass
+class TensorDiff:
+    """One tensor name from the union of both sides."""
+
+    name: str
+    status: str                       # one of STATUSES
+    role: str = "unknown"             # trainable | frozen | buffer | unknown
+    drift: bool = False               # frozen and moved beyond tolerance / removed / reshaped
+    stale: bool = False               # trainable but bitwise identical
+    dtype_old: str | None = None
+    dtype_new: str | None = None
+    shape_old: list[int] | None = None
+    shape_new: list[int] | None = None
+    numel: int | None = None          # elements compared (the new side's count when shapes differ)
+    hash_old: str | None = None       # BLAKE3 hex of the raw little-endian bytes
+    hash_new: str | None = None
+    max_abs_delta: float | None = None  # only for 'changed'
+    mean_abs_delta: float | None = None
+    rel_l2: float | None = None       # ||new-old|| / ||old||; inf when old is all zeros and new is not
+    changed_elements: int | None = None
+    nan_new: int | None = None        # NaNs in new at positions where old had none
+    inf_new: int | None = None        # likewise for +-Inf
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k in ("max_abs_delta", "mean_abs_delta", "rel_l2"):
+            d[k] = _json_float(d[k])
+        return d
+
+
+def _json_float(x: float | None) -> float | str | None:
+    """JSON has no inf/nan: write them as strings so the output stays standard JSON."""
+    if x is None:
+        return None
+    if x != x:
+        return "nan"
+    if x in (float("inf"), float("-inf")):
+        return "inf" if x > 0 else "-inf"
+    return x
+
+
+@dataclass
+class SideInfo:
+    path: str
+    format: str
+    tensors: int
+    bytes: int
+
+
+@dataclass
+class DiffReport:
+    old: SideInfo
+    new: SideInfo
+    tensors: list[TensorDiff]
+    manifest_source: str | None = None   # None: no manifest, roles are 'unknown'
+    atol: float = 0.0
+    rtol: float = 0.0
+    fail_on: str = "change"              # drift | change | never
+    elapsed_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def drifted(self) -> list[TensorDiff]:
+        return [t for t in self.tensors if t.drift]
+
+    @property
+    def stale(self) -> list[TensorDiff]:
+        return [t for t in self.tensors if t.stale]
+
+    @property
+    def changed(self) -> list[TensorDiff]:
+        """Every tensor that is not identical (changed, added, removed, reshaped, retyped)."""
+        return [t for t in self.tensors if t.status != "identical"]
+
+    def summary(self) -> dict[str, int]:
+        counts = Counter(t.status for t in self.tensors)
+        out = {s: counts.get(s, 0) for s in STATUSES}
+        out["total"] = len(self.tensors)
+        out["drifted"] = len(self.drifted)
+        out["stale"] = len(self.stale)
+        return out
+
+    def verdict(self) -> tuple[bool, list[str]]:
+        """(failed, reasons) under ``fail_on``."""
+        reasons: list[str] = []
+        if self.fail_on == "drift":
+            for t in self.drifted:
+                reasons.append(f"frozen tensor {t.name} {_what(t)}")
+        elif self.fail_on == "change":
+            for t in self.changed:
+                reasons.append(f"tensor {t.name} {_what(t)}")
+        return bool(reasons), reasons
+
+    @property
+    def failed(self) -> bool:
+        return self.verdict()[0]
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+    def to_dict(self) -> dict[str, Any]:
+        failed, reasons = self.verdict()
+        return {
+            "schema": SCHEMA,
+            "old": asdict(self.old),
+            "new": asdict(self.new),
+            "manifest": self.manifest_source,
+            "atol": self.atol,
+            "rtol": self.rtol,
+            "fail_on": self.fail_on,
+            "summary": self.summary(),
+            "tensors": [t.to_dict() for t in self.tensors],
+            "verdict": {"failed": failed, "reasons": reasons},
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+
+def _what(t: TensorDiff) -> str:
+    if t.status == "changed":
+        return f"changed (max |Δ| {t.max_abs_delta:.3g}, {t.changed_elements} of {t.numel} elements)"
+    if t.status == "shape_changed":
+        return f"changed shape {t.shape_old} -> {t.shape_new}"
+    if t.status == "dtype_changed":
+        return f"changed dtype {t.dtype_old} -> {t.dtype_new}"
+    return t.status

@@ -1,0 +1,1 @@
+"""The Textual app, installed as ``ckptdiff.tui`` (placeholder until the TUI lands)."""
