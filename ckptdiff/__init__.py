@@ -16,7 +16,7 @@ _LAZY = {
     "TensorRef": ("ckptdiff.checkpoint", "TensorRef"),
     "Manifest": ("ckptdiff.manifest", "Manifest"),
     "CkptError": ("ckptdiff.errors", "CkptError"),
-    "diff": ("ckptdiff.diff", "diff"),
+    "diff": ("ckptdiff.engine", "diff"),
     "DiffReport": ("ckptdiff.report", "DiffReport"),
     "TensorDiff": ("ckptdiff.report", "TensorDiff"),
     "Store": ("ckptdiff.store", "Store"),
@@ -28,7 +28,7 @@ _LAZY = {
 
 if TYPE_CHECKING:  # pragma: no cover
     from .checkpoint import Checkpoint, TensorRef
-    from .diff import diff
+    from .engine import diff
     from .errors import CkptError
     from .formats import open_checkpoint
     from .manifest import Manifest

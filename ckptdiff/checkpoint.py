@@ -213,7 +213,8 @@ class Checkpoint(Mapping[str, TensorRef]):
         for name, arr in arrays.items():
             arr = np.asarray(arr)
             dt = dtypes.from_numpy(arr.dtype)
-            arr = np.ascontiguousarray(arr, dtype=dt.np_dtype)
+            # ascontiguousarray turns a 0-d array into shape (1,): keep the shape.
+            arr = np.ascontiguousarray(arr, dtype=dt.np_dtype).reshape(arr.shape)
             tensors[name] = TensorRef(name, dt.name, arr.shape, view=_array_view(arr))
         return cls(path, format, tensors, dict(metadata or {}), manifest)
 

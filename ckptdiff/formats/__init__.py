@@ -74,10 +74,10 @@ def sniff(path: str) -> str:
         return _sniff_zip(path)
     if head[:1] == b"\x80" and len(head) >= 2 and 2 <= head[1] <= 5:
         return TORCH_LEGACY  # a pickle stream: torch's legacy (pre-1.6) serialization
-    if len(head) >= 9:
-        n = int.from_bytes(head[:8], "little")
-        if 0 < n <= st.st_size - 8 and head[8:9] == b"{":
-            return SAFETENSORS
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 0:
+        # A JSON header after an 8-byte length: safetensors, even when the
+        # length is absurd or the file truncated (the reader says which).
+        return SAFETENSORS
     raise UnsupportedFormatError(
         "unknown format (expected safetensors, PyTorch .pt/.pth/.bin, HDF5, .npy or .npz)", path)
 

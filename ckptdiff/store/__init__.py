@@ -1,19 +1,28 @@
-"""Content-addressed snapshot store (placeholder until the store lands)."""
+"""The snapshot store: a deduplicated, versioned history of tensors.
+
+A store is a directory::
+
+    DIR/ckptdiff.db      SQLite (WAL): format version, snapshots, entries
+    DIR/blobs/<blake3>   one file per distinct tensor byte string
+    DIR/tmp/             blobs being written (renamed into blobs/ when complete)
+
+Each distinct byte string is stored once whatever its name or snapshot, so a
+fine-tune's hundred snapshots cost one model plus the bytes that changed. A
+snapshot opens as a regular :class:`~ckptdiff.checkpoint.Checkpoint`
+(``open_checkpoint("DIR@REF")``), so every diff feature works on history.
+
+Modules: ``store`` (the Store class), ``blobs`` (content-addressed files),
+``compress`` (zstd over byte planes), ``db`` (schema and format version),
+``refs`` (ref syntax), ``history`` (log rows), ``export`` (writing files back),
+``model`` (the dataclasses).
+"""
 
 from __future__ import annotations
 
-import os
+from .db import DB_NAME, FORMAT_VERSION
+from .history import LogRow
+from .model import BadBlob, Entry, GcResult, SnapshotInfo, VerifyResult
+from .store import Store, is_store, open_snapshot
 
-from ..checkpoint import Checkpoint
-from ..errors import CkptError
-
-DB_NAME = "ckptdiff.db"
-
-
-def is_store(path: str) -> bool:
-    """True when ``path`` is a ckptdiff store directory."""
-    return os.path.isfile(os.path.join(path, DB_NAME))
-
-
-def open_snapshot(store_dir: str, ref: str) -> Checkpoint:
-    raise CkptError("snapshot stores are not implemented yet", f"{store_dir}@{ref}")
+__all__ = ["Store", "is_store", "open_snapshot", "SnapshotInfo", "Entry", "VerifyResult", "BadBlob",
+           "GcResult", "LogRow", "DB_NAME", "FORMAT_VERSION"]

@@ -1,0 +1,100 @@
+"""Time one child process and read its own peak RSS.
+
+Why ``os.wait4`` and not ``getrusage(RUSAGE_CHILDREN)``: the latter is the
+maximum over *every* child so far, so after the hand-written script (GBs)
+every later number would read the same. ``wait4`` returns the rusage of
+exactly the child it reaped.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Run:
+    wall_s: float
+    peak_rss_mb: float
+    returncode: int
+
+
+@dataclass
+class Timing:
+    """Best-of-N wall time of one command, with the peak RSS of that best run."""
+
+    label: str
+    tool: str
+    runs: list[Run] = field(default_factory=list)
+    error: str | None = None
+    #: Whether the output was right (ckptdiff only): the benchmark checks, not just times.
+    check: str | None = None
+
+    @property
+    def best(self) -> Run | None:
+        return min(self.runs, key=lambda r: r.wall_s) if self.runs else None
+
+    @property
+    def wall_s(self) -> float | None:
+        b = self.best
+        return b.wall_s if b else None
+
+    @property
+    def peak_rss_mb(self) -> float | None:
+        return max(r.peak_rss_mb for r in self.runs) if self.runs else None
+
+
+def run_once(cmd: list[str], stdout_path: str | None = None, ok_codes: tuple[int, ...] = (0,)) -> Run:
+    """Run ``cmd`` once; stdout to ``stdout_path`` (or /dev/null), stderr kept for the error message."""
+    with tempfile.TemporaryFile() as err:
+        out = open(stdout_path, "wb") if stdout_path else open(os.devnull, "wb")  # noqa: SIM115
+        try:
+            t0 = time.perf_counter()
+            p = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+            _pid, status, usage = os.wait4(p.pid, 0)
+            wall = time.perf_counter() - t0
+        finally:
+            out.close()
+        p.returncode = code = os.waitstatus_to_exitcode(status)
+        if code not in ok_codes:
+            err.seek(0)
+            tail = err.read().decode(errors="replace").strip().splitlines()[-3:]
+            raise RuntimeError(f"{' '.join(cmd[:3])}... exited {code}: {' | '.join(tail)}")
+    # ru_maxrss is KiB on Linux, bytes on macOS.
+    kib = usage.ru_maxrss / 1024 if sys.platform == "darwin" else usage.ru_maxrss
+    return Run(wall, kib / 1024, code)
+
+
+def time_command(
+    label: str,
+    tool: str,
+    cmd: list[str],
+    repeat: int,
+    *,
+    ok_codes: tuple[int, ...] = (0,),
+    slow_after_s: float = 5.0,
+) -> Timing:
+    """Best of ``repeat`` runs; a command slower than ``slow_after_s`` runs once (it is not the close call)."""
+    t = Timing(label, tool)
+    try:
+        for i in range(repeat):
+            r = run_once(cmd, ok_codes=ok_codes)
+            t.runs.append(r)
+            if i == 0 and r.wall_s > slow_after_s:
+                break
+    except RuntimeError as e:
+        t.error = str(e)
+    return t
+
+
+def warm(paths: list[str]) -> None:
+    """Read every file once so all tools see a warm page cache."""
+    buf = bytearray(1 << 20)
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass

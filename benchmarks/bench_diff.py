@@ -1,0 +1,270 @@
+"""Side-by-side benchmark of ``ckptdiff diff`` (issue 6).
+
+One command generates deterministic checkpoint pairs under
+``benchmarks/data/`` (reused when present), warms the page cache, and times,
+each as its own process so start-up and peak RSS count for everyone:
+
+* ``cat A B > /dev/null``: the floor (reading the bytes, nothing else);
+* ``ckptdiff diff A B --format json``;
+* the hand-written script (torch/safetensors load, ``(a-b).abs().max()``,
+  ``hashlib.sha256`` per tensor): ``benchmarks/_baseline_script.py``;
+* diffai's ``diff_paths``: ``benchmarks/_baseline_diffai.py``.
+
+It prints best-of-N wall times, peak RSS and the ratios the targets are
+stated in, and checks them. Timings are never asserted in the test suite;
+this is where they live.
+
+usage::
+
+    .venv/bin/python benchmarks/bench_diff.py            # full run (~1 GB pairs)
+    .venv/bin/python benchmarks/bench_diff.py --quick    # smoke run, ~60 MB pairs
+    .venv/bin/python benchmarks/bench_diff.py --big      # + 2 GB-a-side memory check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from _measure import Timing, run_once, time_command, warm  # noqa: E402
+
+#: Targets from issue 6 (on the 2-core benchmark machine).
+TARGET_VS_FLOOR = 3.0
+TARGET_SPEEDUP = 10.0
+TARGET_RSS_MB = 400.0
+TARGET_PT_VS_ST = 1.5
+
+
+def ckptdiff_cmd() -> list[str]:
+    exe = os.path.join(os.path.dirname(sys.executable), "ckptdiff")
+    if os.path.exists(exe):
+        return [exe]
+    return [sys.executable, "-m", "ckptdiff.cli"]
+
+
+@dataclass
+class PairInfo:
+    """A generated pair as _data.py describes it (this process never imports numpy)."""
+
+    name: str
+    fmt: str
+    a: str
+    b: str
+    bytes_per_side: int
+    tensors: int
+    changed: int
+    dtype: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.fmt})"
+
+
+def generate(quick: bool, big: bool, data: str) -> list[PairInfo]:
+    """Run the generator as a child process; see _data.main for why."""
+    cmd = [sys.executable, os.path.join(HERE, "_data.py"), "--data", data]
+    cmd += ["--quick"] * quick + ["--big"] * big
+    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
+    return [PairInfo(**json.loads(line)) for line in out.splitlines() if line.strip()]
+
+
+@dataclass
+class Case:
+    pair: PairInfo
+    timings: dict[str, Timing]
+
+    def t(self, tool: str) -> float | None:
+        tm = self.timings.get(tool)
+        return tm.wall_s if tm else None
+
+
+def check_output(pair: PairInfo, path: str) -> str:
+    """The benchmark is only fair if ckptdiff found what the generator changed."""
+    with open(path) as f:
+        rep = json.load(f)
+    summary = rep.get("summary", {})
+    want_changed = pair.changed
+    got = summary.get("changed")
+    if got is None:
+        got = sum(t.get("status") == "changed" for t in rep.get("tensors", []))
+    if got != want_changed:
+        return f"WRONG: ckptdiff reported {got} changed tensors, generator changed {want_changed}"
+    return f"ok: {got} of {pair.tensors} tensors changed, as generated"
+
+
+def bench_pair(pair: PairInfo, tools: list[str], repeat: int, log) -> Case:  # noqa: ANN001
+    warm([pair.a, pair.b])
+    py = sys.executable
+    cmds = {
+        "cat": ["cat", pair.a, pair.b],
+        "ckptdiff": ckptdiff_cmd() + ["diff", pair.a, pair.b, "--format", "json"],
+        "script": [py, os.path.join(HERE, "_baseline_script.py"), pair.a, pair.b],
+        "diffai": [py, os.path.join(HERE, "_baseline_diffai.py"), pair.a, pair.b],
+    }
+    timings: dict[str, Timing] = {}
+    for tool in ["cat", "ckptdiff"] + [t for t in tools if t not in ("cat", "ckptdiff")]:
+        ok = (0, 1) if tool == "ckptdiff" else (0,)
+        n = max(repeat, 5) if tool == "cat" else repeat
+        log(f"  {pair.label:<24} {tool:<9} x{n} ...")
+        timings[tool] = time_command(pair.label, tool, cmds[tool], n, ok_codes=ok)
+        if timings[tool].error:
+            log(f"    failed: {timings[tool].error}")
+    case = Case(pair, timings)
+    # One more ckptdiff run, output kept, to check it found the generated changes.
+    out = os.path.join(pair_dir(pair), f".{pair.name}.{pair.fmt}.json")
+    try:
+        run_once(cmds["ckptdiff"], stdout_path=out, ok_codes=(0, 1))
+        note = check_output(pair, out)
+    except (RuntimeError, ValueError, OSError) as e:
+        note = f"WRONG: {e}"
+    finally:
+        if os.path.exists(out):
+            os.remove(out)
+    log(f"    check: {note}")
+    case.timings["ckptdiff"].check = note
+    return case
+
+
+def pair_dir(pair: PairInfo) -> str:
+    return os.path.dirname(pair.a)
+
+
+def _fmt_s(x: float | None) -> str:
+    return "-" if x is None else (f"{x:.3f}" if x < 10 else f"{x:.1f}")
+
+
+def _fmt_ratio(x: float | None) -> str:
+    return "-" if x is None else (f"{x:.2f}x" if x < 100 else f"{x:.0f}x")
+
+
+def _div(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def table(cases: list[Case]) -> list[str]:
+    rows = ["| pair | size/side | tool | best wall s | runs | peak RSS MB | × cat floor |",
+            "|---|---:|---|---:|---:|---:|---:|"]
+    for c in cases:
+        floor = c.t("cat")
+        size = f"{c.pair.bytes_per_side / 2**20:.0f} MiB"
+        for tool, tm in c.timings.items():
+            if tm.error:
+                rows.append(f"| {c.pair.label} | {size} | {tool} | failed | | | |")
+                continue
+            rows.append(
+                f"| {c.pair.label} | {size} | {tool} | {_fmt_s(tm.wall_s)} | {len(tm.runs)} | "
+                f"{tm.peak_rss_mb:.0f} | {_fmt_ratio(_div(tm.wall_s, floor))} |")
+    return rows
+
+
+def verdicts(cases: list[Case], big: Case | None) -> list[tuple[str, float | None, str, bool | None]]:
+    """(what, value, target, met) for every target of issue 6 the run measured."""
+    out: list[tuple[str, float | None, str, bool | None]] = []
+
+    def add(what: str, value: float | None, target: str, ok: bool | None) -> None:
+        out.append((what, value, target, ok))
+
+    by = {(c.pair.name, c.pair.fmt): c for c in cases}
+    for c in cases:
+        lbl = c.pair.label
+        r = _div(c.t("ckptdiff"), c.t("cat"))
+        add(f"{lbl}: ckptdiff / cat floor", r, f"<= {TARGET_VS_FLOOR}", None if r is None else r <= TARGET_VS_FLOOR)
+        for other in ("script", "diffai"):
+            s = _div(c.t(other), c.t("ckptdiff"))
+            if s is not None:
+                add(f"{lbl}: {other} / ckptdiff", s, f">= {TARGET_SPEEDUP}", s >= TARGET_SPEEDUP)
+        tm = c.timings.get("ckptdiff")
+        if tm and tm.peak_rss_mb is not None:
+            add(f"{lbl}: ckptdiff peak RSS MB", tm.peak_rss_mb, f"<= {TARGET_RSS_MB:.0f}",
+                tm.peak_rss_mb <= TARGET_RSS_MB)
+        if c.pair.fmt == "pt" and (c.pair.name, "safetensors") in by:
+            st = by[(c.pair.name, "safetensors")]
+            r = _div(c.t("ckptdiff"), st.t("ckptdiff"))
+            add(f"{c.pair.name}: ckptdiff .pt / .safetensors", r, f"<= {TARGET_PT_VS_ST}",
+                None if r is None else r <= TARGET_PT_VS_ST)
+    if big is not None:
+        tm = big.timings["ckptdiff"]
+        add(f"{big.pair.label}: ckptdiff peak RSS MB (2 GB a side)", tm.peak_rss_mb, f"< {TARGET_RSS_MB:.0f}",
+            None if tm.peak_rss_mb is None else tm.peak_rss_mb < TARGET_RSS_MB)
+        r = _div(big.t("ckptdiff"), big.t("cat"))
+        add(f"{big.pair.label}: ckptdiff / cat floor", r, f"<= {TARGET_VS_FLOOR}",
+            None if r is None else r <= TARGET_VS_FLOOR)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description="Time ckptdiff diff against cat (the floor), a hand-written torch script and diffai.",
+        epilog="Data is generated once under --data and reused; delete it to regenerate.")
+    ap.add_argument("--quick", action="store_true", help="~1/16 sizes: a smoke run in seconds")
+    ap.add_argument("--big", action="store_true",
+                    help="also diff a 2 GB-a-side fp32 pair (memory check: peak RSS < 400 MB)")
+    ap.add_argument("--repeat", type=int, default=5, help="runs per fast command, best kept (default 5)")
+    ap.add_argument("--tools", default="cat,ckptdiff,script,diffai",
+                    help="comma-separated subset of cat,ckptdiff,script,diffai")
+    ap.add_argument("--only", default=None, help="comma-separated pair names to run (e.g. fp32_1g,small2000)")
+    ap.add_argument("--data", default=os.path.join(HERE, "data"), help="where generated pairs live")
+    ap.add_argument("--out", default=None, help="also write results.json and results.md into this directory")
+    args = ap.parse_args(argv)
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    tools = [t.strip() for t in args.tools.split(",") if t.strip()]
+    if shutil.which("cat") is None:
+        log("cat not found: the floor cannot be measured")
+        return 2
+    t0 = time.perf_counter()
+    pairs = generate(args.quick, args.big, args.data)
+    big_pair = pairs.pop() if args.big else None
+    if args.only:
+        keep = set(args.only.split(","))
+        pairs = [p for p in pairs if p.name in keep]
+
+    cases = [bench_pair(pair, tools, args.repeat, log) for pair in pairs]
+    big_case = bench_pair(big_pair, ["cat", "ckptdiff"], 3, log) if big_pair else None
+
+    all_cases = cases + ([big_case] if big_case else [])
+    lines = [f"ckptdiff diff benchmark - {platform.machine()}, {os.cpu_count()} CPUs, "
+             f"Python {platform.python_version()}, page cache warm, best of N wall time per process", ""]
+    lines += table(all_cases)
+    lines += ["", "| target | measured | wanted | met |", "|---|---:|---:|:---:|"]
+    results = verdicts(cases, big_case)
+    for what, value, target, ok in results:
+        v = "-" if value is None else (f"{value:.0f}" if "RSS" in what else _fmt_ratio(value))
+        lines.append(f"| {what} | {v} | {target} | {'-' if ok is None else ('yes' if ok else 'NO')} |")
+    lines.append("")
+    lines.append(f"(benchmark wall time {time.perf_counter() - t0:.0f} s)")
+    print("\n".join(lines))
+
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "results.md"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump({
+                "cases": [{
+                    "pair": c.pair.name, "format": c.pair.fmt, "bytes_per_side": c.pair.bytes_per_side,
+                    "tensors": c.pair.tensors,
+                    "tools": {k: {"best_s": v.wall_s, "runs": [r.wall_s for r in v.runs],
+                                  "peak_rss_mb": v.peak_rss_mb, "error": v.error} for k, v in c.timings.items()},
+                } for c in all_cases],
+                "targets": [{"what": w, "value": v, "target": t, "met": ok} for w, v, t, ok in results],
+            }, f, indent=2)
+    failed = [r for r in results if r[3] is False]
+    wrong = [c for c in all_cases if (c.timings["ckptdiff"].check or "").startswith("WRONG")]
+    return 1 if failed or wrong else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""``ckptdiff diff OLD NEW``: compare two checkpoints, tensor by tensor, for people and for CI.
+
+The command is a thin edge around :func:`ckptdiff.engine.diff` and
+:mod:`ckptdiff.render`: parse flags, attach a progress bar when a person is
+watching, render, and turn the verdict into diff(1)'s exit codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from typing import Any
+
+from ..render import FORMATS
+from ..report import FAIL_ON
+
+#: Below this many bytes to read a diff is over before a bar would be useful.
+PROGRESS_MIN_BYTES = 64 << 20
+
+DESCRIPTION = """\
+Compare two checkpoints tensor by tensor and say, for each tensor, whether it
+is identical (bitwise), changed (with max |delta|, mean |delta|, relative L2
+change and the number of elements that differ), added, removed, or changed
+shape or dtype.
+
+OLD and NEW can be any supported file (safetensors, a sharded HF directory,
+PyTorch .pt/.pth/.bin, HDF5 .h5, NumPy .npy/.npz; the format is read from the
+content, not the extension) or a snapshot in a store, DIR@REF.
+
+With a manifest (--manifest FILE, or trainable_keys embedded in a checkpoint)
+each tensor gets a role. A *frozen* tensor that changed, was removed or
+changed shape/dtype is DRIFT; a *trainable* tensor that is bitwise identical
+is STALE (trainable but never updated, e.g. left out of the optimizer).
+Manifest file: {"trainable": ["head.*"], "frozen": ["backbone.*"]} (fnmatch
+globs on full names; with only "trainable", everything else is frozen).
+"""
+
+EPILOG = """\
+examples:
+  ckptdiff diff base.safetensors tuned.safetensors
+  ckptdiff diff base.pt tuned.pt --manifest manifest.json
+  ckptdiff diff base.safetensors tuned.safetensors --manifest manifest.json \\
+      --atol 1e-6 --format github            # CI: annotations on drifted tensors
+  ckptdiff diff a.safetensors b.safetensors --format json --output diff.json
+  ckptdiff diff a.h5 b.h5 --include 'encoder.*' --exclude '*.num_batches_tracked'
+  ckptdiff diff runs/store@first runs/store@latest --format markdown >> "$GITHUB_STEP_SUMMARY"
+
+tolerance:
+  Equality is bitwise: one ulp, -0.0 vs +0.0 or a new NaN is a change and is
+  always reported with its numbers. --atol/--rtol only decide whether a
+  change of a frozen tensor counts as drift: it drifts when any element has
+  |new - old| > atol + rtol * |old|, or became NaN/Inf.
+
+exit codes (as diff(1)):
+  0  passes the policy (--fail-on)
+  1  fails the policy: a frozen tensor drifted (--fail-on drift, the default
+     when a manifest is known) or any tensor differs (--fail-on change, the
+     default without a manifest)
+  2  trouble: a missing, unreadable or corrupt file, a bad manifest, bad flags
+"""
+
+
+def _tolerance(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (v >= 0.0) or math.isinf(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return v
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "diff",
+        help="compare two checkpoints tensor by tensor; flag frozen-layer drift",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("old", metavar="OLD", help="the reference checkpoint (file, sharded directory or DIR@REF)")
+    p.add_argument("new", metavar="NEW", help="the checkpoint to check against OLD")
+    p.add_argument("--manifest", "-m", metavar="FILE",
+                   help="trainable-key manifest JSON (default: the one embedded in NEW, else in OLD, else none)")
+    p.add_argument("--atol", type=_tolerance, default=0.0, metavar="A",
+                   help="absolute tolerance for drift (default 0: any change of a frozen tensor is drift)")
+    p.add_argument("--rtol", type=_tolerance, default=0.0, metavar="R",
+                   help="relative tolerance for drift, times |old| (default 0)")
+    p.add_argument("--include", action="append", metavar="GLOB", default=None,
+                   help="only compare tensors whose name matches GLOB (repeatable)")
+    p.add_argument("--exclude", action="append", metavar="GLOB", default=None,
+                   help="skip tensors whose name matches GLOB (repeatable)")
+    p.add_argument("--format", "-f", choices=FORMATS, default="table",
+                   help="output format (default: table); json follows the schema ckptdiff.diff/1")
+    p.add_argument("--output", "-o", metavar="FILE", help="write the report to FILE instead of stdout")
+    p.add_argument("--fail-on", choices=FAIL_ON, default=None,
+                   help="what makes the exit code 1 (default: drift with a manifest, else change)")
+    p.add_argument("--all", "-a", action="store_true", dest="show_all",
+                   help="list identical tensors too (table and markdown)")
+    p.add_argument("--quiet", "-q", action="store_true",
+                   help="print nothing on stdout; only the exit code (and --output) tell")
+    p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..engine import diff
+
+    with _progress(enabled=not args.no_progress) as progress:
+        report = diff(
+            args.old, args.new,
+            manifest=args.manifest,
+            atol=args.atol, rtol=args.rtol,
+            include=args.include, exclude=args.exclude,
+            fail_on=args.fail_on,
+            progress=progress,
+        )
+    _emit(report, args)
+    return report.exit_code
+
+
+def _emit(report: Any, args: argparse.Namespace) -> None:
+    from ..render import render
+
+    if args.output:
+        tmp = f"{args.output}.tmp-{os.getpid()}"
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                render(report, args.format, f, show_all=args.show_all, color=False)
+            os.replace(tmp, args.output)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        if not args.quiet and args.format != "json":
+            print(f"report written to {args.output}", file=sys.stderr)
+        return
+    if args.quiet:
+        return
+    render(report, args.format, sys.stdout, show_all=args.show_all)
+    sys.stdout.flush()
+
+
+class _progress:
+    """Context manager yielding a ``progress(done, total)`` callback, or None.
+
+    The rich bar goes to stderr, only when stderr is a terminal (never in CI
+    logs or pipes) and only once the diff is big enough to take a moment.
+    """
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and _stderr_is_tty()
+        self._bar: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> Any:
+        return self._update if self.enabled else None
+
+    def _update(self, done: int, total: int) -> None:
+        if self._bar is None:
+            if total < PROGRESS_MIN_BYTES:
+                return
+            from rich.console import Console
+            from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+            self._bar = Progress(
+                TextColumn("diffing"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+                console=Console(stderr=True), transient=True,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task("diff", total=total)
+        self._bar.update(self._task, completed=done)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def _stderr_is_tty() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False

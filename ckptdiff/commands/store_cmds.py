@@ -1,0 +1,334 @@
+"""Store subcommands: init, snapshot, log, show, export, verify, rm, gc.
+
+Thin wrappers: parse arguments, call :class:`ckptdiff.store.Store`, print.
+Tables are plain aligned text on stdout (easy to grep and paste); ``--format
+json`` gives a stable schema instead. Progress bars go to stderr and only on
+a terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from ..errors import CkptError
+
+_REF_HELP = ("REF is an id or unique id prefix (4+ hex digits), a tag, step:N, latest, latest~K "
+             "(K snapshots before the newest) or first.")
+
+
+def _fmt(help_text: str) -> dict[str, Any]:
+    return {"formatter_class": argparse.RawDescriptionHelpFormatter, "description": help_text}
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("init", help="create an empty snapshot store", **_fmt(
+        "Create a snapshot store: a directory where each distinct tensor is stored once,\n"
+        "addressed by its BLAKE3 hash, with the history in SQLite (ckptdiff.db).\n\n"
+        "example:\n  ckptdiff init runs/store            # raw blobs, fastest\n"
+        "  ckptdiff init runs/store --compress  # lossless zstd over float byte planes"))
+    p.add_argument("dir", metavar="DIR", help="a new or empty directory")
+    p.add_argument("--compress", action="store_true",
+                   help="compress blobs losslessly (zstd over byte planes; ~10-30%% smaller for fp32/bf16 weights)")
+    p.set_defaults(func=run_init)
+
+    p = sub.add_parser("snapshot", help="record a checkpoint in a store; prints the snapshot id", **_fmt(
+        "Record CHECKPOINT (any format ckptdiff reads, or another DIR@REF) as a new snapshot.\n"
+        "Tensors already in the store (same bytes, any name) are not written again, so a\n"
+        "fine-tune's snapshots cost one model plus the bytes that changed. The store is\n"
+        "created if DIR does not exist. Prints the new snapshot id on stdout.\n\n"
+        "example:\n  ckptdiff snapshot base.safetensors --store runs/store --tag base --manifest trainable.json\n"
+        "  ckptdiff snapshot ckpt-500.pt --store runs/store --step 500 --metric loss=1.83"))
+    p.add_argument("checkpoint", metavar="CHECKPOINT")
+    p.add_argument("--store", required=True, metavar="DIR", help="the store (created if missing)")
+    p.add_argument("--step", type=int, help="training step (default: the checkpoint's own 'step', if any)")
+    p.add_argument("--tag", help="a name for this snapshot, usable as a REF (the newest with a tag wins)")
+    p.add_argument("--message", "-m", help="a free-text note")
+    p.add_argument("--manifest", metavar="FILE",
+                   help="trainable/frozen manifest JSON (default: one embedded in the checkpoint; "
+                        "otherwise the nearest earlier snapshot's)")
+    p.add_argument("--metric", action="append", default=[], metavar="K=V",
+                   help="a metric to record, e.g. loss=1.83 (repeatable; numbers stay numbers)")
+    p.add_argument("--compress", action="store_true", help="when the store is created here, compress it")
+    p.set_defaults(func=run_snapshot)
+
+    p = sub.add_parser("log", help="list a store's snapshots with changes and drift", **_fmt(
+        "One row per snapshot, oldest first: id, time, step, tag, tensors changed vs its\n"
+        "parent, drift (frozen tensors, per the manifest, whose bytes differ from the first\n"
+        "snapshot's; '-' when no manifest is known) and metrics. Reads no tensor data.\n\n"
+        "example:\n  ckptdiff log runs/store\n  ckptdiff log runs/store --format json | jq '.snapshots[-1]'"))
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.set_defaults(func=run_log)
+
+    p = sub.add_parser("show", help="list one snapshot's tensors and metadata", **_fmt(
+        "Show a snapshot's metadata and its tensors (name, dtype, shape, hash, role).\n"
+        + _REF_HELP + "\n\nexample:\n  ckptdiff show runs/store@latest\n  ckptdiff show runs/store@step:500 --format json"))
+    p.add_argument("ref", metavar="DIR@REF")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.set_defaults(func=run_show)
+
+    p = sub.add_parser("export", help="write a snapshot back out as .safetensors or .pt", **_fmt(
+        "Write a snapshot as a plain checkpoint file, bit-identical to what was recorded\n"
+        "(every tensor is re-hashed on the way out). " + _REF_HELP + "\n\n"
+        "example:\n  ckptdiff export runs/store@best best.safetensors\n"
+        "  ckptdiff export runs/store@latest~1 prev.pt"))
+    p.add_argument("ref", metavar="DIR@REF")
+    p.add_argument("out", metavar="OUT")
+    p.add_argument("--format", choices=("safetensors", "pt"),
+                   help="output format (default: pt for .pt/.pth/.bin names, else safetensors)")
+    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    p.set_defaults(func=run_export)
+
+    p = sub.add_parser("verify", help="re-hash every blob; exit 1 naming damaged snapshots", **_fmt(
+        "Re-hash every blob the history references and check every entry. Exit 0 when\n"
+        "everything is intact, 1 when a blob is missing or corrupt (each affected snapshot\n"
+        "and tensor is named), 2 when the store cannot be read.\n\n"
+        "example:\n  ckptdiff verify runs/store"))
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.set_defaults(func=run_verify)
+
+    p = sub.add_parser("rm", help="remove a snapshot from history (then gc frees its bytes)", **_fmt(
+        "Remove one snapshot from the history. Its children are re-parented and keep\n"
+        "their manifest; blobs stay on disk until 'ckptdiff gc'. " + _REF_HELP + "\n\n"
+        "example:\n  ckptdiff rm runs/store@step:100 && ckptdiff gc runs/store"))
+    p.add_argument("ref", metavar="DIR@REF")
+    p.set_defaults(func=run_rm)
+
+    p = sub.add_parser("gc", help="delete blobs no snapshot references", **_fmt(
+        "Delete blobs that no snapshot references (left by rm, or by a writer killed\n"
+        "mid-snapshot). Referenced blobs are never removed. With --keep-last N, first\n"
+        "remove every snapshot except the newest N and the tagged ones.\n\n"
+        "example:\n  ckptdiff gc runs/store\n  ckptdiff gc runs/store --keep-last 10"))
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--keep-last", type=int, metavar="N", help="keep only the newest N snapshots (plus tagged ones)")
+    p.set_defaults(func=run_gc)
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def _metric_str(metrics: dict[str, Any]) -> str:
+    parts = []
+    for k, v in metrics.items():
+        parts.append(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}")
+    return " ".join(parts)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> str:
+    widths = [len(h) for h in header]
+    for r in rows:
+        widths = [max(w, len(c)) for w, c in zip(widths, r)]
+    lines = []
+    for r in [list(header), *rows]:
+        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def split_ref(spec: str) -> tuple[str, str]:
+    """``DIR@REF`` -> (DIR, REF); a bare DIR means its latest snapshot."""
+    from ..store import is_store
+
+    if "@" in spec and not is_store(spec):
+        base, _, ref = spec.rpartition("@")
+        if base and ref:
+            return base, ref
+    if is_store(spec):
+        return spec, "latest"
+    raise CkptError("expected DIR@REF naming a snapshot in a store (e.g. runs/store@latest)", spec)
+
+
+def _parse_metric(text: str) -> tuple[str, float | int | str]:
+    key, sep, val = text.partition("=")
+    if not sep or not key.strip():
+        raise CkptError(f"--metric expects KEY=VALUE, got {text!r}")
+    for conv in (int, float):
+        try:
+            return key.strip(), conv(val)
+        except ValueError:
+            continue
+    return key.strip(), val
+
+
+def _dump(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, allow_nan=False))
+
+
+# -- commands -----------------------------------------------------------------------------
+
+def run_init(args: argparse.Namespace) -> int:
+    from ..store import Store
+
+    with Store.init(args.dir, compress=args.compress) as s:
+        kind = "zstd over byte planes" if s.compressed else "none"
+        print(f"initialized an empty ckptdiff store in {args.dir} (compression: {kind})")
+    return 0
+
+
+def run_snapshot(args: argparse.Namespace) -> int:
+    from ..formats import open_checkpoint
+    from ..manifest import Manifest
+    from ..store import Store, is_store
+
+    metrics = dict(_parse_metric(m) for m in args.metric)
+    manifest = Manifest.load(args.manifest) if args.manifest else None
+    with open_checkpoint(args.checkpoint) as ckpt:
+        if manifest is None:
+            manifest = ckpt.manifest
+        step = args.step
+        if step is None:
+            meta_step = ckpt.metadata.get("step")
+            if isinstance(meta_step, int) and not isinstance(meta_step, bool):
+                step = meta_step
+        store = Store.open(args.store) if is_store(args.store) else Store.init(args.store, compress=args.compress)
+        with store:
+            src = ckpt.path if ckpt.format == "store" else os.path.abspath(args.checkpoint)
+            sid = store.snapshot(ckpt, step=step, tag=args.tag, message=args.message, metrics=metrics,
+                                 manifest=manifest, source=src, progress=True)
+    print(sid)
+    return 0
+
+
+def run_log(args: argparse.Namespace) -> int:
+    from ..store import Store
+
+    with Store.open(args.dir) as s:
+        rows = s.log()
+        usage = s.disk_usage()
+    if args.format == "json":
+        _dump({"schema": "ckptdiff.log/1", "store": args.dir, "disk_usage": usage,
+               "snapshots": [r.to_dict() for r in rows]})
+        return 0
+    if not rows:
+        print(f"{args.dir}: no snapshots yet (add one with 'ckptdiff snapshot CHECKPOINT --store {args.dir}')")
+        return 0
+    table = []
+    for r in rows:
+        i = r.info
+        table.append([
+            i.id[:12], _when(i.created_at), "" if i.step is None else str(i.step), i.tag or "",
+            "root" if r.changed is None else str(r.changed), "-" if r.drift is None else str(r.drift),
+            _metric_str(i.metrics),
+        ])
+    print(_table(["ID", "CREATED", "STEP", "TAG", "CHANGED", "DRIFT", "METRICS"], table, right=(2, 4, 5)))
+    logical = sum(r.info.total_bytes for r in rows)
+    print(f"\n{len(rows)} snapshot{'s' if len(rows) != 1 else ''}, {human_bytes(logical)} of tensors, "
+          f"{human_bytes(usage)} on disk. CHANGED: tensors that differ from the parent; "
+          "DRIFT: frozen tensors that differ from the first snapshot.")
+    return 0
+
+
+def run_show(args: argparse.Namespace) -> int:
+    from ..store import Store
+
+    root, ref = split_ref(args.ref)
+    with Store.open(root) as s:
+        info = s.resolve(ref)
+        entries = s.entries(info.id)
+        manifest = s.effective_manifest(info.id)
+    roles = {n: (manifest.role(n) if manifest is not None else "unknown") for n in entries}
+    if args.format == "json":
+        d = info.to_dict()
+        d["effective_manifest"] = None if manifest is None else manifest.to_dict()
+        d["tensors"] = [dict(e.to_dict(), role=roles[n]) for n, e in entries.items()]
+        _dump({"schema": "ckptdiff.snapshot/1", "store": root, **d})
+        return 0
+    if info.manifest is not None:
+        man = "own"
+    elif manifest is not None:
+        man = "inherited from an earlier snapshot"
+    else:
+        man = "none (roles unknown)"
+    meta = [("snapshot", info.id), ("parent", info.parent or "(root)"), ("created", _when(info.created_at)),
+            ("step", "" if info.step is None else str(info.step)), ("tag", info.tag or ""),
+            ("message", info.message or ""), ("metrics", _metric_str(info.metrics)), ("source", info.source or ""),
+            ("manifest", man), ("tensors", f"{info.n_tensors} ({human_bytes(info.total_bytes)})")]
+    for k, v in meta:
+        if v:
+            print(f"{k:<9} {v}")
+    print()
+    rows = [[n, e.dtype, "x".join(str(d) for d in e.shape) if e.shape else "()", e.hash[:16], roles[n]]
+            for n, e in entries.items()]
+    print(_table(["NAME", "DTYPE", "SHAPE", "HASH", "ROLE"], rows))
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from ..store import Store
+
+    root, ref = split_ref(args.ref)
+    fmt = args.format or ("pt" if args.out.lower().endswith((".pt", ".pth", ".bin")) else "safetensors")
+    with Store.open(root) as s:
+        info = s.export(ref, args.out, fmt, overwrite=args.force, progress=True)
+    print(f"exported snapshot {info.id} ({info.n_tensors} tensors, {human_bytes(info.total_bytes)}) "
+          f"to {args.out} as {fmt}", file=sys.stderr)
+    return 0
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from ..store import Store
+
+    with Store.open(args.dir) as s:
+        res = s.verify(progress=True)
+    if args.format == "json":
+        _dump(res.to_dict())
+        return 0 if res.ok else 1
+    for err in res.errors:
+        print(f"ERROR {err}")
+    for b in res.bad:
+        print(f"BAD blob {b.hash[:16]}…: {b.problem}")
+        for sid, name in b.affected:
+            print(f"    snapshot {sid}  tensor {name}")
+    status = "ok" if res.ok else "FAILED"
+    print(f"{status}: re-hashed {res.blobs_checked} blobs ({human_bytes(res.bytes_checked)}) referenced by "
+          f"{res.snapshots} snapshots; {len(res.bad)} damaged, {res.unreferenced} unreferenced "
+          f"(run 'ckptdiff gc' to free those)" if res.unreferenced else
+          f"{status}: re-hashed {res.blobs_checked} blobs ({human_bytes(res.bytes_checked)}) referenced by "
+          f"{res.snapshots} snapshots; {len(res.bad)} damaged")
+    return 0 if res.ok else 1
+
+
+def run_rm(args: argparse.Namespace) -> int:
+    from ..store import Store
+
+    root, ref = split_ref(args.ref)
+    with Store.open(root) as s:
+        info = s.remove(ref)
+        free = s.reclaimable_bytes()
+    what = ", ".join(x for x in (f"step {info.step}" if info.step is not None else "",
+                                 f"tag {info.tag}" if info.tag else "") if x)
+    print(f"removed snapshot {info.id}{f' ({what})' if what else ''}; "
+          f"'ckptdiff gc {root}' would free {human_bytes(free)}")
+    return 0
+
+
+def run_gc(args: argparse.Namespace) -> int:
+    from ..store import Store
+
+    with Store.open(args.dir) as s:
+        res = s.gc(keep_last=args.keep_last)
+        usage = s.disk_usage()
+    if res.snapshots_removed:
+        print(f"removed {len(res.snapshots_removed)} snapshots: {', '.join(i[:12] for i in res.snapshots_removed)}")
+    extra = f", {res.temp_files_removed} stale temp files" if res.temp_files_removed else ""
+    print(f"freed {human_bytes(res.bytes_freed)} ({res.blobs_removed} blobs{extra}); "
+          f"kept {res.blobs_kept} referenced blobs, {human_bytes(usage)} on disk")
+    return 0

@@ -1,0 +1,133 @@
+"""``ckptdiff tui STORE`` / ``ckptdiff tui OLD NEW``: the interactive browser.
+
+Textual is an optional extra, imported only inside :func:`run`, so the rest
+of the CLI starts fast and works without it. The inputs are checked here,
+before the terminal switches to full-screen, so a wrong path is the CLI's
+usual one-line error and exit 2, not a crash inside the app.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from typing import Any
+
+DESCRIPTION = """\
+Browse a snapshot store's history, or one diff, in the terminal.
+
+  ckptdiff tui STORE       history mode: the snapshots of a store (step, time,
+                           tag, loss, tensors changed, drift); the selected
+                           snapshot's tensors are diffed against a base (the
+                           first snapshot; b switches to the previous one or
+                           to a snapshot marked with m).
+  ckptdiff tui OLD NEW     two-checkpoint mode: the tensor table of one diff.
+                           OLD and NEW are any supported files or DIR@REF.
+
+In the tensor table, frozen tensors that changed (drift) are red and on top;
+trainable tensors that never changed (stale) are yellow. Enter on a tensor
+shows its max |delta| across the whole history and the first snapshot where
+it drifted. Press ? inside for every key; Ctrl+P opens the command palette.
+"""
+
+EPILOG = """\
+keys:
+  up/down j/k move   Tab switch list/table   Enter tensor detail   b base
+  m mark   d drift only   / filter   r role   c status   s sort   ? help   q quit
+
+filter (/):  attn   *.weight   re:^enc\\.\\d   role:frozen   status:changed   is:drift
+
+examples:
+  ckptdiff tui runs/store
+  ckptdiff tui runs/store@first runs/store@latest
+  ckptdiff tui base.safetensors tuned.safetensors --manifest manifest.json
+
+Needs the 'tui' extra:  pip install 'ckptdiff[tui]'
+"""
+
+INSTALL_HINT = "the TUI needs Textual, which is not installed: pip install 'ckptdiff[tui]'"
+
+
+def _tolerance(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (v >= 0.0) or math.isinf(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return v
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "tui",
+        help="browse a store's history or one diff interactively (drifted frozen layers in red)",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("paths", nargs="+", metavar="STORE | OLD NEW",
+                   help="a store directory, or two checkpoints (files or DIR@REF)")
+    p.add_argument("--manifest", metavar="FILE",
+                   help="trainable-key manifest JSON for two-checkpoint mode (a store records its own)")
+    p.add_argument("--atol", type=_tolerance, default=0.0, metavar="X",
+                   help="absolute tolerance before a frozen tensor's change counts as drift (default 0)")
+    p.add_argument("--rtol", type=_tolerance, default=0.0, metavar="X",
+                   help="relative tolerance, as in ckptdiff diff (default 0)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..errors import CkptError
+
+    paths: list[str] = list(args.paths)
+    if len(paths) > 2:
+        raise CkptError(f"expected a store or two checkpoints, got {len(paths)} paths")
+    if len(paths) == 1:
+        _check_store(paths[0])
+        if args.manifest:
+            raise CkptError("--manifest is for two-checkpoint mode; a store records its own manifests")
+    else:
+        _check_checkpoints(paths[0], paths[1], args.manifest)
+
+    try:
+        from ckptdiff.tui.app import CkptdiffApp
+    except ImportError as e:
+        if (getattr(e, "name", None) or "").split(".")[0] == "textual":
+            print(f"ckptdiff: error: {INSTALL_HINT}", file=sys.stderr)
+            return 2
+        raise
+    if len(paths) == 1:
+        app = CkptdiffApp(store=paths[0], atol=args.atol, rtol=args.rtol)
+    else:
+        app = CkptdiffApp(old=paths[0], new=paths[1], manifest=args.manifest, atol=args.atol, rtol=args.rtol)
+    app.run()
+    return 0
+
+
+def _check_store(path: str) -> None:
+    """Open and close the store now, so a wrong path fails before the screen changes."""
+    from ..errors import CkptError
+    from ..formats import split_store_ref
+    from ..store import Store, is_store
+
+    if not is_store(path):
+        if split_store_ref(path) is not None or os.path.isfile(path):
+            raise CkptError("is a single checkpoint; give two (OLD NEW) to diff them, "
+                            "or a store directory to browse its history", path)
+        if not os.path.exists(path):
+            raise CkptError("no such store directory", path)
+        raise CkptError("not a ckptdiff store (record snapshots with the training hook or "
+                        "'ckptdiff snapshot' first)", path)
+    Store.open(path).close()
+
+
+def _check_checkpoints(old: str, new: str, manifest: str | None) -> None:
+    from ..formats import open_checkpoint
+    from ..manifest import Manifest
+
+    for p in (old, new):
+        open_checkpoint(p).close()
+    if manifest:
+        Manifest.load(manifest)

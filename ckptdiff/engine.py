@@ -1,0 +1,256 @@
+"""The diff engine: two checkpoints in, one :class:`~ckptdiff.report.DiffReport` out.
+
+It lives in ``engine.py`` rather than ``diff.py`` so that ``ckptdiff.diff``
+stays the *function* (a submodule named ``diff`` would replace the package
+attribute as soon as anything imported it).
+
+The engine knows nothing of file formats (``ckptdiff.formats`` opens paths)
+nor of screens (renderers read the report). Per tensor it decides the status
+from dtype and shape, then hands same-layout pairs to the streaming kernel in
+:mod:`ckptdiff.compare`, and finally applies the manifest: roles, drift and
+staleness. Memory is bounded by two chunks plus the kernel's float64
+temporaries, whatever the checkpoint size.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from .checkpoint import DEFAULT_CHUNK_BYTES, Checkpoint, TensorRef
+from .compare import compare_pair, hash_ref
+from .errors import CkptError
+from .manifest import Manifest
+from .report import FAIL_ON, DiffReport, SideInfo, TensorDiff
+
+#: ``progress(done_bytes, total_bytes)``; called often, keep it cheap.
+ProgressFn = Callable[[int, int], None]
+CheckpointLike = Checkpoint | str | os.PathLike[str]
+ManifestLike = Manifest | str | os.PathLike[str] | Mapping[str, Any] | None
+
+
+def diff(
+    old: CheckpointLike,
+    new: CheckpointLike,
+    manifest: ManifestLike = None,
+    atol: float = 0.0,
+    rtol: float = 0.0,
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] | None = None,
+    fail_on: str | None = None,
+    progress: ProgressFn | None = None,
+    *,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> DiffReport:
+    """Compare two checkpoints tensor by tensor.
+
+    ``old``/``new`` are paths, ``DIR@REF`` store references or open
+    :class:`Checkpoint` objects (those are left open; paths opened here are
+    closed before returning). ``manifest`` is a :class:`Manifest`, a path to
+    a manifest JSON file, a dict in that format, or None to use the manifest
+    embedded in ``new``, else in ``old``, else none (every role ``unknown``).
+
+    ``atol``/``rtol`` only decide whether a change of a frozen tensor counts
+    as drift (any element with ``|new-old| > atol + rtol*|old|``, or a NaN/Inf
+    appearing); every bitwise change is reported with its numbers whatever
+    the tolerance. ``include``/``exclude`` are fnmatch globs on full tensor
+    names. ``fail_on`` (``drift``/``change``/``never``) defaults to ``drift``
+    when a manifest is known, else ``change``.
+    """
+    _check_tolerance("atol", atol)
+    _check_tolerance("rtol", rtol)
+    if fail_on is not None and fail_on not in FAIL_ON:
+        raise CkptError(f"fail_on must be one of {', '.join(FAIL_ON)}, not {fail_on!r}")
+    if chunk_bytes < 1:
+        raise ValueError("chunk_bytes must be positive")
+    include_pats = _patterns("include", include)
+    exclude_pats = _patterns("exclude", exclude)
+
+    started = time.perf_counter()
+    opened: list[Checkpoint] = []
+    try:
+        a = _open(old, opened)
+        b = _open(new, opened)
+        man = _resolve_manifest(manifest, a, b)
+        names = _select(_union(a, b), include_pats, exclude_pats)
+        total = sum((a[n].nbytes if n in a else 0) + (b[n].nbytes if n in b else 0) for n in names)
+        meter = _Meter(progress, total)
+        tensors = [
+            _diff_one(n, a.get(n), b.get(n), man, float(atol), float(rtol), chunk_bytes, meter)
+            for n in names
+        ]
+        meter.finish()
+        report = DiffReport(
+            old=_side(a),
+            new=_side(b),
+            tensors=tensors,
+            manifest_source=(man.source or "manifest") if man is not None else None,
+            atol=float(atol),
+            rtol=float(rtol),
+            fail_on=fail_on or ("drift" if man is not None else "change"),
+        )
+        if include_pats or exclude_pats:
+            report.extra["include"] = include_pats
+            report.extra["exclude"] = exclude_pats
+        report.elapsed_s = time.perf_counter() - started
+        return report
+    finally:
+        for ck in opened:
+            ck.close()
+
+
+# ---------------------------------------------------------------------------
+# one tensor
+# ---------------------------------------------------------------------------
+
+def _diff_one(
+    name: str,
+    old: TensorRef | None,
+    new: TensorRef | None,
+    manifest: Manifest | None,
+    atol: float,
+    rtol: float,
+    chunk_bytes: int,
+    meter: _Meter,
+) -> TensorDiff:
+    role = manifest.role(name) if manifest is not None else "unknown"
+    td = TensorDiff(name=name, status="identical", role=role)
+    if old is not None:
+        td.dtype_old, td.shape_old = old.dtype, list(old.shape)
+    if new is not None:
+        td.dtype_new, td.shape_new = new.dtype, list(new.shape)
+
+    if old is None or new is None:
+        side = new if new is not None else old
+        assert side is not None
+        td.status = "added" if old is None else "removed"
+        td.numel = side.numel
+        h = hash_ref(side, chunk_bytes, meter.advance)
+        if old is None:
+            td.hash_new = h
+        else:
+            td.hash_old = h
+    elif old.shape != new.shape or old.dtype != new.dtype:
+        td.status = "shape_changed" if old.shape != new.shape else "dtype_changed"
+        td.numel = new.numel
+        td.hash_old = hash_ref(old, chunk_bytes, meter.advance)
+        td.hash_new = hash_ref(new, chunk_bytes, meter.advance)
+    else:
+        td.numel = new.numel
+        res = compare_pair(old, new, atol=atol, rtol=rtol, chunk_bytes=chunk_bytes, progress=meter.advance)
+        td.hash_old, td.hash_new = res.hash_old, res.hash_new
+        if res.stats is not None:
+            s = res.stats
+            td.status = "changed"
+            td.changed_elements = s.changed_elements
+            td.out_of_tolerance = s.out_of_tolerance
+            td.nan_new = s.nan_new
+            td.inf_new = s.inf_new
+            td.max_abs_delta = s.max_abs_delta if s.finite_both else None
+            td.mean_abs_delta = s.mean_abs_delta
+            td.rel_l2 = s.rel_l2
+
+    _apply_role(td)
+    return td
+
+
+def _apply_role(td: TensorDiff) -> None:
+    """Drift and staleness from the role: the whole policy in one place."""
+    if td.role == "frozen":
+        if td.status in ("removed", "shape_changed", "dtype_changed"):
+            td.drift = True
+        elif td.status == "changed":
+            td.drift = bool(td.out_of_tolerance)
+    elif td.role == "trainable":
+        td.stale = td.status == "identical"
+    # 'buffer' and 'unknown': never drift, never stale.
+
+
+# ---------------------------------------------------------------------------
+# inputs
+# ---------------------------------------------------------------------------
+
+def _open(x: CheckpointLike, opened: list[Checkpoint]) -> Checkpoint:
+    if isinstance(x, Checkpoint):
+        return x
+    if isinstance(x, (str, os.PathLike)):
+        from .formats import open_checkpoint
+        ck = open_checkpoint(x)
+        opened.append(ck)
+        return ck
+    raise TypeError(f"expected a path, a DIR@REF string or a Checkpoint, got {type(x).__name__}")
+
+
+def _resolve_manifest(manifest: ManifestLike, a: Checkpoint, b: Checkpoint) -> Manifest | None:
+    if manifest is None:
+        return b.manifest if b.manifest is not None else a.manifest
+    if isinstance(manifest, Manifest):
+        return manifest
+    if isinstance(manifest, (str, os.PathLike)):
+        return Manifest.load(manifest)
+    if isinstance(manifest, Mapping):
+        return Manifest.from_dict(dict(manifest), source="<dict>")
+    raise TypeError(f"manifest must be a Manifest, a path or a dict, got {type(manifest).__name__}")
+
+
+def _union(a: Checkpoint, b: Checkpoint) -> list[str]:
+    """Old order first, then the names only in new, in new's order."""
+    return list(a) + [n for n in b if n not in a]
+
+
+def _patterns(what: str, pats: Iterable[str] | None) -> list[str]:
+    if pats is None:
+        return []
+    if isinstance(pats, str):
+        return [pats]
+    out = list(pats)
+    if not all(isinstance(p, str) for p in out):
+        raise CkptError(f"{what} patterns must be strings")
+    return out
+
+
+def _select(names: list[str], include: list[str], exclude: list[str]) -> list[str]:
+    if include:
+        names = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in include)]
+    if exclude:
+        names = [n for n in names if not any(fnmatch.fnmatchcase(n, p) for p in exclude)]
+    return names
+
+
+def _side(ck: Checkpoint) -> SideInfo:
+    return SideInfo(path=ck.path, format=ck.format, tensors=len(ck), bytes=ck.total_bytes)
+
+
+def _check_tolerance(name: str, value: float) -> None:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise CkptError(f"{name} must be a number, not {value!r}") from None
+    if not (v >= 0.0) or v == float("inf"):
+        raise CkptError(f"{name} must be a finite number >= 0, not {value!r}")
+
+
+class _Meter:
+    """Turns per-chunk byte counts into ``progress(done, total)`` calls."""
+
+    __slots__ = ("fn", "total", "done")
+
+    def __init__(self, fn: ProgressFn | None, total: int) -> None:
+        self.fn, self.total, self.done = fn, total, 0
+        if fn is not None:
+            fn(0, total)
+
+    def advance(self, nbytes: int) -> None:
+        self.done += nbytes
+        if self.fn is not None:
+            self.fn(self.done, self.total)
+
+    def finish(self) -> None:
+        if self.fn is not None and self.done != self.total:
+            self.fn(self.total, self.total)
+
+
+__all__ = ["diff", "ProgressFn"]

@@ -1,0 +1,175 @@
+"""HDF5 files (.h5/.hdf5, Keras weight files included), read lazily with h5py.
+
+Every dataset becomes a tensor named by its path with ``/`` turned into
+``.`` (``model_weights/dense/dense/kernel:0`` -> ``model_weights.dense.dense.kernel:0``).
+Bytes are read in bounded slabs along the leading axes and converted to
+little-endian C order, so a big-endian file hashes like any other.
+
+bfloat16 and float8 have no native HDF5 type: we store them (and read them)
+as same-width unsigned integers carrying an attribute ``dtype`` with the
+canonical name. Datasets of types the dtype table cannot hold (strings,
+compound, complex) are skipped and listed in ``metadata["skipped"]``.
+
+Security: external links, external raw storage and virtual datasets can make
+a file read arbitrary other files on the machine; such files are refused.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+
+from ..checkpoint import Checkpoint, TensorRef, check_shape
+from ..dtypes import DTYPES, DType, from_numpy
+from ..errors import CkptError, FormatError
+from ._common import json_safe, le_bytes, slabs, with_path
+
+FORMAT = "hdf5"
+#: Attribute that names the real dtype of a dataset stored as raw unsigned ints.
+DTYPE_ATTR = "dtype"
+_REINTERPRETABLE = ("bfloat16", "float8_e4m3fn", "float8_e5m2")
+
+
+def open_hdf5(path: str | os.PathLike[str]) -> Checkpoint:
+    import h5py
+
+    p = os.fspath(path)
+    try:
+        f = h5py.File(p, "r")
+    except FileNotFoundError:
+        raise CkptError("no such file or directory", p) from None
+    except (OSError, RuntimeError, ValueError) as e:
+        raise FormatError(f"corrupt or unreadable HDF5 file ({_h5msg(e)})", p) from None
+    try:
+        ckpt = _build(h5py, f, p)
+    except BaseException:
+        f.close()
+        raise
+    ckpt.on_close(f.close)
+    return ckpt
+
+
+def _h5msg(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return msg[:300]
+
+
+def _build(h5py: Any, f: Any, p: str) -> Checkpoint:
+    # Links first: an external link must be refused even if nothing reads it.
+    # (Raising inside an h5py visitor callback corrupts its lock state, so the
+    # callbacks only record; returning a value stops the visit.)
+    problems: list[str] = []
+
+    def check_link(name: str, link: Any) -> Any:
+        if isinstance(link, h5py.ExternalLink):
+            problems.append(f"refused: {name!r} is an external link to {link.filename}:{link.path}; "
+                            "ckptdiff does not follow links out of the file")
+            return True
+        if not isinstance(link, (h5py.HardLink, h5py.SoftLink)):
+            problems.append(f"refused: {name!r} is a user-defined link")
+            return True
+        return None
+
+    datasets: list[tuple[str, Any]] = []
+
+    def collect(name: str, obj: Any) -> None:
+        if isinstance(obj, h5py.Dataset):
+            datasets.append((name, obj))
+
+    try:
+        f.visititems_links(check_link)
+        if problems:
+            raise FormatError(problems[0], p)
+        f.visititems(collect)
+    except CkptError:
+        raise
+    except (OSError, RuntimeError, ValueError, KeyError, SystemError) as e:
+        raise FormatError(f"corrupt HDF5 structure ({_h5msg(e)})", p) from None
+
+    tensors: dict[str, TensorRef] = {}
+    skipped: list[str] = []
+    for hpath, ds in datasets:
+        name = hpath.lstrip("/").replace("/", ".")
+        try:
+            ref, why = _dataset_ref(h5py, ds, name, p)
+        except CkptError as e:
+            raise with_path(e, p) from None
+        except (OSError, RuntimeError, ValueError, TypeError) as e:
+            raise FormatError(f"dataset {hpath!r}: {_h5msg(e)}", p) from None
+        if ref is None:
+            skipped.append(f"{hpath} ({why})")
+            continue
+        if name in tensors:
+            raise FormatError(f"two datasets map to the tensor name {name!r}", p)
+        tensors[name] = ref
+
+    metadata: dict[str, Any] = {}
+    try:
+        for k, v in f.attrs.items():
+            metadata[str(k)] = json_safe(v)
+    except (OSError, RuntimeError, ValueError, TypeError) as e:
+        metadata["attrs_error"] = _h5msg(e)
+    if skipped:
+        metadata["skipped"] = skipped
+    return Checkpoint(p, FORMAT, tensors, metadata)
+
+
+def _dataset_ref(h5py: Any, ds: Any, name: str, p: str) -> tuple[TensorRef | None, str]:
+    if ds.is_virtual:
+        raise FormatError(f"refused: dataset {ds.name!r} is a virtual dataset (it reads other files)", p)
+    if ds.external:
+        files = ", ".join(str(e[0]) for e in ds.external)
+        raise FormatError(f"refused: dataset {ds.name!r} keeps its data in external files ({files})", p)
+    if ds.shape is None:
+        return None, "empty dataspace"
+    stored = ds.dtype
+    if stored.kind not in "biuf" or stored.fields is not None or stored.subdtype is not None:
+        return None, f"unsupported type {stored}"
+    try:
+        native = from_numpy(stored)
+    except CkptError:
+        return None, f"unsupported type {stored}"
+    dt = _declared_dtype(ds, native, p)
+    shape = check_shape(name, ds.shape)
+    # The little-endian numpy type we read into: the stored type (not the
+    # declared bf16/fp8, which h5py cannot convert to), in C order.
+    read_as = native.np_dtype
+    return TensorRef(name, dt.name, shape, pieces=_pieces(ds, shape, read_as, p), source=ds.name), ""
+
+
+def _declared_dtype(ds: Any, native: DType, p: str) -> DType:
+    """Honour a ``dtype`` attribute naming the real type of raw unsigned-int storage."""
+    if DTYPE_ATTR not in ds.attrs:
+        return native
+    raw = ds.attrs[DTYPE_ATTR]
+    if isinstance(raw, np.ndarray) and raw.shape == ():
+        raw = raw.item()
+    if isinstance(raw, (bytes, np.bytes_)):
+        raw = bytes(raw).decode("utf-8", "replace")
+    if not isinstance(raw, str):
+        raise FormatError(f"dataset {ds.name!r}: attribute 'dtype' is not a string: {raw!r}", p)
+    if raw == native.name:
+        return native
+    declared = DTYPES.get(raw)
+    if declared is None:
+        raise FormatError(f"dataset {ds.name!r}: attribute dtype={raw!r} is not a known dtype", p)
+    if raw not in _REINTERPRETABLE or native.kind != "uint" or native.itemsize != declared.itemsize:
+        raise FormatError(
+            f"dataset {ds.name!r}: attribute dtype={raw!r} does not fit the stored type {native.name} "
+            f"(only bfloat16/float8 stored as same-width unsigned ints can be relabelled)", p)
+    return declared
+
+
+def _pieces(ds: Any, shape: tuple[int, ...], read_as: np.dtype, p: str) -> Callable[[], Iterator[memoryview]]:
+    def pieces() -> Iterator[memoryview]:
+        try:
+            for sel in slabs(shape, read_as.itemsize):
+                yield le_bytes(np.asarray(ds[sel] if sel else ds[()]), read_as)
+        except CkptError:
+            raise
+        except (OSError, RuntimeError, ValueError, TypeError, KeyError) as e:
+            raise FormatError(f"cannot read dataset {ds.name!r} ({_h5msg(e)})", p) from None
+    return pieces

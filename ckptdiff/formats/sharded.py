@@ -1,0 +1,117 @@
+"""A Hugging Face sharded safetensors directory, opened as one checkpoint.
+
+``model.safetensors.index.json`` maps each tensor name to the shard file that
+holds it. The index is untrusted input like any header: shard names must stay
+inside the directory (no absolute paths, no ``..``, no symlink that resolves
+elsewhere), and every tensor must be exactly where the index says, once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from ..checkpoint import Checkpoint, TensorRef
+from ..errors import CkptError, FormatError
+from .safetensors_format import open_safetensors
+
+INDEX_NAME = "model.safetensors.index.json"
+MAX_INDEX_BYTES = 64 << 20
+FORMAT = "safetensors-sharded"
+
+
+def open_sharded(directory: str | os.PathLike[str]) -> Checkpoint:
+    d = os.fspath(directory)
+    index_path = os.path.join(d, INDEX_NAME)
+    weight_map, index_meta = _read_index(index_path)
+
+    root = os.path.realpath(d)
+    by_shard: dict[str, list[str]] = {}
+    for name, shard in weight_map.items():
+        by_shard.setdefault(shard, []).append(name)
+
+    opened: list[Checkpoint] = []
+    tensors: dict[str, TensorRef] = {}
+    where: dict[str, str] = {}
+    shard_meta: dict[str, str] = {}
+    try:
+        for shard in sorted(by_shard):
+            shard_path = _shard_path(d, root, shard, index_path)
+            ck = open_safetensors(shard_path)
+            opened.append(ck)
+            listed = set(by_shard[shard])
+            for name in listed:
+                if name not in ck:
+                    raise FormatError(f"index puts tensor {name!r} in {shard}, but that shard does not hold it",
+                                      index_path)
+            for name, ref in ck.items():
+                if name in where:
+                    raise FormatError(f"tensor {name!r} is in two shards: {where[name]} and {shard}", d)
+                indexed = weight_map.get(name)
+                if indexed is not None and indexed != shard:
+                    raise FormatError(f"tensor {name!r} is in two shards: {indexed} (per the index) and {shard}",
+                                      d)
+                where[name] = shard
+                tensors[name] = ref
+            for k, v in ck.metadata.items():
+                shard_meta.setdefault(k, v)
+    except BaseException:
+        for ck in opened:
+            ck.close()
+        raise
+
+    metadata: dict[str, Any] = dict(shard_meta)
+    metadata.update(index_meta)
+    metadata["shards"] = sorted(by_shard)
+    ordered = {name: tensors[name] for name in sorted(tensors)}
+    ckpt = Checkpoint(d, FORMAT, ordered, metadata)
+    for ck in opened:
+        ckpt.on_close(ck.close)
+    return ckpt
+
+
+def _read_index(index_path: str) -> tuple[dict[str, str], dict[str, Any]]:
+    try:
+        with open(index_path, "rb") as f:
+            raw = f.read(MAX_INDEX_BYTES + 1)
+    except OSError as e:
+        raise CkptError(f"cannot read the shard index: {e.strerror or e}", index_path) from None
+    if len(raw) > MAX_INDEX_BYTES:
+        raise FormatError(f"shard index is larger than {MAX_INDEX_BYTES >> 20} MiB", index_path)
+    try:
+        index = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise FormatError(f"shard index is not valid JSON ({e})", index_path) from None
+    if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+        raise FormatError("shard index has no 'weight_map' object", index_path)
+    weight_map = index["weight_map"]
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise FormatError(f"weight_map entry for {name!r} is not a file name: {shard!r}", index_path)
+    meta = index.get("metadata") or {}
+    if not isinstance(meta, dict):
+        raise FormatError("shard index 'metadata' is not an object", index_path)
+    return dict(weight_map), dict(meta)
+
+
+def _shard_path(d: str, root: str, shard: str, index_path: str) -> str:
+    """Resolve a shard name from the index, refusing anything that leaves the directory."""
+    if os.path.isabs(shard) or shard.startswith(("/", "\\")) or (len(shard) > 1 and shard[1] == ":"):
+        raise FormatError(f"shard {shard!r} is an absolute path; shards must be files inside the directory",
+                          index_path)
+    parts = shard.replace("\\", "/").split("/")
+    if ".." in parts:
+        raise FormatError(f"shard {shard!r} points outside the directory", index_path)
+    full = os.path.join(d, shard)
+    try:
+        real = os.path.realpath(full, strict=True)
+    except FileNotFoundError:
+        raise CkptError(f"shard {shard!r} listed in the index is missing", full) from None
+    except OSError as e:
+        raise CkptError(f"cannot resolve shard {shard!r}: {e.strerror or e}", full) from None
+    if os.path.commonpath([root, real]) != root:
+        raise FormatError(f"shard {shard!r} resolves outside the directory (to {real})", index_path)
+    if not os.path.isfile(real):
+        raise CkptError(f"shard {shard!r} is not a regular file", full)
+    return real

@@ -1,0 +1,253 @@
+"""PyTorch .pt/.pth/.bin files (zip and legacy), loaded weights-only.
+
+Security: ``torch.load(weights_only=True)`` uses torch's restricted
+unpickler, which refuses any global outside a small allow-list, so a
+checkpoint can never run code here. There is deliberately no opt-out.
+
+Naming: tensors anywhere in nested dicts/lists/tuples get dotted names
+(``optimizer.state.0.exp_avg``); everything else becomes metadata. The usual
+wrappers are peeled off so the same weights get the same names whatever
+script saved them: a top-level ``state_dict`` / ``model_state_dict`` /
+``model`` entry (its tensors lose that prefix, other entries keep theirs),
+and DDP's ``module.`` prefix when every model key has it. A top-level
+``trainable_keys`` list becomes the checkpoint's embedded manifest.
+
+torch is imported only inside these functions: ``import ckptdiff`` and the
+CLI must stay cheap, and torch is an optional extra.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from ..checkpoint import Checkpoint, TensorRef, check_shape
+from ..errors import CkptError, FormatError
+from ..manifest import Manifest
+from ._common import json_safe, with_path
+
+FORMAT = "torch"
+#: Top-level keys whose value is the model's state_dict, in order of preference.
+WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
+DDP_PREFIX = "module."
+_GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def _import_torch(path: str) -> Any:
+    try:
+        import torch
+    except ImportError:
+        raise CkptError("reading PyTorch files needs torch: pip install 'ckptdiff[torch]'", path) from None
+    return torch
+
+
+def open_torch(path: str | os.PathLike[str], legacy: bool = False) -> Checkpoint:
+    p = os.fspath(path)
+    torch = _import_torch(p)
+    obj = _load(torch, p, legacy)
+    tensors, metadata, trainable, extras = _flatten_checkpoint(torch, obj, p)
+
+    refs: dict[str, TensorRef] = {}
+    skipped: list[str] = []
+    for name, t in tensors.items():
+        ref = _tensor_ref(torch, name, t, p)
+        if ref is None:
+            skipped.append(f"{name} ({t.dtype}, {t.layout})")
+        else:
+            refs[name] = ref
+    if skipped:
+        metadata["skipped"] = skipped
+    manifest = None
+    if trainable is not None:
+        # Tensors outside the model's state_dict (optimizer moments, step
+        # counters, EMA copies) are expected to change with training: they are
+        # buffers, not frozen weights, so a clean fine-tune reports no drift.
+        buffers = [pat for key in extras for pat in (key, f"{key}.*")]
+        manifest = Manifest.from_keys(trainable, buffers=buffers, source="embedded trainable_keys")
+    ckpt = Checkpoint(p, FORMAT if not legacy else "torch-legacy", refs, metadata, manifest)
+    # The tensors keep torch's mmap of the file alive; dropping them on close
+    # lets it go as soon as no caller holds a view.
+    ckpt.on_close(tensors.clear)
+    return ckpt
+
+
+def _load(torch: Any, path: str, legacy: bool) -> Any:
+    import pickle
+
+    try:
+        with warnings.catch_warnings(), torch.serialization.safe_globals(_numpy_globals()):
+            warnings.simplefilter("ignore")
+            return torch.load(path, weights_only=True, mmap=not legacy, map_location="cpu")
+    except pickle.UnpicklingError as e:
+        msg = str(e)
+        hit = _GLOBAL_RE.search(msg)
+        if hit:
+            raise CkptError(
+                f"refused: the file's pickle references {hit.group(1)}; ckptdiff loads weights only "
+                "and never runs code from a checkpoint", path) from None
+        op = re.search(r"Unsupported operand (\d+)", msg)
+        if op:
+            raise FormatError(
+                f"refused: the pickle uses opcode {op.group(1)}, which weights-only loading does not accept "
+                "(not a PyTorch checkpoint?); ckptdiff never runs code from a checkpoint", path) from None
+        first = _first_useful_line(msg)
+        raise FormatError(f"refused by weights-only loading: {first}", path) from None
+    except (RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError, TypeError, AttributeError,
+            UnicodeDecodeError, MemoryError) as e:
+        first = _first_useful_line(str(e)) or type(e).__name__
+        if isinstance(e, EOFError) or "central directory" in first or "truncated" in first.lower():
+            raise FormatError(f"corrupt or truncated PyTorch file ({first})", path) from None
+        raise FormatError(f"cannot load PyTorch file ({type(e).__name__}: {first})", path) from None
+
+
+def _numpy_globals() -> list[Any]:
+    """NumPy constructors that training scripts leave in checkpoints (``best_acc =
+    np.float64(...)``), allow-listed for the weights-only unpickler.
+
+    They only build scalars, dtypes and arrays; the contents of an object
+    array still go through the same restricted unpickler, so nothing here can
+    run code. Both module spellings are listed: numpy 1.x pickles say
+    ``numpy.core``, numpy 2.x ``numpy._core``.
+    """
+    import numpy as np
+
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # numpy 1.x
+        from numpy.core import multiarray  # type: ignore[no-redef]
+    out: list[Any] = [np.dtype, np.ndarray]
+    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        out.append((multiarray.scalar, f"{mod}.scalar"))
+        out.append((multiarray._reconstruct, f"{mod}._reconstruct"))
+    # numpy >= 1.25 pickles a dtype through its class, e.g. numpy.dtypes.Float64DType
+    dtypes_mod = getattr(np, "dtypes", None)
+    if dtypes_mod is not None:
+        out.extend(getattr(dtypes_mod, n) for n in dir(dtypes_mod) if n.endswith("DType") and n != "StringDType")
+    return out
+
+
+def _first_useful_line(msg: str) -> str:
+    for line in msg.splitlines():
+        line = line.strip()
+        if line and not line.startswith(("Weights only load failed", "Please file an issue")):
+            return line[:300]
+    return msg.strip()[:300]
+
+
+def _flatten_checkpoint(
+    torch: Any, obj: Any, path: str,
+) -> tuple[dict[str, Any], dict[str, Any], list[str] | None, list[str]]:
+    """Dotted names for every tensor, metadata for everything else, the embedded
+    trainable keys, and the top-level keys outside the model's state_dict that hold tensors."""
+    tensors: dict[str, Any] = {}
+    metadata: dict[str, Any] = {}
+    trainable: list[str] | None = None
+    extras: list[str] = []
+
+    if isinstance(obj, Mapping):
+        top = {str(k): v for k, v in obj.items()}
+        wrapper = next((k for k in WRAPPER_KEYS if k in top and isinstance(top[k], Mapping)
+                        and _has_tensor(torch, top[k])), None)
+        model_part = top.pop(wrapper) if wrapper is not None else None
+        raw_keys = top.pop("trainable_keys", None)
+        if wrapper is not None:
+            model_tensors: dict[str, Any] = {}
+            inner_meta: dict[str, Any] = {}
+            _walk(torch, model_part, "", model_tensors, inner_meta, path)
+            metadata.update({f"{wrapper}.{k}": v for k, v in inner_meta.items()})
+        else:
+            # A flat state_dict: the tensors at any depth are the model.
+            model_tensors = {}
+            rest: dict[str, Any] = {}
+            _walk(torch, top, "", model_tensors, rest, path)
+            metadata.update(rest)
+            top = {}
+        strip = bool(model_tensors) and all(n.startswith(DDP_PREFIX) for n in model_tensors)
+        if strip:
+            model_tensors = {n[len(DDP_PREFIX):]: t for n, t in model_tensors.items()}
+        tensors.update(model_tensors)
+        if wrapper is not None:
+            others: dict[str, Any] = {}
+            _walk(torch, top, "", others, metadata, path)
+            extras = [k for k, v in top.items() if isinstance(v, torch.Tensor) or _has_tensor(torch, v)]
+            for n, t in others.items():
+                if n in tensors:
+                    raise FormatError(f"two tensors are named {n!r} after unwrapping {wrapper!r}", path)
+                tensors[n] = t
+        if raw_keys is not None:
+            if not isinstance(raw_keys, (list, tuple)) or not all(isinstance(k, str) for k in raw_keys):
+                raise FormatError("'trainable_keys' must be a list of tensor names", path)
+            trainable = [k[len(DDP_PREFIX):] if strip and k.startswith(DDP_PREFIX) else k for k in raw_keys]
+            metadata["trainable_keys"] = list(trainable)
+    else:
+        _walk(torch, obj, "", tensors, metadata, path)
+        if "" in tensors:  # torch.save(tensor): one unnamed tensor
+            tensors["tensor"] = tensors.pop("")
+    return tensors, metadata, trainable, extras
+
+
+def _has_tensor(torch: Any, obj: Any, depth: int = 0) -> bool:
+    if isinstance(obj, torch.Tensor):
+        return True
+    if depth > 64:
+        return False
+    if isinstance(obj, Mapping):
+        return any(_has_tensor(torch, v, depth + 1) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(_has_tensor(torch, v, depth + 1) for v in obj)
+    return False
+
+
+def _walk(torch: Any, obj: Any, prefix: str, tensors: dict[str, Any], metadata: dict[str, Any], path: str,
+          depth: int = 0) -> None:
+    if depth > 256:
+        raise FormatError(f"nesting deeper than 256 levels at {prefix!r}", path)
+    if isinstance(obj, torch.Tensor):
+        if prefix in tensors:
+            raise FormatError(f"two tensors are named {prefix!r} (a dotted key collides with a nested one)", path)
+        tensors[prefix] = obj
+        return
+    if isinstance(obj, Mapping):
+        for k, v in obj.items():
+            _walk(torch, v, f"{prefix}.{k}" if prefix else str(k), tensors, metadata, path, depth + 1)
+        return
+    if isinstance(obj, (list, tuple)) and _has_tensor(torch, obj):
+        for i, v in enumerate(obj):
+            _walk(torch, v, f"{prefix}.{i}" if prefix else str(i), tensors, metadata, path, depth + 1)
+        return
+    metadata[prefix] = json_safe(obj)
+
+
+def _tensor_ref(torch: Any, name: str, t: Any, path: str) -> TensorRef | None:
+    """A zero-copy TensorRef over a torch tensor, or None for types the table cannot hold."""
+    from ..dtypes import from_torch
+
+    if t.layout != torch.strided or t.is_quantized or getattr(t, "is_nested", False) or t.is_complex():
+        return None
+    if t.device.type != "cpu":  # map_location='cpu' makes this unreachable; keep it honest
+        return None
+    try:
+        dt = from_torch(t.dtype)
+        shape = check_shape(name, tuple(t.shape))
+    except CkptError as e:
+        if "dtype" in e.message:
+            return None
+        raise with_path(e, path) from None
+    return TensorRef(name, dt.name, shape, view=_viewer(torch, t), source=os.path.basename(path))
+
+
+def _viewer(torch: Any, t: Any) -> Callable[[], memoryview]:
+    def view() -> memoryview:
+        src = t.detach()
+        if src.is_conj() or src.is_neg():
+            src = src.resolve_conj().resolve_neg()
+        if not src.is_contiguous():
+            src = src.contiguous()  # copied only now, when the bytes are asked for
+        flat = src.reshape(-1)
+        if flat.dtype != torch.uint8:
+            flat = flat.view(torch.uint8) if flat.numel() else flat.to(torch.uint8)
+        return memoryview(flat.numpy())
+    return view

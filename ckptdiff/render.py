@@ -1,0 +1,304 @@
+"""Renderers: a :class:`~ckptdiff.report.DiffReport` as a table, JSON, Markdown or GitHub annotations.
+
+Renderers only read the report; they never touch files other than the
+stream they are given, and only the table imports rich (lazily), so the
+JSON path of the CLI stays as cheap as possible.
+
+Every renderer sorts the same way (drift first, then stale, then other
+differences in status order, then identical tensors, each group in
+checkpoint order) and says the same one-line verdict, so a reader who knows
+one format knows them all.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import IO, Any
+
+from .report import STATUSES, DiffReport, TensorDiff
+
+FORMATS = ("table", "json", "markdown", "github")
+#: Markdown for PR comments stays under GitHub's 65,536-character comment limit.
+MARKDOWN_MAX_ROWS = 200
+
+_STATUS_LABEL = {
+    "identical": "identical",
+    "changed": "changed",
+    "added": "added",
+    "removed": "removed",
+    "shape_changed": "shape changed",
+    "dtype_changed": "dtype changed",
+}
+
+
+# ---------------------------------------------------------------------------
+# shared wording
+# ---------------------------------------------------------------------------
+
+def sort_key(t: TensorDiff) -> int:
+    if t.drift:
+        return 0
+    if t.stale:
+        return 1
+    if t.status != "identical":
+        return 2 + STATUSES.index(t.status)
+    return 2 + len(STATUSES)
+
+
+def ordered(report: DiffReport, show_all: bool = False) -> list[TensorDiff]:
+    """Rows worth showing, most important first (stable within a group).
+
+    Identical tensors are hidden unless ``show_all``; a stale tensor is
+    identical too, but it is a warning, so it is always shown.
+    """
+    rows = [t for t in report.tensors if show_all or t.status != "identical" or t.stale]
+    return sorted(rows, key=sort_key)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def verdict_line(report: DiffReport) -> str:
+    """One line: PASS/FAIL and why, under the report's ``fail_on`` policy."""
+    s = report.summary()
+    differ = s["total"] - s["identical"]
+    failed, reasons = report.verdict()
+    if failed:
+        if report.fail_on == "drift":
+            return f"FAIL: {_plural(s['drifted'], 'frozen tensor')} drifted"
+        return f"FAIL: {_plural(differ, 'tensor')} differ (--fail-on change)"
+    if report.fail_on == "drift":
+        base = "PASS: no frozen tensor drifted"
+    elif report.fail_on == "change":
+        base = "PASS: all tensors are bitwise identical"
+    else:
+        base = f"PASS (--fail-on never): {_plural(differ, 'tensor')} differ, {s['drifted']} drifted"
+    if s["stale"]:
+        base += f"; warning: {_plural(s['stale'], 'trainable tensor')} never changed"
+    return base
+
+
+def summary_line(report: DiffReport) -> str:
+    s = report.summary()
+    parts = [f"{s[k]} {_STATUS_LABEL[k]}" for k in STATUSES if s[k]]
+    line = f"{_plural(s['total'], 'tensor')}: {', '.join(parts) if parts else 'none compared'}"
+    if report.manifest_source is not None:
+        line += f"; {s['drifted']} drifted, {s['stale']} stale (manifest: {report.manifest_source})"
+    else:
+        line += "; no manifest (roles unknown, drift not checked)"
+    return line
+
+
+def fmt_num(x: float | None) -> str:
+    if x is None:
+        return "-"
+    if math.isnan(x):
+        return "nan"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    if x == 0:
+        return "0"
+    return f"{x:.4g}"
+
+
+def fmt_changed(t: TensorDiff) -> str:
+    if t.changed_elements is None:
+        return "-"
+    n = t.numel or 0
+    pct = 100.0 * t.changed_elements / n if n else 0.0
+    out = f"{t.changed_elements:,}/{n:,} ({pct:.3g}%)"
+    extra = []
+    if t.nan_new:
+        extra.append(f"+{t.nan_new:,} NaN")
+    if t.inf_new:
+        extra.append(f"+{t.inf_new:,} Inf")
+    return out + (" " + ", ".join(extra) if extra else "")
+
+
+def fmt_dtype(t: TensorDiff) -> str:
+    if t.dtype_old and t.dtype_new and t.dtype_old != t.dtype_new:
+        return f"{t.dtype_old}->{t.dtype_new}"
+    return t.dtype_new or t.dtype_old or "-"
+
+
+def _shape(s: Sequence[int] | None) -> str:
+    return "-" if s is None else "(" + ", ".join(str(d) for d in s) + ("," if len(s) == 1 else "") + ")"
+
+
+def fmt_shape(t: TensorDiff) -> str:
+    if t.shape_old is not None and t.shape_new is not None and t.shape_old != t.shape_new:
+        return f"{_shape(t.shape_old)}->{_shape(t.shape_new)}"
+    return _shape(t.shape_new if t.shape_new is not None else t.shape_old)
+
+
+def flag(t: TensorDiff) -> str:
+    if t.drift:
+        return "DRIFT"
+    if t.stale:
+        return "STALE"
+    if t.role == "frozen" and t.status == "changed":
+        return "<=tol"  # a frozen tensor moved, but within --atol/--rtol: shown, not failed
+    return ""
+
+
+def describe(t: TensorDiff) -> str:
+    """A sentence about one tensor, for annotations."""
+    if t.status == "changed":
+        s = (f"changed: max |delta| {fmt_num(t.max_abs_delta)}, rel L2 {fmt_num(t.rel_l2)}, "
+             f"{t.changed_elements:,} of {t.numel:,} elements differ")
+        if t.nan_new or t.inf_new:
+            s += f" ({t.nan_new} new NaN, {t.inf_new} new Inf)"
+        return s
+    if t.status == "shape_changed":
+        return f"shape changed {_shape(t.shape_old)} -> {_shape(t.shape_new)}"
+    if t.status == "dtype_changed":
+        return f"dtype changed {t.dtype_old} -> {t.dtype_new}"
+    if t.status == "identical":
+        return "bitwise identical"
+    return t.status
+
+
+# ---------------------------------------------------------------------------
+# formats
+# ---------------------------------------------------------------------------
+
+def render_json(report: DiffReport) -> str:
+    return report.to_json() + "\n"
+
+
+def _md_escape(s: str) -> str:
+    return s.replace("\\", "\\\\").replace("|", "\\|").replace("`", "'").replace("\n", " ")
+
+
+def render_markdown(report: DiffReport, show_all: bool = False, max_rows: int = MARKDOWN_MAX_ROWS) -> str:
+    failed, _ = report.verdict()
+    s = report.summary()
+    icon = "❌" if failed else "⚠️" if s["stale"] else "✅"
+    out = [f"### ckptdiff {icon} {_md_escape(verdict_line(report))}", ""]
+    man = f"`{_md_escape(report.manifest_source)}`" if report.manifest_source else "none"
+    out.append(
+        f"`{_md_escape(report.old.path)}` → `{_md_escape(report.new.path)}` · manifest: {man} · "
+        f"atol {report.atol:g} · rtol {report.rtol:g} · fail on {report.fail_on}"
+    )
+    out.append("")
+    cols = [*STATUSES, "drifted", "stale"]
+    out.append("| " + " | ".join(_STATUS_LABEL.get(c, c) for c in cols) + " |")
+    out.append("|" + "---:|" * len(cols))
+    out.append("| " + " | ".join(f"**{s[c]}**" if c == "drifted" and s[c] else str(s[c]) for c in cols) + " |")
+    rows = ordered(report, show_all)
+    if rows:
+        out += ["", "| | tensor | status | role | dtype | shape | max \\|Δ\\| | mean \\|Δ\\| | rel L2 | changed elements |",
+                "|---|---|---|---|---|---|---:|---:|---:|---:|"]
+        for t in rows[:max_rows]:
+            mark = "🔴 drift" if t.drift else "🟡 stale" if t.stale else "≤ tol" if flag(t) == "<=tol" else ""
+            out.append(
+                f"| {mark} | `{_md_escape(t.name)}` | {_STATUS_LABEL[t.status]} | {t.role} | "
+                f"{_md_escape(fmt_dtype(t))} | {fmt_shape(t)} | {fmt_num(t.max_abs_delta)} | "
+                f"{fmt_num(t.mean_abs_delta)} | {fmt_num(t.rel_l2)} | {fmt_changed(t)} |"
+            )
+        if len(rows) > max_rows:
+            out.append("")
+            out.append(f"…and {len(rows) - max_rows} more rows (run with `--format json` for all).")
+    hidden = s["identical"] - sum(1 for t in rows if t.status == "identical")
+    if hidden:
+        out += ["", f"{_plural(hidden, 'identical tensor')} not shown."]
+    return "\n".join(out) + "\n"
+
+
+def _gh_data(s: str) -> str:
+    return s.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def _gh_prop(s: str) -> str:
+    return _gh_data(s).replace(":", "%3A").replace(",", "%2C")
+
+
+def render_github(report: DiffReport) -> str:
+    """GitHub Actions workflow commands: one annotation per drifted / stale tensor, then a summary."""
+    out: list[str] = []
+    for t in report.drifted:
+        out.append(f"::error title={_gh_prop('ckptdiff: frozen tensor drifted: ' + t.name)}::"
+                   f"{_gh_data(f'{t.name} is frozen but {describe(t)}')}")
+    for t in report.stale:
+        out.append(f"::warning title={_gh_prop('ckptdiff: trainable tensor never updated: ' + t.name)}::"
+                   f"{_gh_data(f'{t.name} is trainable but bitwise identical: check that it is in the optimizer')}")
+    failed, reasons = report.verdict()
+    if failed and report.fail_on == "change":
+        for r in reasons[:50]:
+            out.append(f"::error title=ckptdiff%3A tensor changed::{_gh_data(r)}")
+    level = "error" if failed else "notice"
+    out.append(f"::{level} title=ckptdiff::{_gh_data(verdict_line(report) + ' | ' + summary_line(report))}")
+    out.append(summary_line(report))
+    out.append(verdict_line(report))
+    return "\n".join(out) + "\n"
+
+
+def render_table(report: DiffReport, file: IO[str], *, show_all: bool = False,
+                 color: bool | None = None, width: int | None = None) -> None:
+    """A rich table on ``file``; colours follow the terminal and NO_COLOR unless ``color`` forces them."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    kwargs: dict[str, Any] = {"file": file, "highlight": False, "soft_wrap": False}
+    if color is False:
+        kwargs["no_color"] = True
+        kwargs["color_system"] = None
+    elif color is True:
+        kwargs["force_terminal"] = True
+    console = Console(**kwargs)
+    if width is not None:
+        console.width = width
+    elif not console.is_terminal:
+        console.width = 160  # logs and files: no terminal to fit, do not fold numbers
+
+    rows = ordered(report, show_all)
+    console.print(f"[bold]{report.old.path}[/] -> [bold]{report.new.path}[/]", markup=True, highlight=False)
+    if rows:
+        table = Table(box=None, pad_edge=False, header_style="bold")
+        table.add_column("", no_wrap=True)
+        table.add_column("tensor", overflow="fold", ratio=3)
+        table.add_column("status", no_wrap=True)
+        table.add_column("role", no_wrap=True)
+        table.add_column("dtype")
+        table.add_column("shape")
+        table.add_column("max |Δ|", justify="right", no_wrap=True)
+        table.add_column("mean |Δ|", justify="right", no_wrap=True)
+        table.add_column("rel L2", justify="right", no_wrap=True)
+        table.add_column("changed", justify="right")
+        for t in rows:
+            style = "red" if t.drift else "yellow" if t.stale else "dim" if t.status == "identical" else None
+            table.add_row(
+                Text(flag(t), style="bold"), Text(t.name), _STATUS_LABEL[t.status], t.role,
+                fmt_dtype(t), fmt_shape(t), fmt_num(t.max_abs_delta), fmt_num(t.mean_abs_delta),
+                fmt_num(t.rel_l2), fmt_changed(t), style=style,
+            )
+        console.print(table)
+    hidden = report.summary()["identical"] - sum(1 for t in rows if t.status == "identical")
+    if hidden:
+        console.print(f"({_plural(hidden, 'identical tensor')} hidden; --all shows them)", style="dim")
+    console.print(summary_line(report), highlight=False, markup=False)
+    failed, _ = report.verdict()
+    style = "bold red" if failed else "bold yellow" if report.stale else "bold green"
+    console.print(Text(verdict_line(report), style=style))
+
+
+def render(report: DiffReport, fmt: str, file: IO[str], *, show_all: bool = False,
+           color: bool | None = None) -> None:
+    """Write ``report`` to ``file`` in one of :data:`FORMATS`."""
+    if fmt == "table":
+        render_table(report, file, show_all=show_all, color=color)
+    elif fmt == "json":
+        file.write(render_json(report))
+    elif fmt == "markdown":
+        file.write(render_markdown(report, show_all=show_all))
+    elif fmt == "github":
+        file.write(render_github(report))
+    else:
+        raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+
+
+__all__ = ["FORMATS", "render", "render_json", "render_markdown", "render_github", "render_table",
+           "verdict_line", "summary_line", "ordered"]

@@ -1,0 +1,129 @@
+"""The store's SQLite index: schema, format version, connection settings.
+
+Why SQLite: history must survive a writer killed mid-snapshot and two
+processes writing at once. WAL mode lets readers (the TUI, ``log``) run
+while a snapshot commits; ``BEGIN IMMEDIATE`` plus a busy timeout serialises
+writers instead of failing them; a snapshot is one transaction, so it is
+either wholly listed or not at all.
+
+The format version lives in the ``meta`` table. A store written by a newer
+ckptdiff is refused rather than misread; older versions are upgraded here.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+
+from .. import __version__
+from ..errors import CkptError
+
+DB_NAME = "ckptdiff.db"
+FORMAT_VERSION = 1
+#: How long a writer waits for another process's transaction before giving up.
+BUSY_TIMEOUT_S = 120.0
+
+SCHEMA = """
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE snapshots (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    id          TEXT NOT NULL UNIQUE,
+    parent      TEXT,
+    created_at  REAL NOT NULL,
+    step        INTEGER,
+    tag         TEXT,
+    message     TEXT,
+    metrics     TEXT NOT NULL DEFAULT '{}',
+    manifest    TEXT,
+    source      TEXT,
+    n_tensors   INTEGER NOT NULL,
+    total_bytes INTEGER NOT NULL
+);
+CREATE INDEX snapshots_tag ON snapshots(tag);
+CREATE INDEX snapshots_step ON snapshots(step);
+CREATE TABLE entries (
+    seq    INTEGER NOT NULL REFERENCES snapshots(seq) ON DELETE CASCADE,
+    pos    INTEGER NOT NULL,
+    name   TEXT NOT NULL,
+    dtype  TEXT NOT NULL,
+    shape  TEXT NOT NULL,
+    hash   TEXT NOT NULL,
+    nbytes INTEGER NOT NULL,
+    PRIMARY KEY (seq, name)
+) WITHOUT ROWID;
+CREATE INDEX entries_hash ON entries(hash);
+CREATE TABLE blobs (
+    hash        TEXT PRIMARY KEY,
+    nbytes      INTEGER NOT NULL,
+    stored_size INTEGER NOT NULL
+) WITHOUT ROWID;
+"""
+
+
+def connect(path: str, *, readonly: bool = False) -> sqlite3.Connection:
+    """Open the index. ``readonly`` opens immutable (for stores the user cannot write)."""
+    if readonly:
+        uri = "file:" + _uri_path(path) + "?mode=ro&immutable=1"
+        conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, check_same_thread=False,
+                               isolation_level=None)
+    else:
+        conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, check_same_thread=False, isolation_level=None)
+    conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+    conn.execute("PRAGMA foreign_keys = ON")
+    if not readonly:
+        conn.execute("PRAGMA synchronous = FULL")
+    return conn
+
+
+def _uri_path(path: str) -> str:
+    from urllib.parse import quote
+    return quote(os.path.abspath(path))
+
+
+def create(path: str, *, compression: str, level: int) -> None:
+    """Write a fresh index at ``path`` atomically: built under a temp name, then renamed."""
+    tmp = path + ".init-" + os.urandom(6).hex()
+    conn = sqlite3.connect(tmp, isolation_level=None)
+    try:
+        conn.executescript(SCHEMA)
+        conn.executemany("INSERT INTO meta(key, value) VALUES (?, ?)", [
+            ("format_version", str(FORMAT_VERSION)),
+            ("compression", compression),
+            ("zstd_level", str(level)),
+            ("created_at", repr(time.time())),
+            ("created_by", f"ckptdiff {__version__}"),
+        ])
+        conn.execute("PRAGMA journal_mode = WAL")
+    finally:
+        conn.close()
+    os.replace(tmp, path)
+
+
+def read_meta(conn: sqlite3.Connection, where: str) -> dict[str, str]:
+    """Read and check the ``meta`` table; CkptError for a non-store or a newer format."""
+    try:
+        rows = conn.execute("SELECT key, value FROM meta").fetchall()
+    except sqlite3.DatabaseError as e:
+        raise CkptError(f"not a ckptdiff store, or its database is damaged ({e})", where) from None
+    meta = dict(rows)
+    raw = meta.get("format_version")
+    try:
+        version = int(raw) if raw is not None else None
+    except ValueError:
+        version = None
+    if version is None:
+        raise CkptError("not a ckptdiff store (its database records no format version)", where)
+    if version > FORMAT_VERSION:
+        raise CkptError(
+            f"store format version {version} was written by a newer ckptdiff; this ckptdiff "
+            f"({__version__}) reads versions up to {FORMAT_VERSION}. Upgrade ckptdiff to use this store", where)
+    if meta.get("compression") not in ("none", "zstd"):
+        raise CkptError(f"store uses an unknown compression {meta.get('compression')!r}", where)
+    return meta
+
+
+__all__ = ["DB_NAME", "FORMAT_VERSION", "connect", "create", "read_meta"]

@@ -1,0 +1,115 @@
+"""Write a snapshot back out as a plain checkpoint file, bit for bit.
+
+safetensors is written by our own streaming writer (header, then each
+tensor's bytes straight from its blob), so exporting a model larger than
+memory works and bf16/fp8 never pass through a float conversion. ``pt`` goes
+through torch (imported here only) with ``torch.frombuffer``, which
+reinterprets the bytes instead of converting them.
+
+Every tensor is re-hashed while it is written and compared with its recorded
+hash, so a corrupt blob fails the export instead of producing a wrong file.
+Output goes to a temp file renamed into place: no half-written exports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Callable
+
+from blake3 import blake3
+
+from ..checkpoint import Checkpoint, TensorRef
+from ..errors import CkptError
+from .blobs import IO_BYTES, _write_all
+
+FORMATS = ("safetensors", "pt")
+
+
+def _checked_chunks(t: TensorRef, out: str):  # type: ignore[no-untyped-def]
+    hasher = blake3()
+    for chunk in t.chunks(IO_BYTES):
+        hasher.update(chunk)
+        yield chunk
+    if t.hash is not None and hasher.hexdigest() != t.hash:
+        raise CkptError(f"tensor {t.name!r}: stored bytes do not match their hash; the blob is corrupt "
+                        "(run 'ckptdiff verify')", out)
+
+
+def safetensors_header(ckpt: Checkpoint, metadata: dict[str, str]) -> bytes:
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    offset = 0
+    for name, t in ckpt.items():
+        header[name] = {"dtype": t.dtype_info.safetensors, "shape": list(t.shape),
+                        "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def _temp_beside(out: str) -> str:
+    d = os.path.dirname(os.path.abspath(out))
+    return os.path.join(d, f".{os.path.basename(out)}.{secrets.token_hex(6)}.tmp")
+
+
+def write_safetensors(ckpt: Checkpoint, out: str, metadata: dict[str, str],
+                      advance: Callable[[int], None]) -> None:
+    tmp = _temp_beside(out)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        _write_all(fd, safetensors_header(ckpt, metadata))
+        for t in ckpt.values():
+            for chunk in _checked_chunks(t, out):
+                _write_all(fd, chunk)
+                advance(len(chunk))
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.replace(tmp, out)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def write_pt(ckpt: Checkpoint, out: str, advance: Callable[[int], None]) -> None:
+    try:
+        import torch
+    except ImportError:
+        raise CkptError("exporting to .pt needs torch: pip install 'ckptdiff[torch]'", out) from None
+    state: dict[str, object] = {}
+    for name, t in ckpt.items():
+        tdtype = getattr(torch, t.dtype, None)
+        if not isinstance(tdtype, torch.dtype):
+            raise CkptError(f"tensor {name!r}: this torch has no dtype {t.dtype}", out)
+        if t.nbytes == 0:
+            state[name] = torch.empty(t.shape, dtype=tdtype)
+            continue
+        buf = bytearray()
+        for chunk in _checked_chunks(t, out):
+            buf += chunk
+            advance(len(chunk))
+        state[name] = torch.frombuffer(buf, dtype=tdtype).reshape(t.shape)
+    tmp = _temp_beside(out)
+    try:
+        torch.save(state, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+__all__ = ["FORMATS", "write_safetensors", "write_pt", "safetensors_header"]

@@ -1,0 +1,636 @@
+"""The Store: a directory of content-addressed blobs plus a SQLite history.
+
+Write path (``snapshot``): every tensor's bytes become a blob first (temp
+file, fsync, rename; bytes already stored are skipped by hash), then one
+``BEGIN IMMEDIATE`` transaction checks that every blob the snapshot needs is
+on disk and inserts the snapshot and its entries. Until that commit nothing
+is listed, so a writer killed at any instant leaves history as it was.
+
+``gc`` deletes unreferenced blobs while holding the same write lock, and a
+snapshot re-checks its blobs inside its own transaction (rewriting any that
+a concurrent ``gc`` removed), so the two can run from different processes.
+
+One Store object may be used from several threads (the training hook
+writes from a background thread): the connection is shared under a lock and
+blob I/O happens outside it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import operator
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+from blake3 import blake3
+
+from .. import dtypes
+from ..checkpoint import Checkpoint, TensorRef, check_shape
+from ..errors import CkptError, FormatError
+from ..manifest import Manifest
+from . import db, refs
+from .blobs import BlobDir, store_os_error
+from .history import LogRow, build_log, effective_manifest
+from .locking import LOCK_NAME, gc_lock
+from .model import BadBlob, Entry, GcResult, Metric, SnapshotInfo, VerifyResult
+from .progress import byte_progress
+
+#: Temp files older than this are leftovers of a killed writer; ``gc`` removes them.
+STALE_TEMP_S = 3600.0
+
+_SNAP_COLS = ("seq, id, parent, created_at, step, tag, message, metrics, manifest, source, "
+              "n_tensors, total_bytes")
+
+
+def is_store(path: str | os.PathLike[str]) -> bool:
+    """True when ``path`` is a ckptdiff store directory (it holds ``ckptdiff.db``)."""
+    return os.path.isfile(os.path.join(os.fspath(path), db.DB_NAME))
+
+
+def _sql_error(e: sqlite3.Error, root: str, action: str) -> CkptError:
+    msg = str(e)
+    low = msg.lower()
+    if "readonly" in low or "read-only" in low:
+        return CkptError(f"store is read-only; cannot {action}", root)
+    if "disk is full" in low or "database or disk is full" in low:
+        return CkptError(f"disk full while {action}; the store was left unchanged", root)
+    if "locked" in low or "busy" in low:
+        return CkptError(f"store is busy: another process held its lock for over {db.BUSY_TIMEOUT_S:.0f} s "
+                         f"while {action}", root)
+    return CkptError(f"{action} failed: database error ({msg})", root)
+
+
+def _new_id() -> str:
+    return blake3(os.urandom(16) + time.time_ns().to_bytes(8, "little")).hexdigest()[:16]
+
+
+def _check_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Metric]:
+    out: dict[str, Metric] = {}
+    for k, v in (metrics or {}).items():
+        if not isinstance(k, str):
+            raise CkptError(f"metric names must be strings, got {k!r}")
+        if isinstance(v, bool):
+            v = int(v)
+        elif hasattr(v, "item") and not isinstance(v, (int, float, str)):
+            v = v.item()  # numpy / torch scalars
+        if not isinstance(v, (int, float, str)):
+            raise CkptError(f"metric {k!r} must be a number or a string, got {type(v).__name__}")
+        out[k] = v
+    return out
+
+
+def _manifest_json(m: Manifest | None) -> str | None:
+    if m is None:
+        return None
+    return json.dumps({"trainable": list(m.trainable), "frozen": list(m.frozen), "buffers": list(m.buffers),
+                       "source": m.source})
+
+
+def _manifest_load(raw: str | None, where: str) -> Manifest | None:
+    if raw is None:
+        return None
+    try:
+        d = json.loads(raw)
+        return Manifest(tuple(d.get("trainable", ())), tuple(d.get("frozen", ())), tuple(d.get("buffers", ())),
+                        source=str(d.get("source", "")))
+    except (ValueError, TypeError, AttributeError):
+        raise FormatError("a snapshot's manifest in the store database is damaged", where) from None
+
+
+class Store:
+    """A snapshot store directory. Create with :meth:`init`, open with :meth:`open`."""
+
+    def __init__(self, root: str, conn: sqlite3.Connection, meta: dict[str, str], readonly: bool) -> None:
+        self.root = root
+        self._conn: sqlite3.Connection | None = conn
+        self.meta = meta
+        self.readonly = readonly
+        self.compressed = meta["compression"] == "zstd"
+        level = int(meta.get("zstd_level", "3")) if meta.get("zstd_level", "3").isdigit() else 3
+        self.blobs = BlobDir(root, compressed=self.compressed, level=level)
+        self._lock = threading.RLock()
+
+    # -- lifecycle ------------------------------------------------------------------
+    @classmethod
+    def init(cls, path: str | os.PathLike[str], compress: bool = False) -> Store:
+        """Create a store at ``path`` (a new or empty directory)."""
+        root = os.fspath(path)
+        if os.path.exists(root):
+            if not os.path.isdir(root):
+                raise CkptError("exists and is not a directory", root)
+            if is_store(root):
+                raise CkptError("is already a ckptdiff store", root)
+            if os.listdir(root):
+                raise CkptError("directory is not empty and is not a ckptdiff store; "
+                                "choose a new or empty directory", root)
+        try:
+            os.makedirs(os.path.join(root, "blobs"), exist_ok=True)
+            os.makedirs(os.path.join(root, "tmp"), exist_ok=True)
+            with open(os.path.join(root, LOCK_NAME), "ab"):
+                pass
+            db.create(os.path.join(root, db.DB_NAME), compression="zstd" if compress else "none",
+                      level=3)
+        except OSError as e:
+            raise store_os_error(e, root, "create the store") from None
+        except sqlite3.Error as e:
+            raise _sql_error(e, root, "create the store") from None
+        return cls.open(root)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], create: bool = False) -> Store:
+        """Open an existing store; with ``create``, make one if ``path`` is missing or empty."""
+        root = os.fspath(path)
+        if not is_store(root):
+            if create:
+                return cls.init(root)  # refuses files and non-empty directories itself
+            if not os.path.exists(root):
+                raise CkptError("no such store (create one with 'ckptdiff init DIR')", root)
+            raise CkptError(f"not a ckptdiff store (no {db.DB_NAME}; create one with 'ckptdiff init DIR')", root)
+        dbpath = os.path.join(root, db.DB_NAME)
+        readonly = not (os.access(root, os.W_OK) and os.access(dbpath, os.W_OK))
+        try:
+            conn = db.connect(dbpath, readonly=readonly)
+        except sqlite3.Error as e:
+            raise CkptError(f"cannot open the store database ({e})", root) from None
+        try:
+            meta = db.read_meta(conn, root)
+        except BaseException:
+            conn.close()
+            raise
+        return cls(root, conn, meta, readonly)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Store({self.root!r}, compressed={self.compressed})"
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise CkptError("the store is closed", self.root)
+        return self._conn
+
+    # -- database helpers -----------------------------------------------------------
+    def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            try:
+                return self.conn.execute(sql, params).fetchall()
+            except sqlite3.Error as e:
+                raise _sql_error(e, self.root, "reading the store") from None
+
+    @contextmanager
+    def _write_txn(self, action: str) -> Iterator[sqlite3.Connection]:
+        if self.readonly:
+            raise CkptError(f"store is read-only; cannot {action}", self.root)
+        with self._lock:
+            conn = self.conn
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as e:
+                raise _sql_error(e, self.root, action) from None
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except sqlite3.Error as e:
+                self._rollback()
+                raise _sql_error(e, self.root, action) from None
+            except BaseException:
+                self._rollback()
+                raise
+
+    def _rollback(self) -> None:
+        try:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+
+    def _info(self, row: tuple[Any, ...]) -> SnapshotInfo:
+        _seq, sid, parent, created, step, tag, message, metrics, manifest, source, n, total = row
+        where = f"{self.root}@{sid}"
+        try:
+            m = json.loads(metrics) if metrics else {}
+        except ValueError:
+            m = {}
+        return SnapshotInfo(sid, parent, float(created), step, tag, message, m if isinstance(m, dict) else {},
+                            _manifest_load(manifest, where), source, int(n), int(total))
+
+    def _rows(self) -> list[tuple[Any, ...]]:
+        return self._query(f"SELECT {_SNAP_COLS} FROM snapshots ORDER BY seq")
+
+    def _ref_rows(self, conn: sqlite3.Connection | None = None) -> list[tuple[int, refs.RefRow]]:
+        sql = "SELECT seq, id, tag, step FROM snapshots ORDER BY seq"
+        rows = conn.execute(sql).fetchall() if conn is not None else self._query(sql)
+        return [(r[0], refs.RefRow(r[1], r[2], r[3])) for r in rows]
+
+    def _resolve_seq(self, ref: str, conn: sqlite3.Connection | None = None) -> tuple[int, str]:
+        rows = self._ref_rows(conn)
+        i = refs.resolve(str(ref), [r for _, r in rows], f"{self.root}@{ref}")
+        return rows[i][0], rows[i][1].id
+
+    # -- reading history ------------------------------------------------------------
+    def list(self) -> list[SnapshotInfo]:
+        """Every snapshot, oldest first."""
+        return [self._info(r) for r in self._rows()]
+
+    def resolve(self, ref: str) -> SnapshotInfo:
+        """The snapshot a ref names (see :mod:`ckptdiff.store.refs` for the forms)."""
+        seq, _ = self._resolve_seq(ref)
+        return self._info(self._query(f"SELECT {_SNAP_COLS} FROM snapshots WHERE seq = ?", (seq,))[0])
+
+    def entries(self, ref: str) -> dict[str, Entry]:
+        """Name -> Entry of a snapshot, in its tensor order; reads no blob."""
+        seq, sid = self._resolve_seq(ref)
+        return self._entries_of(seq, f"{self.root}@{sid}")
+
+    def _entries_of(self, seq: int, where: str) -> dict[str, Entry]:
+        out: dict[str, Entry] = {}
+        for name, dt, shape, h, nbytes in self._query(
+                "SELECT name, dtype, shape, hash, nbytes FROM entries WHERE seq = ? ORDER BY pos", (seq,)):
+            out[name] = _entry(name, dt, shape, h, nbytes, where)
+        return out
+
+    def effective_manifest(self, ref: str) -> Manifest | None:
+        """The snapshot's own manifest, else its nearest ancestor's."""
+        info = self.resolve(ref)
+        return effective_manifest(info.id, {i.id: i for i in self.list()})
+
+    def open_snapshot(self, ref: str) -> Checkpoint:
+        """A snapshot as a regular Checkpoint (format ``store``, path ``DIR@ID``).
+
+        Each TensorRef carries its hash (so equal tensors compare without a
+        read) and streams its blob, re-hashing it on the way.
+        """
+        info = self.resolve(ref)
+        seq = self._resolve_seq(info.id)[0]
+        where = f"{self.root}@{info.id}"
+        tensors: dict[str, TensorRef] = {}
+        for name, e in self._entries_of(seq, where).items():
+            tensors[name] = TensorRef(name, e.dtype, e.shape, pieces=_blob_reader(self.blobs, e, where),
+                                      hash=e.hash, source=where)
+        metadata: dict[str, Any] = {
+            "snapshot": info.id, "parent": info.parent, "created_at": info.created_at, "step": info.step,
+            "tag": info.tag, "message": info.message, "metrics": dict(info.metrics), "source": info.source,
+            "store": self.root,
+        }
+        manifest = effective_manifest(info.id, {i.id: i for i in self.list()})
+        return Checkpoint(where, "store", tensors, metadata, manifest)
+
+    def log(self) -> list[LogRow]:
+        """History with per-snapshot change counts and drift vs the first snapshot."""
+        infos = self.list()
+        hashes: dict[str, dict[str, str]] = {i.id: {} for i in infos}
+        for sid, name, h in self._query(
+                "SELECT s.id, e.name, e.hash FROM entries e JOIN snapshots s ON s.seq = e.seq"):
+            hashes[sid][name] = h
+        return build_log(infos, hashes)
+
+    def disk_usage(self) -> int:
+        """Bytes of blob files on disk (what the tensors cost, after dedupe and compression)."""
+        return self.blobs.usage()
+
+    def reclaimable_bytes(self) -> int:
+        """Bytes on disk of blobs no snapshot references (what ``gc`` would free)."""
+        referenced = {r[0] for r in self._query("SELECT DISTINCT hash FROM entries")}
+        return sum(size for h, size in self.blobs.scan() if h not in referenced)
+
+    # -- writing --------------------------------------------------------------------
+    def snapshot(
+        self,
+        tensors: Mapping[str, TensorRef],
+        *,
+        step: int | None = None,
+        tag: str | None = None,
+        message: str | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        manifest: Manifest | None = None,
+        source: str | None = None,
+        parent: str | None = "latest",
+        inherit_from: str | None = None,
+        progress: bool = False,
+    ) -> str:
+        """Record ``tensors`` as a new snapshot; returns its id.
+
+        Names absent from ``tensors`` are copied (by hash) from
+        ``inherit_from``, so a caller that knows what changed writes only that.
+        """
+        if self.readonly:
+            raise CkptError("store is read-only; cannot write a snapshot", self.root)
+        if step is not None:
+            try:
+                step = operator.index(step)
+            except TypeError:
+                raise CkptError(f"step must be an integer, got {step!r}") from None
+        mets = _check_metrics(metrics)
+        base: dict[str, Entry] = self.entries(inherit_from) if inherit_from is not None else {}
+        try:
+            with gc_lock(self.root, exclusive=False):
+                return self._snapshot(tensors, base, step=step, tag=tag, message=message, metrics=mets,
+                                      manifest=manifest, source=source, parent=parent,
+                                      inherit_from=inherit_from, progress=progress)
+        except OSError as e:
+            raise store_os_error(e, self.root, "writing a snapshot") from None
+
+    def _snapshot(self, tensors: Mapping[str, TensorRef], base: dict[str, Entry], *, step: int | None,
+                  tag: str | None, message: str | None, metrics: dict[str, Metric], manifest: Manifest | None,
+                  source: str | None, parent: str | None, inherit_from: str | None, progress: bool) -> str:
+        mets = metrics
+
+        by_hash: dict[str, TensorRef] = {}
+        written: list[str] = []
+        new_entries: dict[str, Entry] = {}
+        total = sum(t.nbytes for t in tensors.values())
+
+        def put(t: TensorRef, advance: Any) -> str:
+            h, created = self.blobs.put(t, advance)
+            if created:
+                written.append(h)
+            by_hash[h] = t
+            return h
+
+        try:
+            with byte_progress("snapshot", total, progress) as advance:
+                for name, t in tensors.items():
+                    h = put(t, advance)
+                    new_entries[name] = Entry(name, t.dtype, tuple(t.shape), h, t.nbytes)
+            if written:
+                self.blobs.sync()
+        except OSError as e:
+            self._discard(written)
+            raise store_os_error(e, self.root, "writing a snapshot") from None
+        except BaseException:
+            self._discard(written)
+            raise
+
+        final: list[Entry] = [new_entries.get(n, e) for n, e in base.items()]
+        final += [e for n, e in new_entries.items() if n not in base]
+        n_bytes = sum(e.nbytes for e in final)
+        man_json = _manifest_json(manifest)
+
+        for _attempt in range(5):
+            try:
+                with self._write_txn("write a snapshot") as conn:
+                    missing = sorted({e.hash for e in final if not self.blobs.exists(e.hash)})
+                    if missing:
+                        raise _Missing(missing)
+                    if parent == "latest":
+                        row = conn.execute("SELECT id FROM snapshots ORDER BY seq DESC LIMIT 1").fetchone()
+                        parent_id = row[0] if row else None
+                    elif parent is None:
+                        parent_id = None
+                    else:
+                        parent_id = self._resolve_seq(parent, conn)[1]
+                    conn.executemany(
+                        "INSERT OR IGNORE INTO blobs(hash, nbytes, stored_size) VALUES (?, ?, ?)",
+                        [(h, by_hash[h].nbytes, _size(self.blobs.path(h))) for h in by_hash])
+                    sid = _new_id()
+                    cur = conn.execute(
+                        "INSERT INTO snapshots(id, parent, created_at, step, tag, message, metrics, manifest, "
+                        "source, n_tensors, total_bytes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (sid, parent_id, time.time(), step, tag, message, json.dumps(mets), man_json, source,
+                         len(final), n_bytes))
+                    seq = cur.lastrowid
+                    conn.executemany(
+                        "INSERT INTO entries(seq, pos, name, dtype, shape, hash, nbytes) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        [(seq, i, e.name, e.dtype, json.dumps(list(e.shape)), e.hash, e.nbytes)
+                         for i, e in enumerate(final)])
+                return sid
+            except _Missing as m:
+                # A concurrent gc removed a blob between our write and our commit: write it again.
+                lost = [h for h in m.hashes if h not in by_hash]
+                if lost:
+                    self._discard(written)
+                    raise CkptError(f"{len(lost)} blob(s) of snapshot {inherit_from!r} vanished while "
+                                    "writing (was it removed and garbage-collected meanwhile?)", self.root) from None
+                try:
+                    for h in m.hashes:
+                        put(by_hash[h], lambda _n: None)
+                    self.blobs.sync()
+                except OSError as e:
+                    self._discard(written)
+                    raise store_os_error(e, self.root, "writing a snapshot") from None
+            except BaseException:
+                self._discard(written)
+                raise
+        raise CkptError("could not commit the snapshot: its blobs kept being garbage-collected", self.root)
+
+    def _discard(self, written: list[str]) -> None:
+        """Best effort: remove blobs this call created that no snapshot references.
+
+        Done under the write lock so a concurrent writer that deduplicated
+        against one of them either committed first (we keep it) or will find it
+        missing in its own commit check and rewrite it.
+        """
+        if not written or self.readonly:
+            return
+        try:
+            with self._write_txn("clean up after a failed snapshot") as conn:
+                for h in set(written):
+                    if conn.execute("SELECT 1 FROM entries WHERE hash = ? LIMIT 1", (h,)).fetchone() is None:
+                        try:
+                            self.blobs.remove(h)
+                        except OSError:
+                            pass
+        except CkptError:
+            pass
+
+    def remove(self, ref: str) -> SnapshotInfo:
+        """Delete a snapshot from history (its blobs stay until ``gc``).
+
+        Children are re-parented to its parent and inherit its manifest when
+        they have none, so removing a snapshot never changes another's roles.
+        """
+        with self._write_txn("remove a snapshot") as conn:
+            seq, _sid = self._resolve_seq(ref, conn)
+            return self._remove_locked(conn, seq)
+
+    def _remove_locked(self, conn: sqlite3.Connection, seq: int) -> SnapshotInfo:
+        info = self._info(conn.execute(f"SELECT {_SNAP_COLS} FROM snapshots WHERE seq = ?", (seq,)).fetchone())
+        if info.manifest is not None:
+            conn.execute("UPDATE snapshots SET manifest = ? WHERE parent = ? AND manifest IS NULL",
+                         (_manifest_json(info.manifest), info.id))
+        conn.execute("UPDATE snapshots SET parent = ? WHERE parent = ?", (info.parent, info.id))
+        conn.execute("DELETE FROM entries WHERE seq = ?", (seq,))
+        conn.execute("DELETE FROM snapshots WHERE seq = ?", (seq,))
+        return info
+
+    def gc(self, keep_last: int | None = None) -> GcResult:
+        """Free unreferenced blobs; with ``keep_last``, first drop older untagged snapshots.
+
+        ``keep_last=N`` keeps the newest N snapshots and every tagged one.
+        Referenced blobs are never removed.
+        """
+        res = GcResult()
+        if keep_last is not None:
+            if keep_last < 0:
+                raise CkptError(f"--keep-last must be 0 or more, got {keep_last}")
+            with self._write_txn("remove old snapshots") as conn:
+                rows = self._ref_rows(conn)
+                old = rows[:len(rows) - keep_last] if keep_last else rows
+                for seq, r in old:
+                    if r.tag is None:
+                        self._remove_locked(conn, seq)
+                        res.snapshots_removed.append(r.id)
+        try:
+            with gc_lock(self.root, exclusive=True), self._write_txn("collect garbage") as conn:
+                referenced = {r[0] for r in conn.execute("SELECT DISTINCT hash FROM entries")}
+                for h, _size_on_disk in list(self.blobs.scan()):
+                    if h in referenced:
+                        res.blobs_kept += 1
+                        continue
+                    res.bytes_freed += self.blobs.remove(h)
+                    res.blobs_removed += 1
+                conn.execute("DELETE FROM blobs WHERE hash NOT IN (SELECT hash FROM entries)")
+                for p in self.blobs.stale_temp(STALE_TEMP_S):
+                    try:
+                        os.unlink(p)
+                        res.temp_files_removed += 1
+                    except FileNotFoundError:
+                        pass
+                self.blobs.sync()
+        except OSError as e:
+            raise store_os_error(e, self.root, "collect garbage") from None
+        return res
+
+    # -- checking and exporting -----------------------------------------------------
+    def verify(self, progress: bool = False) -> VerifyResult:
+        """Re-hash every referenced blob and check every entry."""
+        res = VerifyResult()
+        try:
+            with self._lock:
+                check = self.conn.execute("PRAGMA quick_check").fetchall()
+        except sqlite3.Error as e:
+            check = [(f"{e}",)]
+        if [r[0] for r in check] != ["ok"]:
+            res.errors.append("database integrity check failed: " + "; ".join(str(r[0]) for r in check[:5]))
+        need: dict[str, int] = {}
+        users: dict[str, list[tuple[str, str]]] = {}
+        rows = self._query("SELECT s.id, e.name, e.dtype, e.shape, e.hash, e.nbytes FROM entries e "
+                           "JOIN snapshots s ON s.seq = e.seq ORDER BY s.seq, e.pos")
+        res.snapshots = len(self._query("SELECT 1 FROM snapshots"))
+        for sid, name, dt, shape, h, nbytes in rows:
+            try:
+                e = _entry(name, dt, shape, h, nbytes, f"{self.root}@{sid}")
+            except CkptError as err:
+                res.errors.append(f"snapshot {sid}, tensor {name!r}: {err.message}")
+                continue
+            users.setdefault(e.hash, []).append((sid, name))
+            if need.setdefault(e.hash, e.nbytes) != e.nbytes:
+                res.errors.append(f"snapshot {sid}, tensor {name!r}: blob {e.hash[:16]}… recorded with "
+                                  "two different sizes")
+        total = sum(need.values())
+        with byte_progress("verify", total, progress) as advance:
+            for h, nbytes in need.items():
+                problem = self.blobs.check(h, nbytes, advance)
+                res.blobs_checked += 1
+                res.bytes_checked += nbytes
+                if problem is not None:
+                    res.bad.append(BadBlob(h, problem, users[h]))
+        res.unreferenced = sum(1 for h, _ in self.blobs.scan() if h not in need)
+        return res
+
+    def export(self, ref: str, out_path: str | os.PathLike[str], format: str = "safetensors", *,
+               overwrite: bool = False, progress: bool = False) -> SnapshotInfo:
+        """Write a snapshot as a plain .safetensors or .pt file, bit-identical to what was stored."""
+        from .export import FORMATS, write_pt, write_safetensors
+
+        out = os.fspath(out_path)
+        if format not in FORMATS:
+            raise CkptError(f"unknown export format {format!r} (choose {' or '.join(FORMATS)})")
+        if os.path.isdir(out):
+            raise CkptError("is a directory; give a file name to export to", out)
+        if os.path.exists(out) and not overwrite:
+            raise CkptError("already exists (pass --force to overwrite)", out)
+        parent_dir = os.path.dirname(os.path.abspath(out))
+        if not os.path.isdir(parent_dir):
+            raise CkptError("the folder to export into does not exist", out)
+        info = self.resolve(ref)
+        ckpt = self.open_snapshot(info.id)
+        meta = {"ckptdiff.snapshot": info.id, "ckptdiff.store": os.path.abspath(self.root)}
+        if info.step is not None:
+            meta["ckptdiff.step"] = str(info.step)
+        if info.tag is not None:
+            meta["ckptdiff.tag"] = info.tag
+        if ckpt.manifest is not None:
+            meta["ckptdiff.manifest"] = json.dumps(ckpt.manifest.to_dict())
+        try:
+            with byte_progress("export", ckpt.total_bytes, progress) as advance:
+                if format == "safetensors":
+                    write_safetensors(ckpt, out, meta, advance)
+                else:
+                    write_pt(ckpt, out, advance)
+        except OSError as e:
+            if e.errno in (28, 122):  # ENOSPC, EDQUOT
+                raise CkptError("disk full while exporting; nothing was written", out) from None
+            raise CkptError(f"cannot write the export: {e.strerror or e}", out) from None
+        return info
+
+
+class _Missing(Exception):
+    def __init__(self, hashes: list[str]) -> None:
+        super().__init__(f"{len(hashes)} blobs missing")
+        self.hashes = hashes
+
+
+def _size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
+def _entry(name: str, dt: str, shape: str, h: str, nbytes: int, where: str) -> Entry:
+    """Build an Entry from database values, treating them as untrusted."""
+    from .blobs import valid_hash
+
+    info = dtypes.get(dt) if isinstance(dt, str) else dtypes.get(repr(dt))
+    try:
+        dims = json.loads(shape)
+    except (ValueError, TypeError):
+        raise FormatError(f"tensor {name!r} has a damaged shape in the store database", where) from None
+    if not isinstance(dims, list):
+        raise FormatError(f"tensor {name!r} has a damaged shape in the store database", where)
+    dims_t = check_shape(name, dims)
+    expect = math.prod(dims_t) * info.itemsize
+    if not isinstance(nbytes, int) or nbytes != expect:
+        raise FormatError(f"tensor {name!r}: recorded size {nbytes} does not match {dt}{list(dims_t)}", where)
+    if not valid_hash(h):
+        raise FormatError(f"tensor {name!r} has an invalid hash in the store database", where)
+    return Entry(name, info.name, dims_t, h, nbytes)
+
+
+def _blob_reader(blobs: BlobDir, e: Entry, where: str):  # type: ignore[no-untyped-def]
+    def pieces() -> Iterator[bytes]:
+        hasher = blake3()
+        for piece in blobs.pieces(e.hash, e.nbytes, where):
+            hasher.update(piece)
+            yield piece
+        if hasher.hexdigest() != e.hash:
+            raise FormatError(f"tensor {e.name!r}: its blob {e.hash[:16]}… is corrupt (run 'ckptdiff verify')",
+                              where)
+    return pieces
+
+
+def open_snapshot(store_dir: str | os.PathLike[str], ref: str) -> Checkpoint:
+    """Open ``DIR@REF`` as a Checkpoint; the store is closed again before returning."""
+    with Store.open(store_dir) as s:
+        return s.open_snapshot(ref)
+
+
+__all__ = ["Store", "is_store", "open_snapshot"]

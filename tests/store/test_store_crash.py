@@ -1,0 +1,149 @@
+"""Crash safety and concurrency, with real processes: kill -9 at random instants,
+two writers plus a garbage collector on one store at once."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from ckptdiff.store import Store
+
+WRITER = textwrap.dedent("""
+    import sys, numpy as np
+    from ckptdiff.checkpoint import Checkpoint
+    from ckptdiff.store import Store
+    root, seed, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    go = sys.argv[4] if len(sys.argv) > 4 else None
+    rng = np.random.default_rng(seed)
+    frozen = {f"frozen.{i}": np.full(40_000, i, np.float32) for i in range(4)}
+    s = Store.open(root)
+    print("ready", flush=True)
+    if go:
+        import os, time
+        while not os.path.exists(go):
+            time.sleep(0.005)
+    i = 0
+    while count < 0 or i < count:
+        arrays = dict(frozen)
+        arrays["train.a"] = rng.standard_normal(150_000).astype(np.float32)
+        arrays["train.b"] = rng.standard_normal(60_000).astype(np.float16)
+        print(s.snapshot(Checkpoint.from_arrays(arrays), step=i, metrics={"seed": seed}), flush=True)
+        i += 1
+""")
+
+GC_LOOP = textwrap.dedent("""
+    import os, sys, time
+    from ckptdiff.store import Store
+    root, stop = sys.argv[1], sys.argv[2]
+    runs = 0
+    with Store.open(root) as s:
+        print("ready", flush=True)
+        while not os.path.exists(stop):
+            s.gc()
+            runs += 1
+            time.sleep(0.002)
+    print(runs)
+""")
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
+    return env
+
+
+def _check_store(root: str, tmp_path) -> int:
+    """verify passes and every listed snapshot exports completely and exactly."""
+    with Store.open(root) as s:
+        res = s.verify()
+        assert res.ok, (res.bad, res.errors)
+        infos = s.list()
+        for info in infos:
+            out = tmp_path / f"exp-{info.id}.safetensors"
+            s.export(info.id, out)
+            from ckptdiff.formats import open_checkpoint
+            with open_checkpoint(os.fspath(out)) as c:
+                assert len(c) == info.n_tensors and c.total_bytes == info.total_bytes
+                from blake3 import blake3
+                for name, e in s.entries(info.id).items():
+                    assert blake3(c[name].read()).hexdigest() == e.hash
+            out.unlink()
+        return len(infos)
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_instants_leaves_a_sound_store(tmp_path):
+    root = os.fspath(tmp_path / "store")
+    Store.init(root).close()
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    rnd = random.Random(1234)
+    kills = 0
+    listed = 0
+    deadline = time.monotonic() + 25
+    for n in range(30):
+        if time.monotonic() > deadline and kills >= 20:
+            break
+        p = subprocess.Popen([sys.executable, str(script), root, str(n), "-1"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env=_env(), text=True)
+        assert p.stdout is not None
+        assert p.stdout.readline().strip() == "ready", p.stderr.read() if p.stderr else ""
+        time.sleep(rnd.uniform(0.0, 0.12))
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        kills += 1
+        ids = [line.strip() for line in p.stdout.read().splitlines() if line.strip()]
+        with Store.open(root) as s:
+            assert s.verify().ok
+            known = {i.id for i in s.list()}
+            # every id the writer printed was committed and is listed
+            assert set(ids) <= known
+            listed = len(known)
+    assert kills >= 20
+    assert listed > 0
+    assert _check_store(root, tmp_path) == listed
+    with Store.open(root) as s:
+        s.gc()
+        assert s.verify().ok and s.verify().unreferenced == 0
+
+
+@pytest.mark.slow
+def test_two_writers_and_a_gc_at_once(tmp_path):
+    root = os.fspath(tmp_path / "store")
+    Store.init(root).close()
+    writer = tmp_path / "writer.py"
+    writer.write_text(WRITER)
+    gcs = tmp_path / "gc.py"
+    gcs.write_text(GC_LOOP)
+    go, stop = tmp_path / "go", tmp_path / "stop"
+    procs = [subprocess.Popen([sys.executable, str(writer), root, str(seed), "8", str(go)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env=_env(), text=True) for seed in (1, 2)]
+    for p in procs:
+        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+    gc_proc = subprocess.Popen([sys.executable, str(gcs), root, str(stop)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, env=_env(), text=True)
+    assert gc_proc.stdout is not None and gc_proc.stdout.readline().strip() == "ready"
+    go.write_text("go")
+    outs = [p.communicate(timeout=120) for p in procs]
+    stop.write_text("stop")
+    gc_out, gc_err = gc_proc.communicate(timeout=60)
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+    assert gc_proc.returncode == 0, gc_err
+    assert int(gc_out) > 0
+    ids = [line for out, _ in outs for line in out.split()[0:]]
+    assert len(ids) == 16
+    with Store.open(root) as s:
+        infos = s.list()
+        assert sorted(i.id for i in infos) == sorted(ids)
+        # parents form one chain in commit order
+        assert [i.parent for i in infos[1:]] == [i.id for i in infos[:-1]]
+        assert {i.metrics["seed"] for i in infos} == {1, 2}
+    assert _check_store(root, tmp_path) == 16

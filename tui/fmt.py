@@ -1,0 +1,105 @@
+"""Plain-text formatting shared by every screen.
+
+Kept free of Textual so it can be tested directly, and so the numbers a user
+reads in the TUI look the same as in the CLI's tables. Times are formatted
+relative to an injected clock: the app takes ``clock=`` so snapshot tests can
+pin "now" and never render a wall-clock time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+#: Metric names shown first when a snapshot records several, in this order.
+PREFERRED_METRICS = ("loss", "val_loss", "eval_loss", "train_loss", "accuracy", "acc", "val_acc", "lr")
+
+
+def ago(t: float | None, now: float) -> str:
+    """'just now', '42s ago', '5m ago', '3h ago', '2d ago', or a date for old ones."""
+    if t is None:
+        return "-"
+    dt = now - t
+    if dt < 0:
+        return "in future"
+    if dt < 2:
+        return "just now"
+    if dt < 60:
+        return f"{int(dt)}s ago"
+    if dt < 3600:
+        return f"{int(dt // 60)}m ago"
+    if dt < 86400:
+        return f"{int(dt // 3600)}h ago"
+    if dt < 86400 * 60:
+        return f"{int(dt // 86400)}d ago"
+    import time
+    return time.strftime("%Y-%m-%d", time.gmtime(t))
+
+
+def num(x: float | None) -> str:
+    """A delta for a table cell: '-' when unknown, '0' when exactly zero, 3 significant digits."""
+    if x is None:
+        return "-"
+    if isinstance(x, float) and math.isnan(x):
+        return "nan"
+    if x == math.inf:
+        return "inf"
+    if x == 0:
+        return "0"
+    ax = abs(x)
+    if 1e-3 <= ax < 1e4:
+        return f"{x:.4g}"
+    return f"{x:.3e}"
+
+
+def metric(x: Any) -> str:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return str(x)
+    if isinstance(x, int):
+        return str(x)
+    if x != x or x in (math.inf, -math.inf):
+        return str(x)
+    return f"{x:.4g}"
+
+
+def shape(s: Sequence[int] | None) -> str:
+    if s is None:
+        return "-"
+    return "(" + ", ".join(str(d) for d in s) + (",)" if len(s) == 1 else ")")
+
+
+def pair(old: str | None, new: str | None) -> str:
+    """One value when both sides agree, 'old→new' when they do not, the present side otherwise."""
+    if old is None:
+        return new or "-"
+    if new is None or old == new:
+        return old
+    return f"{old}→{new}"
+
+
+def short_hash(h: str | None, n: int = 10) -> str:
+    return h[:n] if h else "-"
+
+
+def size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    x = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if x < 1024 or unit == "TiB":
+            return f"{int(x)} {unit}" if unit == "B" else f"{x:.1f} {unit}"
+        x /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def metric_columns(all_metrics: Sequence[Mapping[str, Any]], limit: int = 2) -> list[str]:
+    """The metric names worth a column: preferred ones first, then the most common."""
+    counts: dict[str, int] = {}
+    for m in all_metrics:
+        for k, v in m.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                counts[k] = counts.get(k, 0) + 1
+    chosen = [k for k in PREFERRED_METRICS if k in counts][:limit]
+    rest = sorted((k for k in counts if k not in chosen), key=lambda k: (-counts[k], k))
+    return (chosen + rest)[:limit]

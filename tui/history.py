@@ -1,0 +1,214 @@
+"""The history model: a store's snapshots, their hashes, and bases to diff against.
+
+Everything the history screen shows first comes from the store's SQLite
+index (``Store.list()`` and ``Store.entries()``), never from blobs, so the
+first screen of a 200 × 1,000 store costs a few queries. Blobs are read only
+to put numbers on tensors whose hashes differ, and only in workers.
+
+The app reads from Textual thread workers; entry dictionaries are cached
+across them, since snapshots are immutable once committed and a cached
+answer never goes stale.
+
+No Textual here: the screens call these functions from workers, and the
+tests call them directly.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ckptdiff.checkpoint import Checkpoint
+from ckptdiff.manifest import Manifest
+from ckptdiff.report import TensorDiff
+from ckptdiff.store.history import effective_manifest
+
+from .rows import diff_entries
+
+BASE_POLICIES = ("first", "previous", "marked")
+
+
+class StoreHandle:
+    """The store, opened on first use from whichever worker thread needs it.
+
+    The store serialises its own SQLite access (one connection opened with
+    ``check_same_thread=False`` behind a lock), so one instance serves every
+    worker; opening lazily keeps even ``Store.open`` off the UI thread.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._store: Any = None
+        self._lock = threading.Lock()
+
+    def get(self) -> Any:
+        with self._lock:
+            if self._store is None:
+                from ckptdiff.store import Store
+                self._store = Store.open(self.path)
+            return self._store
+
+    def close(self) -> None:
+        with self._lock:
+            if self._store is not None:
+                self._store.close()
+                self._store = None
+
+
+@dataclass
+class SnapshotSummary:
+    """Per-snapshot numbers for the history list, computed from hashes."""
+
+    changed_vs_prev: int       # tensors whose bytes differ from the previous snapshot
+    drifted_vs_base: int       # frozen tensors that differ from the current base
+    stale_vs_base: int
+
+
+@dataclass
+class SeriesPoint:
+    """One snapshot's value in a tensor's history (the detail screen's chart)."""
+
+    index: int
+    base_index: int
+    hash: str | None
+    status: str                # identical / changed / added / removed / shape_changed / ...
+    diff: TensorDiff | None    # the engine's numbers, when measured
+
+
+class HistoryModel:
+    """Snapshots of one store plus cached entries; pure logic over them."""
+
+    def __init__(self, handle: StoreHandle, snapshots: list[Any]) -> None:
+        self.handle = handle
+        self.snapshots = snapshots
+        self._entries: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+        by_id = {s.id: s for s in snapshots}
+        self._manifests = [effective_manifest(s.id, by_id) for s in snapshots]
+
+    @classmethod
+    def load(cls, path: str) -> HistoryModel:
+        handle = StoreHandle(path)
+        return cls(handle, list(handle.get().list()))
+
+    def __len__(self) -> int:
+        return len(self.snapshots)
+
+    # -- metadata -------------------------------------------------------
+
+    def entries(self, index: int) -> dict[str, Any]:
+        sid = self.snapshots[index].id
+        hit = self._entries.get(sid)
+        if hit is None:
+            hit = dict(self.handle.get().entries(sid))
+            with self._lock:
+                self._entries[sid] = hit
+        return hit
+
+    def has_entries(self, index: int) -> bool:
+        return self.snapshots[index].id in self._entries
+
+    def manifest(self, index: int) -> Manifest | None:
+        """The manifest in force at this snapshot (its own, or the latest earlier one)."""
+        return self._manifests[index]
+
+    def base_index(self, index: int, policy: str, marked: int | None) -> int:
+        """Which snapshot ``index`` is compared with under a base policy."""
+        if policy == "previous":
+            return max(0, index - 1)
+        if policy == "marked" and marked is not None:
+            return marked
+        return 0
+
+    def quick_rows(self, index: int, base: int) -> list[TensorDiff]:
+        """The tensor table for ``index`` vs ``base`` from hashes alone."""
+        rows = diff_entries(self.entries(base), self.entries(index), self.manifest(index))
+        if base == index:
+            for r in rows:
+                r.stale = False  # compared with itself: nothing could have moved
+        return rows
+
+    def summary(self, index: int, policy: str, marked: int | None) -> SnapshotSummary:
+        cur = self.entries(index)
+        prev = self.entries(index - 1) if index > 0 else cur
+        base = self.base_index(index, policy, marked)
+        changed = sum(1 for n, e in cur.items() if n not in prev or prev[n].hash != e.hash)
+        changed += sum(1 for n in prev if n not in cur)
+        drifted = stale = 0
+        if base != index:
+            for r in diff_entries(self.entries(base), cur, self.manifest(index)):
+                drifted += r.drift
+                stale += r.stale
+        return SnapshotSummary(changed, drifted, stale)
+
+    # -- blobs (workers only) ---------------------------------------------
+
+    def open(self, index: int) -> Checkpoint:
+        return self.handle.get().open_snapshot(self.snapshots[index].id)
+
+    def series(self, name: str, policy: str, marked: int | None, *, atol: float = 0.0, rtol: float = 0.0,
+               cancelled: Callable[[], bool] = lambda: False) -> list[SeriesPoint]:
+        """One tensor vs its base across the whole history.
+
+        Equal hashes are answered without reading a blob, and each distinct
+        (old hash, new hash) pair is measured once, so a frozen tensor that
+        drifted in 3 of 200 snapshots costs 3 small reads, not 200.
+        """
+        from .measure import measure
+
+        points: list[SeriesPoint] = []
+        measured: dict[tuple[str, str], TensorDiff] = {}
+        opened: dict[int, Checkpoint] = {}
+
+        def ckpt(i: int) -> Checkpoint:
+            if i not in opened:
+                if len(opened) > 4:  # keep at most a few open; "first" reuses one base
+                    for k in [k for k in opened if k != 0][:1]:
+                        opened.pop(k).close()
+                opened[i] = self.open(i)
+            return opened[i]
+
+        try:
+            for i in range(len(self.snapshots)):
+                if cancelled():
+                    break
+                b = self.base_index(i, policy, marked)
+                old, new = self.entries(b).get(name), self.entries(i).get(name)
+                status = _status(old, new)
+                point = SeriesPoint(i, b, new.hash if new else None, status, None)
+                if status == "changed":
+                    key = (old.hash, new.hash)
+                    if key not in measured:
+                        got = measure(ckpt(b), ckpt(i), [name], self.manifest(i), atol=atol, rtol=rtol)
+                        if got:
+                            measured[key] = got[0]
+                    point.diff = measured.get(key)
+                points.append(point)
+        finally:
+            for c in opened.values():
+                c.close()
+        return points
+
+
+def _status(old: Any, new: Any) -> str:
+    if old is None and new is None:
+        return "absent"
+    if old is None:
+        return "added"
+    if new is None:
+        return "removed"
+    if tuple(old.shape) != tuple(new.shape):
+        return "shape_changed"
+    if old.dtype != new.dtype:
+        return "dtype_changed"
+    return "identical" if old.hash == new.hash else "changed"
+
+
+def first_change(points: list[SeriesPoint]) -> SeriesPoint | None:
+    """The first snapshot where the tensor differs from its base (drift, for a frozen one)."""
+    for p in points:
+        if p.status not in ("identical", "absent") and p.index != p.base_index:
+            return p
+    return None

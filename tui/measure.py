@@ -1,0 +1,59 @@
+"""Put numbers on changed tensors with the real diff engine, a few at a time.
+
+The TUI never computes deltas itself: it hands the engine sub-checkpoints
+holding just the tensors it needs, so the numbers on screen are the ones
+``ckptdiff diff`` prints, and a worker can stop between batches when the user
+moves on to another snapshot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+from ckptdiff.checkpoint import Checkpoint
+from ckptdiff.manifest import Manifest
+from ckptdiff.report import DiffReport, TensorDiff
+
+#: Roughly how many bytes one batch reads: small enough that cancelling is prompt.
+BATCH_BYTES = 32 << 20
+BATCH_TENSORS = 64
+
+
+def _engine_diff():  # imported late: ``import ckptdiff.tui`` should not pull the kernel in
+    from ckptdiff.engine import diff
+    return diff
+
+
+def subset(ckpt: Checkpoint, names: Sequence[str]) -> Checkpoint:
+    """A view of some tensors of ``ckpt``; closing it does not close ``ckpt``."""
+    return Checkpoint(ckpt.path, ckpt.format, {n: ckpt[n] for n in names if n in ckpt},
+                      dict(ckpt.metadata), ckpt.manifest)
+
+
+def measure(old: Checkpoint, new: Checkpoint, names: Sequence[str], manifest: Manifest | None,
+            *, atol: float = 0.0, rtol: float = 0.0) -> list[TensorDiff]:
+    """The engine's TensorDiff for each of ``names`` (present on either side)."""
+    report = diff_checkpoints(subset(old, names), subset(new, names), manifest, atol=atol, rtol=rtol)
+    return report.tensors
+
+
+def diff_checkpoints(old: Checkpoint, new: Checkpoint, manifest: Manifest | None,
+                     *, atol: float = 0.0, rtol: float = 0.0) -> DiffReport:
+    return _engine_diff()(old, new, manifest=manifest, atol=atol, rtol=rtol)
+
+
+def batches(rows: Sequence[TensorDiff], new: Checkpoint, old: Checkpoint) -> Iterator[list[str]]:
+    """Names of the rows worth measuring, grouped so each batch reads about BATCH_BYTES."""
+    batch: list[str] = []
+    size = 0
+    for r in rows:
+        if r.status not in ("changed", "pending") or r.max_abs_delta is not None:
+            continue  # only same-layout pairs have a delta to measure
+        ref = new.get(r.name) or old.get(r.name)
+        batch.append(r.name)
+        size += ref.nbytes if ref is not None else 0
+        if size >= BATCH_BYTES or len(batch) >= BATCH_TENSORS:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch

@@ -1,0 +1,120 @@
+"""Two-checkpoint mode: the tensor table of one diff (files or ``DIR@REF``s).
+
+Names, shapes and dtypes are known from the headers, so the table appears
+before any tensor is read (same-layout pairs show ``pending``; when both
+sides are store snapshots their hashes settle identical/changed at once).
+The engine then measures in batches in a worker, and the rows fill in.
+"""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual import work
+from textual.widgets import Footer, Header
+from textual.worker import get_current_worker
+
+from ckptdiff.checkpoint import Checkpoint
+from ckptdiff.manifest import Manifest
+from ckptdiff.report import TensorDiff
+
+from .measure import batches, measure
+from .rows import diff_entries
+from .table_screen import TableScreen
+
+
+class PairScreen(TableScreen):
+    CSS_PATH = "pair_screen.tcss"
+
+    def __init__(self, old: str, new: str, *, manifest: str | None = None,
+                 atol: float = 0.0, rtol: float = 0.0) -> None:
+        super().__init__()
+        self.old_spec, self.new_spec = old, new
+        self.manifest_path = manifest
+        self.atol, self.rtol = atol, rtol
+        self.manifest: Manifest | None = None
+        self.error: str | None = None
+
+    def compose(self):
+        yield Header()
+        yield from self.table_widgets()
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.sub_title = f"{self.old_spec} → {self.new_spec}"
+        self.set_status(Text("reading headers…", style="italic"))
+        self.update_context()
+        self.table.focus()
+        self.run_diff()
+
+    @work(thread=True, exclusive=True, group="diff")
+    def run_diff(self) -> None:
+        """Open both sides, show the header-level table, then let the engine measure."""
+        from ckptdiff.errors import CkptError
+        from ckptdiff.formats import open_checkpoint
+
+        worker = get_current_worker()
+        opened: list[Checkpoint] = []
+        try:
+            old = open_checkpoint(self.old_spec)
+            opened.append(old)
+            new = open_checkpoint(self.new_spec)
+            opened.append(new)
+            manifest = (Manifest.load(self.manifest_path) if self.manifest_path
+                        else new.manifest or old.manifest)
+            rows = diff_entries(old, new, manifest)
+            self.app.call_from_thread(self._headers_read, rows, manifest)
+            todo = [r for r in rows if r.status in ("pending", "changed")]
+            done = 0
+            for names in batches(todo, new, old):
+                if worker.is_cancelled:
+                    return
+                self.app.call_from_thread(self._progress, done, len(todo))
+                got = measure(old, new, names, manifest, atol=self.atol, rtol=self.rtol)
+                done += len(names)
+                self.app.call_from_thread(self._measured, got)
+            self.app.call_from_thread(self._progress, None, None)
+        except CkptError as e:
+            self.app.call_from_thread(self._failed, str(e))
+        finally:
+            for c in opened:
+                c.close()
+
+    def _headers_read(self, rows: list[TensorDiff], manifest: Manifest | None) -> None:
+        self.manifest = manifest
+        self.show_rows(rows)
+
+    def _progress(self, done: int | None, total: int | None) -> None:
+        self.measuring = None if done is None or total is None else (done, total)
+        self.update_status()
+
+    def _measured(self, got: list[TensorDiff]) -> None:
+        self.table.update_rows(got)
+        self.update_context()
+        self.update_status()
+
+    def _failed(self, message: str) -> None:
+        self.error = message
+        self.set_status(Text(f"error: {message}", style="bold red"))
+
+    def update_context(self) -> None:
+        line = Text()
+        line.append(self.old_spec, style="bold magenta")
+        line.append("  →  ")
+        line.append(self.new_spec, style="bold")
+        rows = self.table.all_rows.values()
+        if rows:
+            changed = sum(r.status not in ("identical", "pending") for r in rows)
+            line.append(f"  ·  {len(self.table.all_rows)} tensors, {changed} changed")
+            drifted = sum(r.drift for r in rows)
+            stale = sum(r.stale for r in rows)
+            if drifted:
+                line.append(f" · ▲ {drifted} frozen drifted", style="bold red")
+            if stale:
+                line.append(f" · • {stale} trainable stale", style="yellow")
+            if self.manifest is None:
+                line.append("  (no manifest: roles unknown; pass --manifest)", style="dim")
+        self.query_one("#context").update(line)
+
+    def open_detail(self, row: TensorDiff) -> None:
+        from .detail_screen import DetailScreen
+        self.app.push_screen(DetailScreen(row))
