@@ -223,6 +223,8 @@ def specs(quick: bool = False, big: bool = False) -> list[PairSpec]:
     gb = 1 << 30
     main = gb // 16 if quick else gb
     out = [
+        # Two tensors: what ckptdiff costs before it reads any data (interpreter, imports, I/O setup).
+        PairSpec("tiny", "float32", (("w", (16,)), ("b", (4,))), change_every=2),
         PairSpec("fp32_1g" if not quick else "fp32_quick", "float32",
                  transformer_shapes(main, 4), formats=("safetensors", "pt")),
         PairSpec("bf16" if not quick else "bf16_quick", "bfloat16", transformer_shapes(main, 4)),

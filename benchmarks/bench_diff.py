@@ -227,14 +227,17 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     pairs = generate(args.quick, args.big, args.data)
     big_pair = pairs.pop() if args.big else None
+    tiny = [p for p in pairs if p.name == "tiny"]
+    pairs = [p for p in pairs if p.name != "tiny"]
     if args.only:
         keep = set(args.only.split(","))
         pairs = [p for p in pairs if p.name in keep]
 
+    startup = bench_pair(tiny[0], ["cat", "ckptdiff"], max(args.repeat, 5), log) if tiny else None
     cases = [bench_pair(pair, tools, args.repeat, log) for pair in pairs]
     big_case = bench_pair(big_pair, ["cat", "ckptdiff"], 3, log) if big_pair else None
 
-    all_cases = cases + ([big_case] if big_case else [])
+    all_cases = ([startup] if startup else []) + cases + ([big_case] if big_case else [])
     lines = [f"ckptdiff diff benchmark - {platform.machine()}, {os.cpu_count()} CPUs, "
              f"Python {platform.python_version()}, page cache warm, best of N wall time per process", ""]
     lines += table(all_cases)
@@ -244,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
         v = "-" if value is None else (f"{value:.0f}" if "RSS" in what else _fmt_ratio(value))
         lines.append(f"| {what} | {v} | {target} | {'-' if ok is None else ('yes' if ok else 'NO')} |")
     lines.append("")
+    if startup is not None and startup.t("ckptdiff") is not None:
+        lines.append(f"ckptdiff fixed cost (interpreter start-up, imports, opening files; the 'tiny' pair): "
+                     f"{startup.t('ckptdiff'):.3f} s")
     lines.append(f"(benchmark wall time {time.perf_counter() - t0:.0f} s)")
     print("\n".join(lines))
 

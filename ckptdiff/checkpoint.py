@@ -49,6 +49,12 @@ class TensorRef:
       torch's mmap). The engine slices it directly.
     * ``pieces()`` yields the bytes in pieces of any size (HDF5 slabs,
       compressed .npz members, store blobs); :meth:`chunks` re-cuts them.
+
+    A reader may add ``read_into`` beside either: a positional read
+    (``pread``) into a caller's buffer. Streaming a big file through two
+    small reused buffers is cheaper than faulting in, and later unmapping,
+    every page of an mmap, and the resident set stays flat; the engine uses
+    it through ``chunks(into=...)``.
     """
 
     name: str
@@ -60,12 +66,19 @@ class TensorRef:
     hash: str | None = None
     #: Where the bytes live, for messages only (e.g. a shard's file name).
     source: str | None = None
+    #: Optional: ``read_into(offset, buf)`` copies bytes from ``offset`` of the
+    #: tensor into ``buf`` and returns how many (fewer only at the end of the
+    #: data; 0 means the source ended). See the class docstring.
+    read_into: Callable[[int, memoryview], int] | None = None
+    #: ``numel * itemsize``, fixed at construction: the engine asks for it
+    #: several times per tensor, and a 2,000-tensor model makes that add up.
+    _nbytes: int = field(init=False, repr=False, default=0)
 
     def __post_init__(self) -> None:
         self.shape = tuple(int(s) for s in self.shape)
         if any(s < 0 for s in self.shape):
             raise FormatError(f"tensor {self.name!r} has a negative dimension {self.shape}")
-        dtypes.get(self.dtype)  # validates the name
+        self._nbytes = _numel(self.shape) * dtypes.get(self.dtype).itemsize  # also validates the name
         if (self.view is None) == (self.pieces is None):
             raise ValueError("TensorRef needs exactly one of view= or pieces=")
 
@@ -83,7 +96,7 @@ class TensorRef:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * self.itemsize
+        return self._nbytes
 
     def buffer(self) -> memoryview | None:
         """All bytes as one zero-copy view, or None if the source cannot give one."""
@@ -97,14 +110,24 @@ class TensorRef:
             raise FormatError(f"tensor {self.name!r}: expected {self.nbytes} bytes, source holds {mv.nbytes}")
         return mv
 
-    def chunks(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[memoryview]:
+    def chunks(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES, into: Buffer | None = None) -> Iterator[memoryview]:
         """Yield the bytes in chunks of exactly ``chunk_bytes`` (the last may be shorter).
 
         ``chunk_bytes`` is rounded down to a multiple of the item size, so a
         chunk never splits an element and two tensors of one dtype chunked with
         the same size line up element for element.
+
+        ``into``: a writable buffer of at least ``chunk_bytes`` to reuse. When
+        the source has ``read_into`` the chunks are read into it, and each
+        yielded chunk is then valid only until the next one is asked for.
+        Otherwise ``into`` is ignored.
         """
         step = max(self.itemsize, chunk_bytes - chunk_bytes % self.itemsize)
+        if into is not None and self.read_into is not None:
+            buf = into if isinstance(into, memoryview) and into.format == "B" else memoryview(into).cast("B")
+            if buf.nbytes >= step and not buf.readonly:
+                yield from self._read_chunks(buf, step)
+                return
         whole = self.buffer()
         if whole is not None:
             for start in range(0, whole.nbytes, step):
@@ -112,6 +135,19 @@ class TensorRef:
             return
         assert self.pieces is not None
         yield from _rechunk(self.pieces(), step, self.nbytes, self.name)
+
+    def _read_chunks(self, buf: memoryview, step: int) -> Iterator[memoryview]:
+        assert self.read_into is not None
+        total = self.nbytes
+        for start in range(0, total, step):
+            mv = buf[:min(step, total - start)]
+            got = 0
+            while got < mv.nbytes:
+                n = self.read_into(start + got, mv[got:])
+                if n <= 0:
+                    raise FormatError(f"tensor {self.name!r}: source ended after {start + got} of {total} bytes")
+                got += n
+            yield mv
 
     def read(self) -> bytes:
         """All bytes, copied. For small tensors and tests; the engine streams instead."""

@@ -135,12 +135,18 @@ def hash_ref(ref: TensorRef, chunk_bytes: int = DEFAULT_CHUNK_BYTES, progress: P
 # statistics
 # ---------------------------------------------------------------------------
 
+def _sumsq(x: np.ndarray) -> float:
+    # einsum, not np.dot: BLAS threads spin while BLAKE3's workers want the
+    # same cores, which made dot 50x slower here than its uncontended speed.
+    return float(np.einsum("i,i->", x, x))
+
+
 @dataclass
 class _Norm:
     """A Euclidean norm accumulated as ``scale * sqrt(ssq)``.
 
     float64 tensors can hold values whose squares overflow (1e200) or
-    underflow (1e-200); those chunks are added scaled by their largest
+    underflow (1e-200); those blocks are added scaled by their largest
     magnitude, as LAPACK's dnrm2 does. Narrower dtypes cannot overflow in
     float64 and take the plain, cheaper path (scale 1).
     """
@@ -159,10 +165,9 @@ class _Norm:
                 self._merge(math.inf, 1.0)
                 return
             if not (1e-140 < m < 1e140):
-                y = x / m
-                self._merge(m, float(np.dot(y, y)))
+                self._merge(m, _sumsq(x / m))
                 return
-        self._merge(1.0, float(np.dot(x, x)))
+        self._merge(1.0, _sumsq(x))
 
     def _merge(self, scale: float, ssq: float) -> None:
         if ssq == 0.0:
@@ -188,6 +193,12 @@ class _Norm:
         return (self.scale / other.scale) * math.sqrt(self.ssq / other.ssq)
 
 
+#: Elements per statistics block: two float64 buffers of this size (2 MiB)
+#: stay in cache through the ~10 passes a block needs, and are reused, so no
+#: chunk-sized temporaries are allocated (and page-faulted) per chunk.
+STATS_BLOCK = 1 << 17
+
+
 @dataclass
 class DeltaStats:
     """Running statistics of ``new - old`` for one changed tensor, in float64."""
@@ -205,45 +216,67 @@ class DeltaStats:
     inf_new: int = 0
     delta_norm: _Norm = field(default_factory=_Norm)
     old_norm: _Norm = field(default_factory=_Norm)
+    _bufs: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
 
     @property
     def _careful(self) -> bool:
         return self.dtype.itemsize == 8 and self.is_float
 
+    def _buffers(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._bufs is None:
+            self._bufs = (np.empty(STATS_BLOCK, np.float64), np.empty(STATS_BLOCK, np.float64))
+        return self._bufs[0][:n], self._bufs[1][:n]
+
     def add_identical(self, chunk: memoryview) -> None:
         """An identical chunk of a changed tensor: it only adds to ``||old||``."""
+        x = np.frombuffer(chunk, dtype=self.dtype)
+        for s in range(0, x.size, STATS_BLOCK):
+            self._old_only(x[s:s + STATS_BLOCK])
+
+    def _old_only(self, xa: np.ndarray) -> None:
+        a, _ = self._buffers(xa.size)
         with np.errstate(all="ignore"):
-            a = np.frombuffer(chunk, dtype=self.dtype).astype(np.float64)
+            a[...] = xa
+            n = a.size
             if self.is_float:
                 fin = np.isfinite(a)
                 n = int(np.count_nonzero(fin))
                 if n != a.size:
                     a[~fin] = 0.0
-            else:
-                n = a.size
             self.finite_both += n
             self.old_norm.add(a, self._careful)
 
     def add_changed(self, ca: memoryview, cb: memoryview) -> None:
-        """A chunk pair whose bytes differ somewhere.
+        """A chunk pair whose bytes differ somewhere, measured block by block.
 
-        Works on whole chunks with in-place float64 buffers (two of them per
-        chunk) rather than gathering the changed positions: a fine-tune
-        usually changes every element, and ``||old||`` needs every position
-        anyway. Unchanged positions contribute a delta of exactly 0.
+        Unchanged positions inside a changed block contribute a delta of
+        exactly 0, so whole blocks are measured (a fine-tune usually changes
+        every element); blocks without a differing bit only add to ``||old||``.
         """
         u = _UINT_OF_SIZE[self.dtype.itemsize]
-        neq = np.frombuffer(ca, dtype=u) != np.frombuffer(cb, dtype=u)
-        changed = int(np.count_nonzero(neq))
+        ua, ub = np.frombuffer(ca, dtype=u), np.frombuffer(cb, dtype=u)
+        xa, xb = np.frombuffer(ca, dtype=self.dtype), np.frombuffer(cb, dtype=self.dtype)
+        for s in range(0, xa.size, STATS_BLOCK):
+            e = s + STATS_BLOCK
+            neq = ua[s:e] != ub[s:e]
+            changed = int(np.count_nonzero(neq))
+            if changed:
+                self._changed_block(neq, changed, xa[s:e], xb[s:e])
+            else:
+                self._old_only(xa[s:e])
+
+    def _changed_block(self, neq: np.ndarray, changed: int, xa: np.ndarray, xb: np.ndarray) -> None:
         self.changed_elements += changed
+        a, d = self._buffers(xa.size)
         with np.errstate(all="ignore"):
-            a = np.frombuffer(ca, dtype=self.dtype).astype(np.float64)
-            d = np.frombuffer(cb, dtype=self.dtype).astype(np.float64)  # becomes |new - old| in place
+            a[...] = xa
+            d[...] = xb  # becomes |new - old| in place
             nonfinite_moves = 0
             both: np.ndarray | None = None
+            n = a.size
             if self.is_float:
-                fa, fb = np.isfinite(a), np.isfinite(d)
-                both = fa & fb
+                both = np.isfinite(a)
+                both &= np.isfinite(d)
                 n = int(np.count_nonzero(both))
                 if n != a.size:
                     na, nb = np.isnan(a), np.isnan(d)
@@ -256,16 +289,13 @@ class DeltaStats:
                     d[~both] = 0.0
                 else:
                     both = None
-            else:
-                n = a.size
             self.finite_both += n
             self.old_norm.add(a, self._careful)
             np.subtract(d, a, out=d)
             np.abs(d, out=d)
-            if d.size:
-                self.max_abs_delta = max(self.max_abs_delta, float(d.max()))
-                self.sum_abs_delta += float(d.sum())
-                self.delta_norm.add(d, self._careful)
+            self.max_abs_delta = max(self.max_abs_delta, float(d.max()))
+            self.sum_abs_delta += float(d.sum())
+            self.delta_norm.add(d, self._careful)
             if self.atol == 0.0 and self.rtol == 0.0:
                 # Zero tolerance is the bitwise contract: every changed bit counts.
                 self.out_of_tolerance += changed

@@ -32,6 +32,7 @@ helpers, never by ``import ckptdiff``.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import math
 import os
 import threading
@@ -59,6 +60,7 @@ from .hook_model import ModelTensors, TrackerError, collect, names_of, optimizer
 from .hook_writer import BackgroundWriter
 
 ON_DRIFT = ("warn", "raise", "record")
+_WARN_LINES = 12
 ON_STORE_ERROR = ("warn", "raise")
 
 
@@ -85,6 +87,22 @@ def track(model: Any, optimizer: Any = None, store: str | os.PathLike[str] = "ru
     """Attach a :class:`Tracker` to ``model`` (and ``optimizer``); see the module docstring."""
     return Tracker(model, optimizer, store=store, every=every, trainable=trainable, on_drift=on_drift,
                    check_every=check_every, **options)
+
+
+def _warn(warning: Warning) -> None:
+    """Warn at the user's line (their optimizer.step() or track() call), not inside torch or ckptdiff."""
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    level = 1
+    frame = sys._getframe(1)
+    while frame is not None:
+        fname = os.path.abspath(frame.f_code.co_filename)
+        if not (fname.startswith(here + os.sep) or f"{os.sep}torch{os.sep}" in fname):
+            break
+        frame = frame.f_back
+        level += 1
+    warnings.warn(warning, stacklevel=level + 1)
 
 
 def _dist_rank() -> tuple[int, int]:
@@ -127,6 +145,10 @@ class Tracker:
             raise TrackerError(f"on_store_error must be one of {', '.join(ON_STORE_ERROR)}, got {on_store_error!r}")
         if start_step is not None and (isinstance(start_step, bool) or not isinstance(start_step, int)):
             raise TrackerError(f"start_step must be an integer, got {start_step!r}")
+        # Wrappers (accelerate's AcceleratedOptimizer, ...) call the inner optimizer's step only when it
+        # really steps (gradient accumulation, skipped AMP steps): hook the inner one.
+        while optimizer is not None and isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+            optimizer = optimizer.optimizer
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TrackerError(
                 f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}; to audit a list of "
@@ -150,6 +172,7 @@ class Tracker:
         self.start_step = 0
         self.baseline_id: str | None = None
         self.last_snapshot_id: str | None = None
+        self.resumed = False
         self._closed = False
         self._handles: list[Any] = []
         self._metrics: dict[str, Any] = {}
@@ -163,7 +186,7 @@ class Tracker:
         self._snapshots_written = 0
         self._last_snapshot_steps = 0
 
-        rank, world = _dist_rank()
+        rank, _world = _dist_rank()
         self.active = not (rank0_only and rank != 0)
         opt_ids = optimizer_tensor_ids(optimizer) if optimizer is not None else None
         self.tensors: ModelTensors = collect(model, optimizer_ids=opt_ids, trainable=trainable)
@@ -173,7 +196,7 @@ class Tracker:
         if self.audit_report.errors:
             raise TrackerError("cannot track this optimizer:\n" + str(self.audit_report))
         for finding in self.audit_report.warnings:
-            warnings.warn(AuditWarning(str(finding)), stacklevel=3)
+            _warn(AuditWarning(str(finding)))
         if not self.active:
             return  # another rank writes the history; this one only counts steps
 
@@ -196,6 +219,17 @@ class Tracker:
         except OSError as e:
             raise TrackerError(f"cannot open the snapshot store: {e.strerror or e}", self.store_path) from None
 
+        try:
+            self._attach(slots, start_step)
+        except BaseException:
+            self._writer.close()
+            raise
+        self._atexit = _AtExit(self)
+        atexit.register(self._atexit)
+
+    def _attach(self, slots: list[Any], start_step: int | None) -> None:
+        """History, baseline, fingerprints, hooks: the part of attaching that needs the store."""
+        optimizer = self.optimizer
         history = self._writer.call(lambda st: st.list(), "reading the history")
         self.resumed = bool(history)
         if start_step is not None:
@@ -203,9 +237,11 @@ class Tracker:
         elif history:
             self.start_step = max((h.step for h in history if h.step is not None), default=0)
 
+        held = optimizer_tensor_ids(optimizer) if optimizer is not None else set()
         self._watch = FrozenWatch([slots[i] for i in self._frozen_idx], backstop_groups=self.backstop_every,
                                   owners=[self.tensors.owner.get(slots[i].name, slots[i].name.rpartition(".")[0])
-                                          for i in self._frozen_idx])
+                                          for i in self._frozen_idx],
+                                  at_risk=[k for k, i in enumerate(self._frozen_idx) if id(slots[i].tensor) in held])
         self._watch.set_baseline(self.current_step)
         self._snap_stamps = [(s.tensor._version, s.tensor.data_ptr()) for s in slots]
         self._baseline_hashes: dict[str, str] = {}
@@ -214,8 +250,6 @@ class Tracker:
         if optimizer is not None:
             self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
             self._handles.append(optimizer.register_step_post_hook(self._post_step))
-        self._atexit = _AtExit(self)
-        atexit.register(self._atexit)
 
     # -- public API ---------------------------------------------------------------------
     @property
@@ -358,16 +392,15 @@ class Tracker:
     # -- drift --------------------------------------------------------------------------
     def _on_suspects(self, suspects: list[tuple[int, int]], step: int) -> None:
         """Confirm exactly, record a ``drift`` snapshot, then warn / raise / record."""
-        seen: set[int] = set()
-        watch_idx = [i for i, _ in suspects if not (i in seen or seen.add(i))]  # type: ignore[func-returns-value]
-        when = min(s for _, s in suspects)
+        watch_idx = list(dict.fromkeys(i for i, _ in suspects))
+        when = min(s for _, s in suspects)  # the step the check ran (deferred reads arrive a check later)
         slot_idx = [self._frozen_idx[i] for i in watch_idx]
         self._drain()
         cap = self._capture(extra=slot_idx)
         last_clean = {i: self._watch.last_clean[i] for i in watch_idx}
 
         def job(store: Any) -> tuple[list[DriftEvent], list[int]]:
-            return self._confirm_and_record(store, cap, watch_idx, when, last_clean)
+            return self._confirm_and_record(store, cap, watch_idx, when, step, last_clean)
 
         events, cleared = self._writer.call(job, "recording a drift")
         for i in cleared:
@@ -383,12 +416,19 @@ class Tracker:
         if self.on_drift == "raise":
             raise FrozenDriftError(events, when)
         if self.on_drift == "warn":
-            msg = "\n".join([f"ckptdiff: frozen tensors moved at step {when}:"] +
-                            [f"  {e.describe()}" for e in events] + [hint_for(events)])
-            warnings.warn(DriftWarning(msg.rstrip()), stacklevel=4)
+            shown = [f"  {e.describe()}" for e in events[:_WARN_LINES]]
+            if len(events) > _WARN_LINES:
+                shown.append(f"  ... and {len(events) - _WARN_LINES} more (tracker.drift_events has them all)")
+            msg = "\n".join([f"ckptdiff: frozen tensors moved at step {when}:"] + shown + [hint_for(events)])
+            _warn(DriftWarning(msg.rstrip()))
 
-    def _confirm_and_record(self, store: Any, cap: Capture, watch_idx: list[int], step: int,
+    def _confirm_and_record(self, store: Any, cap: Capture, watch_idx: list[int], step: int, snap_step: int,
                             last_clean: dict[int, int]) -> tuple[list[DriftEvent], list[int]]:
+        """Writer thread: exact comparison with the baseline bytes, then the ``drift`` snapshot.
+
+        ``step`` is when the drift was seen; ``snap_step`` when the bytes were
+        captured (later by one check on the deferred CUDA path).
+        """
         cap.wait()
         base = None
         if self.baseline_id is not None:
@@ -423,9 +463,8 @@ class Tracker:
             if e.max_abs_delta is not None and math.isfinite(e.max_abs_delta):
                 mets[f"drift_max_abs/{e.name}"] = e.max_abs_delta
         try:
-            sid = self._write_snapshot(store, cap, step=step, tag="drift", message=message, metrics=mets)
-            events = [DriftEvent(e.step, e.names, e.kind, e.numel, e.changed, e.max_abs_delta, e.last_clean_step,
-                                 sid) for e in events]
+            sid = self._write_snapshot(store, cap, step=snap_step, tag="drift", message=message, metrics=mets)
+            events = [dataclasses.replace(e, snapshot=sid) for e in events]
         except Exception as e:  # noqa: BLE001
             self._record_error(f"writing the drift snapshot at step {step}: {e}")
         return events, cleared
@@ -436,7 +475,8 @@ class Tracker:
 
         def job(store: Any) -> str:
             sid = store.snapshot(refs, step=self.current_step, tag="baseline", message=message,
-                                 manifest=self.manifest, source="hook", parent="latest")
+                                 manifest=self.manifest, source="hook", parent="latest",
+                                 progress=True)  # a bar only on a terminal, for a large model
             self._baseline_hashes = {n: e.hash for n, e in store.entries(sid).items()}
             return sid
 
@@ -578,11 +618,11 @@ class Tracker:
         failures = []
         for text in items:
             if text.startswith("\x00stale"):
-                warnings.warn(StaleWarning("ckptdiff: " + text[len("\x00stale"):]), stacklevel=4)
+                _warn(StaleWarning("ckptdiff: " + text[len("\x00stale"):]))
             else:
                 failures.append(text)
-                warnings.warn(StoreWarning(f"ckptdiff: snapshot store {self.store_path}: {text} "
-                                           "(training continues; see tracker.errors)"), stacklevel=4)
+                _warn(StoreWarning(f"ckptdiff: snapshot store {self.store_path}: {text} "
+                                           "(training continues; see tracker.errors)"))
         if failures and self.on_store_error == "raise":
             raise CkptError(f"snapshot store failed: {failures[0]}", self.store_path)
 

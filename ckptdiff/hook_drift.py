@@ -88,7 +88,9 @@ class FrozenDriftError(RuntimeError):
     def __init__(self, events: Sequence[DriftEvent], step: int) -> None:
         self.events = list(events)
         self.step = step
-        lines = [f"frozen tensors moved at step {step}:"] + [f"  {e.describe()}" for e in self.events]
+        lines = [f"frozen tensors moved at step {step}:"] + [f"  {e.describe()}" for e in self.events[:12]]
+        if len(self.events) > 12:
+            lines.append(f"  ... and {len(self.events) - 12} more (see .events)")
         lines.append(hint_for(self.events))
         super().__init__("\n".join(x for x in lines if x))
 

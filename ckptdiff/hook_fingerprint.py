@@ -66,13 +66,17 @@ class Pending:
     versions: list[tuple[int, int]]
     results: list[tuple[list[int], Any]]  # (positions into indices, device or host int64 tensor)
     events: list[Any] = field(default_factory=list)
+    #: Indices whose version moved since the previous check, and that check's step: a drift among
+    #: them happened after ``prev_step`` (the version counter saw no write before).
+    version_suspects: frozenset[int] = frozenset()
+    prev_step: int = 0
 
 
 class FrozenWatch:
     """Watches a fixed set of frozen tensors against their state at attach time."""
 
     def __init__(self, slots: Sequence[Slot], *, backstop_groups: int = 1, owners: Sequence[str] | None = None,
-                 always_bytes: int = 64 << 10) -> None:
+                 always_bytes: int = 64 << 10, at_risk: Sequence[int] = ()) -> None:
         self.slots = list(slots)
         # Native kernels update some buffers without bumping _version (BatchNorm's running_mean/var on
         # CPU and CUDA, measured with torch 2.x), while num_batches_tracked beside them does bump: so a
@@ -83,7 +87,12 @@ class FrozenWatch:
         for i, o in enumerate(owners):
             by_owner.setdefault(o, []).append(i)
         self._siblings = [by_owner[o] for o in owners]
-        self.always = [i for i, s in enumerate(self.slots) if s.kind == "buffer" and s.nbytes <= always_bytes]
+        # Fused optimizers (AdamW(fused=True)) write parameters without bumping _version either, so
+        # frozen tensors the optimizer holds (``at_risk``: the audit's frozen-in-optimizer finding)
+        # are checksummed on every check too. A clean setup has none, and pays nothing for this.
+        risky = set(at_risk)
+        self.always = [i for i, s in enumerate(self.slots)
+                       if i in risky or (s.kind == "buffer" and s.nbytes <= always_bytes)]
         self.baseline: list[int] = []
         self._seen = [self._stamp(i) for i in range(len(self.slots))]
         self.drifted: set[int] = set()
@@ -91,6 +100,7 @@ class FrozenWatch:
         self.last_clean: list[int] = [0] * len(self.slots)
         self.groups = _balance(self.slots, max(1, backstop_groups))
         self._cursor = 0
+        self._last_launch_step = 0
         self.checksummed_bytes = 0
 
     def _stamp(self, i: int) -> tuple[int, int]:
@@ -107,6 +117,7 @@ class FrozenWatch:
             for pos, v in zip(positions, vals):
                 self.baseline[pending.indices[pos]] = int(v)
         self.last_clean = [step] * len(self.slots)
+        self._last_launch_step = step
 
     def suspects(self) -> list[int]:
         """Tensors whose version or storage changed since they were last verified (O(1) each)."""
@@ -122,10 +133,11 @@ class FrozenWatch:
     def launch(self, step: int, *, backstop: bool = True, everything: bool = False, defer: bool = False
                ) -> Pending | None:
         """Start checksums of the suspects plus this turn's backstop group; None when nothing to check."""
+        moved = self.suspects()
         if everything:
             idx = [i for i in range(len(self.slots)) if i not in self.drifted]
         else:
-            idx = self.suspects()
+            idx = list(moved)
             chosen = set(idx)
             for i in list(idx):
                 for j in self._siblings[i]:
@@ -140,9 +152,13 @@ class FrozenWatch:
                 group = self.groups[self._cursor % len(self.groups)]
                 self._cursor += 1
                 idx += [i for i in group if i not in chosen and i not in self.drifted]
+        prev, self._last_launch_step = self._last_launch_step, step
         if not idx:
             return None
-        return self._launch(step, idx, defer)
+        pending = self._launch(step, idx, defer)
+        pending.version_suspects = frozenset(moved)
+        pending.prev_step = prev
+        return pending
 
     def _launch(self, step: int, idx: list[int], defer: bool) -> Pending:
         import torch
@@ -182,6 +198,8 @@ class FrozenWatch:
                     self._seen[i] = pending.versions[pos]
                     self.last_clean[i] = pending.step
                 else:
+                    if i in pending.version_suspects:
+                        self.last_clean[i] = max(self.last_clean[i], pending.prev_step)
                     bad.append(i)
         return bad
 

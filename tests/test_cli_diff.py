@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -226,3 +227,49 @@ def test_subprocess_table_has_no_colour_and_right_exit_code(ckpts):
     assert p.stdout.splitlines()[-1] == "FAIL: 1 frozen tensor drifted"
     p = _subprocess("-m", "ckptdiff.cli", "diff", str(ckpts["base"]), "/nonexistent/x.safetensors")
     assert p.returncode == 2 and p.stderr == "ckptdiff: error: /nonexistent/x.safetensors: no such file or directory\n"
+
+
+def _run_in_pty(args: list[str], env_extra: dict[str, str]) -> tuple[int, str]:
+    import pty
+    import select
+    master, slave = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "FORCE_COLOR", "TERM")}
+    env.update({"COLUMNS": "160", "TERM": "xterm-256color", **env_extra})
+    p = subprocess.Popen([sys.executable, "-m", "ckptdiff.cli", *args], stdout=slave, stderr=slave, env=env)
+    os.close(slave)
+    out = b""
+    try:
+        while True:
+            ready, _, _ = select.select([master], [], [], 60)
+            if not ready:
+                break
+            try:
+                chunk = os.read(master, 1 << 16)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        os.close(master)
+    return p.wait(timeout=60), out.decode("utf-8", "replace")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pseudo-terminal")
+def test_on_a_terminal_progress_bar_and_colours(tmp_path):
+    """On a real (pseudo-)terminal: a progress bar on a big diff, a red drift row; NO_COLOR turns colours off."""
+    a = np.zeros(10 << 20, np.float32)  # 2 x 40 MiB: above the 64 MiB progress threshold
+    save_file({"w": a}, str(tmp_path / "a.safetensors"))
+    save_file({"w": a + 1}, str(tmp_path / "b.safetensors"))
+    (tmp_path / "m.json").write_text('{"frozen": ["w"]}')
+    args = ["diff", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), "-m", str(tmp_path / "m.json")]
+    rc, out = _run_in_pty(args, {})
+    assert rc == 1
+    assert "diffing" in out and "83.9 MB" in out  # the transient rich bar, by bytes
+    drift_line = next(l for l in out.splitlines() if "DRIFT" in l)
+    assert "\x1b[31m" in drift_line or "\x1b[1;31m" in drift_line
+    rc, out = _run_in_pty(args, {"NO_COLOR": "1"})
+    assert rc == 1 and "DRIFT" in out
+    assert not re.search(r"\x1b\[[0-9;]*3[0-9]m", out)
+    rc, out = _run_in_pty([*args, "--no-progress"], {})
+    assert rc == 1 and "diffing" not in out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import tracemalloc
+from unittest import mock
 
 import blake3
 import ml_dtypes
@@ -13,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ckptdiff
-from ckptdiff import Checkpoint, CkptError, Manifest, TensorRef
+from ckptdiff import Checkpoint, CkptError, Manifest, TensorRef, compare  # compare: the kernel module
 from ckptdiff.engine import diff
 
 UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
@@ -125,7 +126,7 @@ shapes = st.one_of(
 )
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     dtype=st.sampled_from(DTYPES),
     shape=shapes,
@@ -133,13 +134,15 @@ shapes = st.one_of(
     frac=st.sampled_from([0.0, 0.01, 0.3, 1.0]),
     chunk_items=st.sampled_from([1, 3, 16, 1 << 20]),
     tol=st.sampled_from([(0.0, 0.0), (1e-3, 0.0), (0.0, 1e-2), (0.5, 0.1)]),
+    block=st.sampled_from([compare.STATS_BLOCK, 5, 64]),
 )
-def test_statistics_match_numpy_float64(dtype, shape, seed, frac, chunk_items, tol):
+def test_statistics_match_numpy_float64(dtype, shape, seed, frac, chunk_items, tol, block):
     rng = np.random.default_rng(seed)
     a = random_array(rng, dtype, shape)
     b = perturb(rng, a, frac)
     atol, rtol = tol
-    rep = diff(ck(t=a), ck(t=b), atol=atol, rtol=rtol, chunk_bytes=chunk_items * np.dtype(dtype).itemsize)
+    with mock.patch.object(compare, "STATS_BLOCK", block):
+        rep = diff(ck(t=a), ck(t=b), atol=atol, rtol=rtol, chunk_bytes=chunk_items * np.dtype(dtype).itemsize)
     t = one(rep)
     assert t.hash_old == blake3.blake3(a.tobytes()).hexdigest()
     assert t.hash_new == blake3.blake3(b.tobytes()).hexdigest()
@@ -245,9 +248,9 @@ def test_all_positions_non_finite_gives_null_statistics():
 
 
 def test_rel_l2_is_inf_when_old_is_zero():
-    t = one(diff(ck(t=np.zeros(4, np.float32)), ck(t=np.array([0, 0, 1e-3, 0], np.float32))))
-    assert t.rel_l2 == math.inf
-    assert ckptdiff.DiffReport.to_json  # JSON turns inf into a string, checked in test_cli_diff
+    rep = diff(ck(t=np.zeros(4, np.float32)), ck(t=np.array([0, 0, 1e-3, 0], np.float32)))
+    assert one(rep).rel_l2 == math.inf
+    assert '"rel_l2": "inf"' in rep.to_json()  # JSON has no Infinity: written as a string
 
 
 def test_float64_extremes_do_not_overflow_or_underflow():
@@ -531,6 +534,15 @@ def test_paths_are_opened_and_closed(tmp_path):
     assert t.changed_elements == 5  # 0 * 2 == 0
     with pytest.raises(CkptError):
         ckptdiff.diff(str(tmp_path / "a.safetensors"), str(tmp_path / "nope.safetensors"))
+
+
+def test_a_source_that_runs_short_is_a_ckpt_error():
+    a = np.arange(10, dtype=np.float32)
+    short = TensorRef("t", "float32", (10,), pieces=lambda: iter([a.tobytes()[:36]]))
+    with pytest.raises(CkptError, match="expected 40 bytes"):
+        diff(Checkpoint("x", "m", {"t": short}), ck(t=a))
+    with pytest.raises(CkptError, match="expected 40 bytes"):
+        diff(Checkpoint("x", "m", {"t": short}), ck(u=a))  # removed: hashed alone
 
 
 def test_public_api_is_the_function():

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 
 import ml_dtypes
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")

@@ -16,6 +16,7 @@ tests call them directly.
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -78,12 +79,22 @@ class SeriesPoint:
 
 
 class HistoryModel:
-    """Snapshots of one store plus cached entries; pure logic over them."""
+    """Snapshots of one store plus cached hashes; pure logic over them.
+
+    Two caches, because a long history is mostly read for its hashes:
+    ``signatures`` ("hash|dtype|shape" strings per tensor, cheap to keep for
+    every snapshot and invisible to the garbage collector) feed the list's
+    columns and the detail chart; full ``entries`` feed the tensor table and
+    are kept only for the last few snapshots looked at.
+    """
+
+    ENTRY_CACHE = 8
 
     def __init__(self, handle: StoreHandle, snapshots: list[Any]) -> None:
         self.handle = handle
         self.snapshots = snapshots
-        self._entries: dict[str, dict[str, Any]] = {}
+        self._entries: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._sigs: dict[str, dict[str, str]] = {}
         self._lock = threading.Lock()
         by_id = {s.id: s for s in snapshots}
         self._manifests = [effective_manifest(s.id, by_id) for s in snapshots]
@@ -99,16 +110,29 @@ class HistoryModel:
     # -- metadata -------------------------------------------------------
 
     def entries(self, index: int) -> dict[str, Any]:
+        """name -> the store's Entry (dtype, shape, hash, nbytes) for one snapshot."""
         sid = self.snapshots[index].id
-        hit = self._entries.get(sid)
-        if hit is None:
-            hit = dict(self.handle.get().entries(sid))
-            with self._lock:
-                self._entries[sid] = hit
+        with self._lock:
+            hit = self._entries.get(sid)
+            if hit is not None:
+                self._entries.move_to_end(sid)
+                return hit
+        hit = dict(self.handle.get().entries(sid))
+        with self._lock:
+            self._entries[sid] = hit
+            while len(self._entries) > self.ENTRY_CACHE:
+                self._entries.popitem(last=False)
+            if sid not in self._sigs:
+                self._sigs[sid] = {n: _signature(e) for n, e in hit.items()}
         return hit
 
-    def has_entries(self, index: int) -> bool:
-        return self.snapshots[index].id in self._entries
+    def signatures(self, index: int) -> dict[str, str]:
+        """name -> "hash|dtype|shape": equal strings mean bitwise-equal tensors of one layout."""
+        sigs = self._sigs.get(self.snapshots[index].id)
+        if sigs is None:
+            self.entries(index)
+            sigs = self._sigs[self.snapshots[index].id]
+        return sigs
 
     def manifest(self, index: int) -> Manifest | None:
         """The manifest in force at this snapshot (its own, or the latest earlier one)."""
@@ -131,16 +155,18 @@ class HistoryModel:
         return rows
 
     def summary(self, index: int, policy: str, marked: int | None) -> SnapshotSummary:
-        cur = self.entries(index)
-        prev = self.entries(index - 1) if index > 0 else cur
-        base = self.base_index(index, policy, marked)
-        changed = sum(1 for n, e in cur.items() if n not in prev or prev[n].hash != e.hash)
+        """The list's columns for one snapshot; the same verdicts as :func:`diff_entries`."""
+        cur = self.signatures(index)
+        prev = self.signatures(index - 1) if index > 0 else cur
+        changed = sum(1 for n, sig in cur.items() if prev.get(n) != sig)
         changed += sum(1 for n in prev if n not in cur)
+        base = self.base_index(index, policy, marked)
+        man = self.manifest(index)
         drifted = stale = 0
-        if base != index:
-            for r in diff_entries(self.entries(base), cur, self.manifest(index)):
-                drifted += r.drift
-                stale += r.stale
+        if base != index and man is not None:
+            old = self.signatures(base)
+            drifted = sum(1 for n, sig in old.items() if man.role(n) == "frozen" and cur.get(n) != sig)
+            stale = sum(1 for n, sig in cur.items() if man.role(n) == "trainable" and old.get(n) == sig)
         return SnapshotSummary(changed, drifted, stale)
 
     # -- blobs (workers only) ---------------------------------------------
@@ -175,11 +201,12 @@ class HistoryModel:
                 if cancelled():
                     break
                 b = self.base_index(i, policy, marked)
-                old, new = self.entries(b).get(name), self.entries(i).get(name)
+                old, new = self.signatures(b).get(name), self.signatures(i).get(name)
                 status = _status(old, new)
-                point = SeriesPoint(i, b, new.hash if new else None, status, None)
+                point = SeriesPoint(i, b, new.split("|")[0] if new else None, status, None)
                 if status == "changed":
-                    key = (old.hash, new.hash)
+                    assert old is not None and new is not None
+                    key = (old.split("|")[0], new.split("|")[0])
                     if key not in measured:
                         got = measure(ckpt(b), ckpt(i), [name], self.manifest(i), atol=atol, rtol=rtol)
                         if got:
@@ -192,18 +219,27 @@ class HistoryModel:
         return points
 
 
-def _status(old: Any, new: Any) -> str:
+def _signature(e: Any) -> str:
+    return f"{e.hash}|{e.dtype}|{','.join(str(int(d)) for d in e.shape)}"
+
+
+def _status(old: str | None, new: str | None) -> str:
+    """Status of one tensor between two signatures (see :meth:`HistoryModel.signatures`)."""
     if old is None and new is None:
         return "absent"
     if old is None:
         return "added"
     if new is None:
         return "removed"
-    if tuple(old.shape) != tuple(new.shape):
+    if old == new:
+        return "identical"
+    _, odt, oshape = old.split("|")
+    _, ndt, nshape = new.split("|")
+    if oshape != nshape:
         return "shape_changed"
-    if old.dtype != new.dtype:
+    if odt != ndt:
         return "dtype_changed"
-    return "identical" if old.hash == new.hash else "changed"
+    return "changed"
 
 
 def first_change(points: list[SeriesPoint]) -> SeriesPoint | None:

@@ -11,82 +11,88 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from rich.text import Text
-from textual.binding import Binding
-from textual.widgets import DataTable
+from rich.style import Style
 
 from . import fmt
 from .history import SnapshotSummary
+from .line_table import Cell, LineTable
 
 BASE_MARK = "◆"
 MARK = "★"
 
+TAG = Style.parse("bold cyan")
+DRIFT = Style.parse("bold red")
+STALE = Style.parse("yellow")
+OK = Style.parse("green")
+BASE = Style.parse("bold magenta")
+MARKED = Style.parse("bold yellow")
 
-class HistoryList(DataTable):
-    BINDINGS = [
-        Binding("j", "cursor_down", "Down", show=False),
-        Binding("k", "cursor_up", "Up", show=False),
-    ]
+
+class HistoryList(LineTable):
+    right_aligned = frozenset({"index", "step", "changed"})
+    min_width = {"mark": 2, "drift": 9}
+    max_width = {"message": 48}
 
     def __init__(self, **kwargs: object) -> None:
-        super().__init__(cursor_type="row", zebra_stripes=True, **kwargs)  # type: ignore[arg-type]
+        super().__init__(**kwargs)
         self.metric_keys: list[str] = []
         self.snapshots: list[Any] = []
         self.summaries: dict[int, SnapshotSummary] = {}
+        self.base: int | None = None
+        self.marked: int | None = None
 
-    def set_snapshots(self, snapshots: Sequence[Any], now: float, metric_keys: list[str]) -> None:
-        self.clear(columns=True)
+    def set_snapshots(self, snapshots: Sequence[Any], now: float, metric_keys: list[str],
+                      cursor: int | None = None) -> None:
         self.snapshots = list(snapshots)
         self.metric_keys = metric_keys
-        self.add_column(" ", key="mark", width=2)
-        self.add_column("#", key="index")
-        self.add_column("step", key="step")
-        self.add_column("time", key="time")
-        self.add_column("tag", key="tag")
-        for k in metric_keys:
-            self.add_column(k, key=f"m:{k}")
-        self.add_column("changed", key="changed")
-        self.add_column("drift", key="drift", width=9)
-        self.add_column("message", key="message")
-        for i, s in enumerate(self.snapshots):
-            row: list[Any] = [
-                "",
-                Text(str(i), justify="right"),
-                Text("-" if s.step is None else str(s.step), justify="right"),
-                fmt.ago(s.created_at, now),
-                Text(s.tag or "", style="bold cyan"),
-            ]
-            for k in metric_keys:
-                row.append(Text(fmt.metric(s.metrics[k]) if k in s.metrics else "", justify="right"))
-            row += [Text("…", justify="right"), Text("…"), _one_line(s.message)]
-            self.add_row(*row, key=str(i))
+        self.set_columns([("mark", " "), ("index", "#"), ("step", "step"), ("time", "time"), ("tag", "tag")]
+                         + [(f"m:{k}", k) for k in metric_keys]
+                         + [("changed", "changed"), ("drift", "drift"), ("message", "message")])
+        self.right_aligned = frozenset({"index", "step", "changed"} | {f"m:{k}" for k in metric_keys})
+        rows = [self._row(i, s, now) for i, s in enumerate(self.snapshots)]
+        self.set_data(rows, cursor=cursor)
+
+    def _row(self, i: int, s: Any, now: float) -> list[Cell]:
+        row: list[Cell] = [
+            ("", None),
+            (str(i), None),
+            ("-" if s.step is None else str(s.step), None),
+            (fmt.ago(s.created_at, now), None),
+            (s.tag or "", TAG),
+        ]
+        for k in self.metric_keys:
+            row.append((fmt.metric(s.metrics[k]) if k in s.metrics else "", None))
+        row += [("…", None), ("…", None), (_one_line(s.message), None)]
+        return row
 
     def set_summary(self, index: int, s: SnapshotSummary) -> None:
         self.summaries[index] = s
-        key = str(index)
-        if key not in self.rows:
-            return
-        self.update_cell(key, "changed", Text(str(s.changed_vs_prev), justify="right"))
         if s.drifted_vs_base:
-            drift = Text(f"▲ {s.drifted_vs_base}", style="bold red")
+            drift: Cell = (f"▲ {s.drifted_vs_base}", DRIFT)
         elif s.stale_vs_base:
-            drift = Text(f"• {s.stale_vs_base} stale", style="yellow")
+            drift = (f"• {s.stale_vs_base} stale", STALE)
         else:
-            drift = Text("ok", style="green")
-        self.update_cell(key, "drift", drift)
+            drift = ("ok", OK)
+        row = list(self._rows[index])
+        row[self.column_index("changed")] = (str(s.changed_vs_prev), None)
+        row[self.column_index("drift")] = drift
+        self.set_row(index, row)
 
     def set_marks(self, base: int | None, marked: int | None) -> None:
-        for i in range(len(self.snapshots)):
-            text = Text()
-            if i == base:
-                text.append(BASE_MARK, style="bold magenta")
-            if i == marked:
-                text.append(MARK, style="bold yellow")
-            self.update_cell(str(i), "mark", text)
+        """Flag the base (◆) and the marked snapshot (★); repaints only rows that change."""
+        touched = {self.base, self.marked, base, marked} - {None}
+        self.base, self.marked = base, marked
+        col = self.column_index("mark")
+        for i in touched:
+            assert i is not None
+            text = (BASE_MARK if i == base else "") + (MARK if i == marked else "")
+            style = BASE if i == base else (MARKED if i == marked else None)
+            row = list(self._rows[i])
+            row[col] = (text, style)
+            self.set_row(i, row)
 
 
-def _one_line(msg: str | None, limit: int = 40) -> str:
-    if not msg:
+def _one_line(msg: str | None) -> str:
+    if not msg or not msg.strip():
         return ""
-    line = msg.strip().splitlines()[0] if msg.strip() else ""
-    return line if len(line) <= limit else line[: limit - 1] + "…"
+    return msg.strip().splitlines()[0]

@@ -16,16 +16,22 @@ from collections.abc import Callable
 from rich.text import Text
 from textual import work
 from textual.binding import Binding
-from textual.widgets import DataTable, Footer, Header
-from textual.worker import get_current_worker
+from textual.widgets import Footer, Header
+from textual.worker import Worker, get_current_worker
 
 from ckptdiff.report import TensorDiff
 
 from . import fmt
 from .history import HistoryModel, SnapshotSummary
 from .history_list import HistoryList
+from .line_table import LineTable
 from .measure import batches, measure
 from .table_screen import TableScreen
+
+#: Background work (reading blobs, hashing the whole history) pauses until the
+#: user has been idle this long: Python threads share one interpreter lock, and
+#: a busy worker would otherwise add its time slices to every keypress.
+QUIET_S = 0.3
 
 POLICY_LABEL = {"first": "first snapshot", "previous": "previous snapshot", "marked": "marked snapshot"}
 
@@ -51,6 +57,8 @@ class HistoryScreen(TableScreen):
         self.loaded_at: float | None = None  # perf_counter when the first table was shown
         #: (snapshot, base) whose rows the table holds; lags (selected, base) while a worker runs.
         self.shown_pair: tuple[int, int] | None = None
+        self.shown_at: float | None = None  # perf_counter when shown_pair last changed
+        self.last_input = 0.0  # time.monotonic() of the last selection or filter change
 
     def compose(self):
         yield Header()
@@ -86,10 +94,9 @@ class HistoryScreen(TableScreen):
                                  "or `ckptdiff snapshot`", style="yellow"))
             return
         metrics = fmt.metric_columns([s.metrics for s in model.snapshots])
-        self.history.set_snapshots(model.snapshots, self.clock(), metrics)
         self.selected = index
         self.base = model.base_index(index, self.policy, self.marked)
-        self.history.move_cursor(row=index, animate=False)
+        self.history.set_snapshots(model.snapshots, self.clock(), metrics, cursor=index)
         self.history.set_marks(self.base, self.marked)
         self.show_rows(rows)
         self.shown_pair = (index, self.base)
@@ -100,12 +107,19 @@ class HistoryScreen(TableScreen):
 
     # -- selection and base -----------------------------------------------------
 
-    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
-        if event.data_table is self.history and self.model is not None:
-            self.select(int(str(event.row_key.value)))
+    def on_line_table_highlighted(self, event: LineTable.Highlighted) -> None:
+        # Use where the cursor is now, not where the event says: with a key held
+        # down, events queue up and only the latest position matters.
+        if event.table is self.history and self.model is not None and self.history.row_count:
+            self.select(self.history.cursor_row)
+
+    def on_line_table_selected(self, event: LineTable.Selected) -> None:
+        if event.table is self.history:
+            self.table.focus()  # Enter on a snapshot: go look at its tensors
 
     def select(self, index: int, *, force: bool = False) -> None:
         assert self.model is not None
+        self.last_input = time.monotonic()
         base = self.model.base_index(index, self.policy, self.marked)
         if not force and index == self.selected and base == self.base:
             return
@@ -126,6 +140,7 @@ class HistoryScreen(TableScreen):
             return
         self.show_rows(rows)
         self.shown_pair = (index, base)
+        self.shown_at = time.perf_counter()
         self.measure_selected(index, base, rows)
 
     @work(thread=True, exclusive=True, group="measure")
@@ -142,6 +157,7 @@ class HistoryScreen(TableScreen):
         done = 0
         try:
             for names in batches(todo, new, old):
+                self.wait_for_quiet(worker)
                 if worker.is_cancelled:
                     return
                 self.app.call_from_thread(self._progress, index, base, done, len(todo))
@@ -155,6 +171,15 @@ class HistoryScreen(TableScreen):
             new.close()
             if not worker.is_cancelled:
                 self.app.call_from_thread(self._progress, index, base, None, None)
+
+    def wait_for_quiet(self, worker: Worker) -> None:
+        """Block a background worker while the user is pressing keys (or until cancelled)."""
+        while not worker.is_cancelled and time.monotonic() - self.last_input < QUIET_S:
+            time.sleep(0.05)
+
+    def apply_query(self) -> bool:
+        self.last_input = time.monotonic()
+        return super().apply_query()
 
     def _progress(self, index: int, base: int, done: int | None, total: int | None) -> None:
         if (index, base) == (self.selected, self.base):
@@ -178,6 +203,7 @@ class HistoryScreen(TableScreen):
         for i in reversed(range(len(model))):
             if worker.is_cancelled:
                 return
+            self.wait_for_quiet(worker)
             pending.append((i, model.summary(i, policy, marked)))
             if time.perf_counter() - last > 0.1 or i == 0:
                 self.app.call_from_thread(self._summaries, pending, policy, marked)
@@ -234,11 +260,11 @@ class HistoryScreen(TableScreen):
         line = Text()
         line.append(_label(self.selected, snaps[self.selected]), style="bold")
         if self.base == self.selected:
-            line.append(f"  is the base ({POLICY_LABEL[self.policy]})", style="magenta")
+            line.append(f"  is the base ({self.policy})", style="magenta")
         else:
-            line.append("  vs base ")
+            line.append("  vs ")
             line.append(_label(self.base, snaps[self.base]), style="bold magenta")
-            line.append(f" ({POLICY_LABEL[self.policy]})", style="magenta")
+            line.append(f" ({self.policy})", style="magenta")
         rows = self.table.all_rows.values()
         changed = sum(r.status != "identical" for r in rows)
         drifted = sum(r.drift for r in rows)
@@ -247,7 +273,7 @@ class HistoryScreen(TableScreen):
         if drifted:
             line.append(f" · ▲ {drifted} frozen drifted", style="bold red")
         if stale:
-            line.append(f" · • {stale} trainable stale", style="yellow")
+            line.append(f" · • {stale} stale", style="yellow")
         self.query_one("#context").update(line)
 
     def open_detail(self, row: TensorDiff) -> None:

@@ -15,8 +15,8 @@ from ckptdiff.manifest import Manifest
 from ckptdiff.report import DiffReport, TensorDiff
 
 #: Roughly how many bytes one batch reads: small enough that cancelling is prompt.
-BATCH_BYTES = 32 << 20
-BATCH_TENSORS = 64
+BATCH_BYTES = 16 << 20
+BATCH_TENSORS = 16
 
 
 def _engine_diff():  # imported late: ``import ckptdiff.tui`` should not pull the kernel in

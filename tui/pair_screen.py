@@ -110,7 +110,7 @@ class PairScreen(TableScreen):
             if drifted:
                 line.append(f" · ▲ {drifted} frozen drifted", style="bold red")
             if stale:
-                line.append(f" · • {stale} trainable stale", style="yellow")
+                line.append(f" · • {stale} stale", style="yellow")
             if self.manifest is None:
                 line.append("  (no manifest: roles unknown; pass --manifest)", style="dim")
         self.query_one("#context").update(line)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from rich.text import Text
 from textual.binding import Binding
 from textual.screen import Screen
-from textual.widgets import DataTable, Input, Static
+from textual.widgets import Input, Static
 
 from ckptdiff.report import TensorDiff
 
@@ -142,12 +142,9 @@ class TableScreen(Screen):
     def on_tensor_table_query_changed(self, _event: TensorTable.QueryChanged) -> None:
         self.update_status()
 
-    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
-        if event.data_table is self.table:
-            event.stop()
-            row = self.table.all_rows.get(str(event.row_key.value))
-            if row is not None:
-                self.open_detail(row)
+    def on_tensor_table_selected(self, event: TensorTable.Selected) -> None:
+        event.stop()
+        self.open_detail(event.row)
 
     def open_detail(self, row: TensorDiff) -> None:
         raise NotImplementedError

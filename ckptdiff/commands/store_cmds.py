@@ -34,7 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "  ckptdiff init runs/store --compress  # lossless zstd over float byte planes"))
     p.add_argument("dir", metavar="DIR", help="a new or empty directory")
     p.add_argument("--compress", action="store_true",
-                   help="compress blobs losslessly (zstd over byte planes; ~10-30%% smaller for fp32/bf16 weights)")
+                   help="compress blobs losslessly (zstd over byte planes; measured ~16%% smaller for fp32 "
+                        "and ~32%% for bf16 weights, at ~200 MiB/s)")
     p.set_defaults(func=run_init)
 
     p = sub.add_parser("snapshot", help="record a checkpoint in a store; prints the snapshot id", **_fmt(
@@ -103,7 +104,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
     p = sub.add_parser("gc", help="delete blobs no snapshot references", **_fmt(
         "Delete blobs that no snapshot references (left by rm, or by a writer killed\n"
-        "mid-snapshot). Referenced blobs are never removed. With --keep-last N, first\n"
+        "mid-snapshot) and temp files over an hour old. Referenced blobs are never\n"
+        "removed, and gc waits for snapshots in progress. With --keep-last N, first\n"
         "remove every snapshot except the newest N and the tagged ones.\n\n"
         "example:\n  ckptdiff gc runs/store\n  ckptdiff gc runs/store --keep-last 10"))
     p.add_argument("dir", metavar="DIR")
@@ -231,8 +233,9 @@ def run_log(args: argparse.Namespace) -> int:
     print(_table(["ID", "CREATED", "STEP", "TAG", "CHANGED", "DRIFT", "METRICS"], table, right=(2, 4, 5)))
     logical = sum(r.info.total_bytes for r in rows)
     print(f"\n{len(rows)} snapshot{'s' if len(rows) != 1 else ''}, {human_bytes(logical)} of tensors, "
-          f"{human_bytes(usage)} on disk. CHANGED: tensors that differ from the parent; "
-          "DRIFT: frozen tensors that differ from the first snapshot.")
+          f"{human_bytes(usage)} on disk.")
+    print("CHANGED: tensors that differ from the parent. DRIFT: frozen tensors (per the manifest) that differ "
+          "from the first snapshot; '-' without a manifest.")
     return 0
 
 

@@ -67,8 +67,10 @@ def register(subparsers: Any) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("paths", nargs="+", metavar="STORE | OLD NEW",
-                   help="a store directory, or two checkpoints (files or DIR@REF)")
+    p.add_argument("first", metavar="STORE|OLD",
+                   help="a store directory (history mode), or the old checkpoint (file or DIR@REF)")
+    p.add_argument("second", nargs="?", metavar="NEW",
+                   help="the new checkpoint: with it, two-checkpoint mode")
     p.add_argument("--manifest", metavar="FILE",
                    help="trainable-key manifest JSON for two-checkpoint mode (a store records its own)")
     p.add_argument("--atol", type=_tolerance, default=0.0, metavar="X",
@@ -81,9 +83,7 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..errors import CkptError
 
-    paths: list[str] = list(args.paths)
-    if len(paths) > 2:
-        raise CkptError(f"expected a store or two checkpoints, got {len(paths)} paths")
+    paths: list[str] = [args.first] + ([args.second] if args.second is not None else [])
     if len(paths) == 1:
         _check_store(paths[0])
         if args.manifest:

@@ -86,7 +86,8 @@ def _sniff_zip(path: str) -> str:
     try:
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()
-    except (zipfile.BadZipFile, OSError, ValueError) as e:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:
+        # NotImplementedError: zipfile's "zip file version N" on a mangled central directory
         raise CkptError(f"corrupt zip archive ({e})", path) from None
     if any(n.endswith("data.pkl") for n in names):
         return TORCH

@@ -71,9 +71,10 @@ def _read_header(f: BinaryIO, name: str, where: str) -> _Header:
             raise FormatError(f"{where}: unsupported .npy format version {version[0]}.{version[1]}")
     except CkptError:
         raise
-    except (ValueError, EOFError, OSError, SyntaxError, TypeError, MemoryError, RecursionError) as e:
-        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise FormatError(f"{where}: corrupt .npy header ({msg})") from None
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as e:
+        raise FormatError(f"{where}: corrupt data ({_oneline(e)})") from None
+    except Exception as e:  # numpy's parser raises ValueError, SyntaxError, TokenError, ... on junk
+        raise FormatError(f"{where}: corrupt .npy header ({_oneline(e)})") from None
     dt = np.dtype(dtype)
     if dt.hasobject:
         raise FormatError(f"{where}: object dtype arrays need pickle, which ckptdiff never loads")
@@ -88,6 +89,11 @@ def _read_header(f: BinaryIO, name: str, where: str) -> _Header:
         raise FormatError(f"{where}: {e.message}") from None
     swap = dt.itemsize > 1 and dt.byteorder == ">"  # '=' and '|' are native/none on a LE host
     return _Header(canon, shape, bool(fortran), swap, f.tell() - start)
+
+
+def _oneline(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 def open_npy(path: str | os.PathLike[str]) -> Checkpoint:
@@ -146,8 +152,8 @@ def _open_npz(f: BinaryIO, p: str) -> Checkpoint:
     try:
         zf = zipfile.ZipFile(f)
         infos = zf.infolist()
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as e:
-        raise FormatError(f"corrupt zip archive ({e})", p) from None
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:
+        raise FormatError(f"corrupt zip archive ({_oneline(e)})", p) from None
     mm = map_file(f, p)
     tensors: dict[str, TensorRef] = {}
     try:
@@ -161,10 +167,14 @@ def _open_npz(f: BinaryIO, p: str) -> Checkpoint:
                 raise FormatError(f"member {info.filename!r} appears twice in the archive", p)
             if info.flag_bits & 0x1:
                 raise FormatError(f"member {info.filename!r} is encrypted", p)
-            if info.compress_type == zipfile.ZIP_STORED:
-                tensors[name] = _stored_member(f, mm, size, info, name, p)
-            else:
-                tensors[name] = _compressed_member(p, info, name)
+            try:
+                if info.compress_type == zipfile.ZIP_STORED:
+                    tensors[name] = _stored_member(f, mm, size, info, name, p)
+                else:
+                    tensors[name] = _compressed_member(p, info, name)
+            except (OSError, ValueError, EOFError, NotImplementedError, struct.error, zipfile.BadZipFile,
+                    zlib.error) as e:
+                raise FormatError(f"member {info.filename!r}: corrupt ({_oneline(e)})", p) from None
     except BaseException:
         if mm is not None:
             mm.close()
@@ -178,7 +188,7 @@ def _open_npz(f: BinaryIO, p: str) -> Checkpoint:
 def _stored_member(f: BinaryIO, mm: mmap.mmap | None, size: int, info: zipfile.ZipInfo, name: str,
                    p: str) -> TensorRef:
     where = f"member {info.filename!r}"
-    if info.header_offset + _LOCAL_HEADER.size > size:
+    if info.header_offset < 0 or info.header_offset + _LOCAL_HEADER.size > size:
         raise FormatError(f"{where}: local header lies past the end of the file (truncated?)", p)
     f.seek(info.header_offset)
     fields = _LOCAL_HEADER.unpack(f.read(_LOCAL_HEADER.size))
@@ -252,8 +262,8 @@ def _stream_pieces(p: str, info: zipfile.ZipInfo, hdr: _Header, where: str) -> C
                     yield piece
                 if stream.read(1):
                     raise FormatError(f"{where}: more data than the header says", p)
-            except (zipfile.BadZipFile, EOFError, zlib.error, OSError, ValueError) as e:
-                raise FormatError(f"{where}: corrupt compressed data ({e})", p) from None
+            except (zipfile.BadZipFile, EOFError, zlib.error, OSError, ValueError, NotImplementedError) as e:
+                raise FormatError(f"{where}: corrupt compressed data ({_oneline(e)})", p) from None
 
     def pieces() -> Iterator[memoryview]:
         if hdr.zero_copy:

@@ -5,8 +5,8 @@ checkpoint. Most training checkpoints are plain nested dicts of dense
 tensors, and the zip format is simple: ``<archive>/data.pkl`` is a pickle
 whose tensors point, by a persistent id, at uncompressed ``<archive>/data/<key>``
 members holding the raw little-endian bytes. This module maps the file once
-and hands out zero-copy views of those members, exactly like the
-safetensors reader.
+and hands out zero-copy views of those members (plus ``read_into``, a pread
+on its own descriptor, for streaming), exactly like the safetensors reader.
 
 Security: the pickle is read with an unpickler whose ``find_class`` knows a
 short allow-list (OrderedDict, the tensor/parameter rebuild functions,
@@ -264,9 +264,10 @@ def load(path: str) -> tuple[Any, Callable[[PtTensor, str], TensorRef], Callable
             raise Unsupported("pickle nested too deeply") from None
         except Exception as e:  # any malformed pickle: torch gives the proper message
             raise Unsupported(f"pickle: {type(e).__name__}: {e}") from None
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
-    if mm is None:
-        raise Unsupported("empty file")
+        if not size:
+            raise Unsupported("empty file")
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        fd = os.dup(f.fileno())  # for read_into: pread needs no shared file position
     whole = memoryview(mm)
     base = os.path.basename(path)
 
@@ -285,13 +286,25 @@ def load(path: str) -> tuple[Any, Callable[[PtTensor, str], TensorRef], Callable
             raise FormatError(f"tensor {name!r}: needs bytes {begin}..{end} of storage {t.storage.key!r}, "
                               f"which holds {length}", path)
         lo, hi = start + begin, start + end
-        return TensorRef(name, t.dtype, t.shape, view=lambda: whole[lo:hi], source=base)
+        return TensorRef(name, t.dtype, t.shape, view=lambda: whole[lo:hi], source=base,
+                         read_into=preader(fd, lo, hi))
 
     def close() -> None:
         whole.release()
         mm.close()
+        os.close(fd)
 
     return obj, make_ref, close
+
+
+def preader(fd: int, lo: int, hi: int) -> Callable[[int, memoryview], int]:
+    """``read_into`` for bytes ``lo..hi`` of an open file: never reads past ``hi``."""
+    def read_into(offset: int, buf: memoryview) -> int:
+        n = min(buf.nbytes, hi - lo - offset)
+        if n <= 0:
+            return 0
+        return os.preadv(fd, [buf[:n] if n < buf.nbytes else buf], lo + offset)
+    return read_into
 
 
 def open_torch_zip(path: str, flatten: Callable[..., tuple[Any, ...]],
@@ -323,4 +336,4 @@ class _Shim:
 
 SHIM = _Shim()
 
-__all__ = ["SHIM", "Unsupported", "PtTensor", "load", "open_torch_zip"]
+__all__ = ["SHIM", "Unsupported", "PtTensor", "load", "open_torch_zip", "preader"]

@@ -44,7 +44,8 @@ FRAME_BYTES = 4 << 20
 MAX_FRAME_BYTES = 64 << 20
 MODE_STORED, MODE_ZSTD = 0, 1
 TRAILER_BYTES = 16
-DEFAULT_LEVEL = 3
+#: Level 1 beats 3 on byte planes of float weights, in both speed and ratio (measured).
+DEFAULT_LEVEL = 1
 
 
 def group_for(dtype_kind: str, itemsize: int, nbytes: int) -> int:

@@ -7,7 +7,8 @@ writers instead of failing them; a snapshot is one transaction, so it is
 either wholly listed or not at all.
 
 The format version lives in the ``meta`` table. A store written by a newer
-ckptdiff is refused rather than misread; older versions are upgraded here.
+ckptdiff is refused rather than misread; when the format changes, the
+migration of older stores belongs here.
 """
 
 from __future__ import annotations

@@ -18,7 +18,6 @@ blob I/O happens outside it.
 from __future__ import annotations
 
 import json
-import math
 import operator
 import os
 import sqlite3
@@ -30,22 +29,21 @@ from typing import Any
 
 from blake3 import blake3
 
-from .. import dtypes
-from ..checkpoint import Checkpoint, TensorRef, check_shape
+from ..checkpoint import Checkpoint, TensorRef
 from ..errors import CkptError, FormatError
 from ..manifest import Manifest
+from . import compress as compress_mod
 from . import db, refs
-from .blobs import BlobDir, store_os_error
+from .blobs import BlobDir, put_all, store_os_error
 from .history import LogRow, build_log, effective_manifest
 from .locking import LOCK_NAME, gc_lock
 from .model import BadBlob, Entry, GcResult, Metric, SnapshotInfo, VerifyResult
 from .progress import byte_progress
+from .rows import SNAP_COLS, check_metrics, entry_from_row, info_from_row, manifest_to_json, new_id
 
 #: Temp files older than this are leftovers of a killed writer; ``gc`` removes them.
 STALE_TEMP_S = 3600.0
 
-_SNAP_COLS = ("seq, id, parent, created_at, step, tag, message, metrics, manifest, source, "
-              "n_tensors, total_bytes")
 
 
 def is_store(path: str | os.PathLike[str]) -> bool:
@@ -66,43 +64,6 @@ def _sql_error(e: sqlite3.Error, root: str, action: str) -> CkptError:
     return CkptError(f"{action} failed: database error ({msg})", root)
 
 
-def _new_id() -> str:
-    return blake3(os.urandom(16) + time.time_ns().to_bytes(8, "little")).hexdigest()[:16]
-
-
-def _check_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Metric]:
-    out: dict[str, Metric] = {}
-    for k, v in (metrics or {}).items():
-        if not isinstance(k, str):
-            raise CkptError(f"metric names must be strings, got {k!r}")
-        if isinstance(v, bool):
-            v = int(v)
-        elif hasattr(v, "item") and not isinstance(v, (int, float, str)):
-            v = v.item()  # numpy / torch scalars
-        if not isinstance(v, (int, float, str)):
-            raise CkptError(f"metric {k!r} must be a number or a string, got {type(v).__name__}")
-        out[k] = v
-    return out
-
-
-def _manifest_json(m: Manifest | None) -> str | None:
-    if m is None:
-        return None
-    return json.dumps({"trainable": list(m.trainable), "frozen": list(m.frozen), "buffers": list(m.buffers),
-                       "source": m.source})
-
-
-def _manifest_load(raw: str | None, where: str) -> Manifest | None:
-    if raw is None:
-        return None
-    try:
-        d = json.loads(raw)
-        return Manifest(tuple(d.get("trainable", ())), tuple(d.get("frozen", ())), tuple(d.get("buffers", ())),
-                        source=str(d.get("source", "")))
-    except (ValueError, TypeError, AttributeError):
-        raise FormatError("a snapshot's manifest in the store database is damaged", where) from None
-
-
 class Store:
     """A snapshot store directory. Create with :meth:`init`, open with :meth:`open`."""
 
@@ -112,7 +73,8 @@ class Store:
         self.meta = meta
         self.readonly = readonly
         self.compressed = meta["compression"] == "zstd"
-        level = int(meta.get("zstd_level", "3")) if meta.get("zstd_level", "3").isdigit() else 3
+        raw_level = meta.get("zstd_level", "")
+        level = int(raw_level) if raw_level.isdigit() and 1 <= int(raw_level) <= 19 else compress_mod.DEFAULT_LEVEL
         self.blobs = BlobDir(root, compressed=self.compressed, level=level)
         self._lock = threading.RLock()
 
@@ -135,7 +97,7 @@ class Store:
             with open(os.path.join(root, LOCK_NAME), "ab"):
                 pass
             db.create(os.path.join(root, db.DB_NAME), compression="zstd" if compress else "none",
-                      level=3)
+                      level=compress_mod.DEFAULT_LEVEL)
         except OSError as e:
             raise store_os_error(e, root, "create the store") from None
         except sqlite3.Error as e:
@@ -222,17 +184,10 @@ class Store:
             pass
 
     def _info(self, row: tuple[Any, ...]) -> SnapshotInfo:
-        _seq, sid, parent, created, step, tag, message, metrics, manifest, source, n, total = row
-        where = f"{self.root}@{sid}"
-        try:
-            m = json.loads(metrics) if metrics else {}
-        except ValueError:
-            m = {}
-        return SnapshotInfo(sid, parent, float(created), step, tag, message, m if isinstance(m, dict) else {},
-                            _manifest_load(manifest, where), source, int(n), int(total))
+        return info_from_row(row, self.root)
 
     def _rows(self) -> list[tuple[Any, ...]]:
-        return self._query(f"SELECT {_SNAP_COLS} FROM snapshots ORDER BY seq")
+        return self._query(f"SELECT {SNAP_COLS} FROM snapshots ORDER BY seq")
 
     def _ref_rows(self, conn: sqlite3.Connection | None = None) -> list[tuple[int, refs.RefRow]]:
         sql = "SELECT seq, id, tag, step FROM snapshots ORDER BY seq"
@@ -252,7 +207,7 @@ class Store:
     def resolve(self, ref: str) -> SnapshotInfo:
         """The snapshot a ref names (see :mod:`ckptdiff.store.refs` for the forms)."""
         seq, _ = self._resolve_seq(ref)
-        return self._info(self._query(f"SELECT {_SNAP_COLS} FROM snapshots WHERE seq = ?", (seq,))[0])
+        return self._info(self._query(f"SELECT {SNAP_COLS} FROM snapshots WHERE seq = ?", (seq,))[0])
 
     def entries(self, ref: str) -> dict[str, Entry]:
         """Name -> Entry of a snapshot, in its tensor order; reads no blob."""
@@ -263,7 +218,7 @@ class Store:
         out: dict[str, Entry] = {}
         for name, dt, shape, h, nbytes in self._query(
                 "SELECT name, dtype, shape, hash, nbytes FROM entries WHERE seq = ? ORDER BY pos", (seq,)):
-            out[name] = _entry(name, dt, shape, h, nbytes, where)
+            out[name] = entry_from_row(name, dt, shape, h, nbytes, where)
         return out
 
     def effective_manifest(self, ref: str) -> Manifest | None:
@@ -297,7 +252,8 @@ class Store:
         infos = self.list()
         hashes: dict[str, dict[str, str]] = {i.id: {} for i in infos}
         for sid, name, h in self._query(
-                "SELECT s.id, e.name, e.hash FROM entries e JOIN snapshots s ON s.seq = e.seq"):
+                "SELECT s.id, e.name, e.hash FROM entries e JOIN snapshots s ON s.seq = e.seq "
+                "ORDER BY e.seq, e.pos"):
             hashes[sid][name] = h
         return build_log(infos, hashes)
 
@@ -337,7 +293,7 @@ class Store:
                 step = operator.index(step)
             except TypeError:
                 raise CkptError(f"step must be an integer, got {step!r}") from None
-        mets = _check_metrics(metrics)
+        mets = check_metrics(metrics)
         base: dict[str, Entry] = self.entries(inherit_from) if inherit_from is not None else {}
         try:
             with gc_lock(self.root, exclusive=False):
@@ -350,24 +306,25 @@ class Store:
     def _snapshot(self, tensors: Mapping[str, TensorRef], base: dict[str, Entry], *, step: int | None,
                   tag: str | None, message: str | None, metrics: dict[str, Metric], manifest: Manifest | None,
                   source: str | None, parent: str | None, inherit_from: str | None, progress: bool) -> str:
-        mets = metrics
-
         by_hash: dict[str, TensorRef] = {}
         written: list[str] = []
         new_entries: dict[str, Entry] = {}
         total = sum(t.nbytes for t in tensors.values())
 
+        lock = threading.Lock()
+
         def put(t: TensorRef, advance: Any) -> str:
             h, created = self.blobs.put(t, advance)
-            if created:
-                written.append(h)
-            by_hash[h] = t
+            with lock:
+                if created:
+                    written.append(h)
+                by_hash[h] = t
             return h
 
         try:
             with byte_progress("snapshot", total, progress) as advance:
-                for name, t in tensors.items():
-                    h = put(t, advance)
+                for name, h in put_all(put, tensors, advance, total):
+                    t = tensors[name]
                     new_entries[name] = Entry(name, t.dtype, tuple(t.shape), h, t.nbytes)
             if written:
                 self.blobs.sync()
@@ -381,7 +338,7 @@ class Store:
         final: list[Entry] = [new_entries.get(n, e) for n, e in base.items()]
         final += [e for n, e in new_entries.items() if n not in base]
         n_bytes = sum(e.nbytes for e in final)
-        man_json = _manifest_json(manifest)
+        man_json = manifest_to_json(manifest)
 
         for _attempt in range(5):
             try:
@@ -399,11 +356,11 @@ class Store:
                     conn.executemany(
                         "INSERT OR IGNORE INTO blobs(hash, nbytes, stored_size) VALUES (?, ?, ?)",
                         [(h, by_hash[h].nbytes, _size(self.blobs.path(h))) for h in by_hash])
-                    sid = _new_id()
+                    sid = new_id()
                     cur = conn.execute(
                         "INSERT INTO snapshots(id, parent, created_at, step, tag, message, metrics, manifest, "
                         "source, n_tensors, total_bytes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (sid, parent_id, time.time(), step, tag, message, json.dumps(mets), man_json, source,
+                        (sid, parent_id, time.time(), step, tag, message, json.dumps(metrics), man_json, source,
                          len(final), n_bytes))
                     seq = cur.lastrowid
                     conn.executemany(
@@ -428,6 +385,7 @@ class Store:
             except BaseException:
                 self._discard(written)
                 raise
+        self._discard(written)
         raise CkptError("could not commit the snapshot: its blobs kept being garbage-collected", self.root)
 
     def _discard(self, written: list[str]) -> None:
@@ -461,10 +419,10 @@ class Store:
             return self._remove_locked(conn, seq)
 
     def _remove_locked(self, conn: sqlite3.Connection, seq: int) -> SnapshotInfo:
-        info = self._info(conn.execute(f"SELECT {_SNAP_COLS} FROM snapshots WHERE seq = ?", (seq,)).fetchone())
+        info = self._info(conn.execute(f"SELECT {SNAP_COLS} FROM snapshots WHERE seq = ?", (seq,)).fetchone())
         if info.manifest is not None:
             conn.execute("UPDATE snapshots SET manifest = ? WHERE parent = ? AND manifest IS NULL",
-                         (_manifest_json(info.manifest), info.id))
+                         (manifest_to_json(info.manifest), info.id))
         conn.execute("UPDATE snapshots SET parent = ? WHERE parent = ?", (info.parent, info.id))
         conn.execute("DELETE FROM entries WHERE seq = ?", (seq,))
         conn.execute("DELETE FROM snapshots WHERE seq = ?", (seq,))
@@ -526,7 +484,7 @@ class Store:
         res.snapshots = len(self._query("SELECT 1 FROM snapshots"))
         for sid, name, dt, shape, h, nbytes in rows:
             try:
-                e = _entry(name, dt, shape, h, nbytes, f"{self.root}@{sid}")
+                e = entry_from_row(name, dt, shape, h, nbytes, f"{self.root}@{sid}")
             except CkptError as err:
                 res.errors.append(f"snapshot {sid}, tensor {name!r}: {err.message}")
                 continue
@@ -593,26 +551,6 @@ def _size(path: str) -> int:
         return os.stat(path).st_size
     except OSError:
         return 0
-
-
-def _entry(name: str, dt: str, shape: str, h: str, nbytes: int, where: str) -> Entry:
-    """Build an Entry from database values, treating them as untrusted."""
-    from .blobs import valid_hash
-
-    info = dtypes.get(dt) if isinstance(dt, str) else dtypes.get(repr(dt))
-    try:
-        dims = json.loads(shape)
-    except (ValueError, TypeError):
-        raise FormatError(f"tensor {name!r} has a damaged shape in the store database", where) from None
-    if not isinstance(dims, list):
-        raise FormatError(f"tensor {name!r} has a damaged shape in the store database", where)
-    dims_t = check_shape(name, dims)
-    expect = math.prod(dims_t) * info.itemsize
-    if not isinstance(nbytes, int) or nbytes != expect:
-        raise FormatError(f"tensor {name!r}: recorded size {nbytes} does not match {dt}{list(dims_t)}", where)
-    if not valid_hash(h):
-        raise FormatError(f"tensor {name!r} has an invalid hash in the store database", where)
-    return Entry(name, info.name, dims_t, h, nbytes)
 
 
 def _blob_reader(blobs: BlobDir, e: Entry, where: str):  # type: ignore[no-untyped-def]

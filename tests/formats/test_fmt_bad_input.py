@@ -418,3 +418,56 @@ def test_hdf5_bad_dtype_attribute(tmp):
     with h5py.File(tmp("c.h5"), "w") as f:
         f.create_dataset("w", data=np.zeros(2, np.float32)).attrs["dtype"] = "int32"
     expect_error(tmp("c.h5"), "does not fit the stored type float32")
+
+
+# ---- mutation fuzzing: anything but a CkptError escaping a reader is a bug -------
+
+def _fuzz_sources(d: str) -> dict[str, str]:
+    from fmt_helpers import dtype_arrays, write_npz, write_torch
+    arrays = dtype_arrays(("float32", "int64", "bool", "bfloat16"))
+    plain = {k: v for k, v in arrays.items() if not k.startswith("bfloat16")}
+    np.save(os.path.join(d, "a.npy"), np.arange(100.0).reshape(10, 10))
+    return {
+        "safetensors": write_safetensors(os.path.join(d, "a.safetensors"), arrays),
+        "pt": write_torch(os.path.join(d, "a.pt"), arrays),
+        "legacy": write_torch(os.path.join(d, "a.bin"), plain, legacy=True),
+        "h5": write_hdf5(os.path.join(d, "a.h5"), arrays),
+        "npz": write_npz(os.path.join(d, "a.npz"), plain),
+        "npz-compressed": write_npz(os.path.join(d, "c.npz"), plain, compressed=True),
+        "npy": os.path.join(d, "a.npy"),
+    }
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pt", "legacy", "h5", "npz", "npz-compressed", "npy"])
+def test_mutated_files_only_ever_raise_ckpterror(tmp_path, fmt):
+    import random
+    import warnings
+    src = _fuzz_sources(str(tmp_path))[fmt]
+    data = open(src, "rb").read()
+    rng = random.Random(f"ckptdiff-{fmt}")
+    target = str(tmp_path / ("mutant" + os.path.splitext(src)[1]))
+    outcomes = {"ok": 0, "error": 0}
+    for _ in range(60):
+        buf = bytearray(data)
+        roll = rng.random()
+        if roll < 0.3:
+            buf = buf[: rng.randrange(len(buf))]
+        elif roll < 0.8:
+            for _ in range(rng.randint(1, 8)):
+                buf[rng.randrange(len(buf))] = rng.randrange(256)
+        else:
+            pos = rng.randrange(len(buf))
+            buf[pos:pos + 4] = rng.randbytes(4)
+        with open(target, "wb") as f:
+            f.write(buf)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with open_checkpoint(target) as ck:
+                    for ref in ck.values():
+                        ref.read()
+            outcomes["ok"] += 1  # a mutation in tensor data is still a valid file
+        except CkptError as e:
+            assert e.path and "\n" not in str(e), str(e)
+            outcomes["error"] += 1
+    assert outcomes["error"] > 0, outcomes

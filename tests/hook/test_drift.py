@@ -14,6 +14,9 @@ from ckptdiff.store import Store
 
 torch = pytest.importorskip("torch")
 
+# The audit's warnings for these deliberately buggy setups are tested in test_audit.py.
+pytestmark = pytest.mark.filterwarnings("ignore::ckptdiff.hook_drift.AuditWarning")
+
 BACKBONE_PARAMS = {"backbone.0.weight", "backbone.0.bias", "backbone.1.weight", "backbone.1.bias",
                    "backbone.3.weight", "backbone.3.bias"}
 BN_BUFFERS = {"backbone.1.running_mean", "backbone.1.running_var", "backbone.1.num_batches_tracked"}
@@ -53,9 +56,11 @@ def test_clean_selective_fine_tune_has_no_false_positive(net, data, store_dir, n
     assert tags == [(0, "baseline"), (4, None), (8, None), (10, None)]
 
 
-def test_stale_momentum_moves_frozen_weights_and_is_caught_at_the_first_step(net, data, store_dir):
+@pytest.mark.parametrize("impl", [{"foreach": False}, {"foreach": True}, {"fused": True}], ids=str)
+def test_stale_momentum_moves_frozen_weights_and_is_caught_at_the_first_step(impl, net, data, store_dir):
+    # fused=True writes the parameters without bumping their version counter: still caught at step 1.
     x, y = data
-    opt = _stale_momentum_setup(net, x, y)
+    opt = _stale_momentum_setup(net, x, y, torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.0, **impl))
     frozen_before = {n: host(p) for n, p in net.named_parameters() if n.startswith("backbone")}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -148,7 +153,8 @@ def test_raise_stops_training_at_the_first_drifted_step(net, data, store_dir):
     e = err.value
     assert e.step == 6 and [ev.name for ev in e.events] == ["backbone.3.bias"]
     assert e.events[0].changed == 1 and e.events[0].max_abs_delta == pytest.approx(0.5, rel=1e-6)
-    assert "backbone.3.bias" in str(e) and "step 6" in str(e)
+    assert e.events[0].last_clean_step == 5  # the version counter proves it was untouched until step 5
+    assert "backbone.3.bias (frozen parameter) moved at step 6" in str(e)
     assert Store.open(store_dir).resolve("drift").step == 6
 
 
@@ -192,6 +198,9 @@ def test_deferred_checks_attribute_the_step_of_the_launch(net, data, store_dir):
     tracker.close()
     (e,) = tracker.drift_events
     assert e.name == "backbone.0.bias" and e.step == 4
+    drift = Store.open(store_dir).resolve("drift")
+    assert "frozen drift at step 4" in drift.message
+    assert drift.step == 5  # its bytes were captured when the deferred result was read
 
 
 def test_record_is_silent_and_warn_reports_once(net, data, store_dir):
@@ -243,3 +252,35 @@ def test_half_precision_models(dtype, data, store_dir):
     snap = store.open_snapshot("latest")
     assert snap["head.weight"].dtype == str(dtype).removeprefix("torch.")
     np.testing.assert_array_equal(snap["head.weight"].numpy().astype(np.float64), host(net.head.weight))
+
+
+def test_transformer_selective_fine_tune_has_no_false_positive(store_dir, no_warnings):
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.1, batch_first=True)
+    model = torch.nn.Sequential(torch.nn.Embedding(50, 32), torch.nn.TransformerEncoder(layer, 2,
+                                enable_nested_tensor=False))
+    head = torch.nn.Linear(32, 3)
+    full = torch.nn.ModuleDict({"body": model, "head": head})
+    for p in full.parameters():
+        p.requires_grad_(False)
+    for p in list(model[1].layers[1].parameters()) + list(head.parameters()):
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW([p for p in full.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.1)
+    g = torch.Generator().manual_seed(0)
+    idx, y = torch.randint(0, 50, (8, 12), generator=g), torch.randint(0, 3, (8,), generator=g)
+    frozen_before = {n: p.detach().clone() for n, p in full.named_parameters() if not p.requires_grad}
+    with ckptdiff.track(full, opt, store=store_dir, every=5) as tracker:
+        full.train()  # dropout on; no norm statistics to drift
+        for _ in range(15):
+            loss = torch.nn.functional.cross_entropy(head(model(idx).mean(1)), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            tracker.log(loss=loss)
+    assert [str(w.message) for w in no_warnings] == []
+    assert tracker.drift_events == [] and tracker.stale == [] and tracker.errors == []
+    assert all(torch.equal(p, frozen_before[n]) for n, p in full.named_parameters() if n in frozen_before)
+    assert len(tracker.manifest.trainable) == 14 and len(tracker.manifest.frozen) == 13
+    infos = Store.open(store_dir).list()
+    assert [i.step for i in infos] == [0, 5, 10, 15]
+    assert all(isinstance(i.metrics["loss"], float) for i in infos[1:])

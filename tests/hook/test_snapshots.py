@@ -17,6 +17,7 @@ import ckptdiff
 from ckptdiff.hook import StaleWarning, StoreWarning, TrackerError
 from ckptdiff.hook_writer import BackgroundWriter
 from ckptdiff.store import Store
+from ckptdiff.store.blobs import TMP_DIR
 
 torch = pytest.importorskip("torch")
 
@@ -159,7 +160,7 @@ def test_resume_appends_to_the_same_history(net, data, store_dir):
 def test_a_store_that_fails_mid_run_does_not_stop_training(net, data, store_dir):
     x, y = data
     opt = _selective(net)
-    tmp_dir = os.path.join(store_dir, "tmp")
+    tmp_dir = os.path.join(store_dir, TMP_DIR)  # where the store stages blobs
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         tracker = ckptdiff.track(net, opt, store=store_dir, every=2)
@@ -187,7 +188,7 @@ def test_a_store_that_fails_mid_run_does_not_stop_training(net, data, store_dir)
 def test_on_store_error_raise(net, data, store_dir):
     opt = _selective(net)
     tracker = ckptdiff.track(net, opt, store=store_dir, every=1, on_store_error="raise")
-    tmp_dir = os.path.join(store_dir, "tmp")
+    tmp_dir = os.path.join(store_dir, TMP_DIR)  # where the store stages blobs
     shutil.rmtree(tmp_dir, ignore_errors=True)
     open(tmp_dir, "w").close()
     train_step(net, opt, *data)
@@ -344,3 +345,32 @@ def test_bfloat16_snapshot_bytes_round_trip(store_dir):
     np.testing.assert_array_equal(snap["head.weight"].numpy().astype(np.float32),
                                   net.head.weight.detach().float().numpy())
     assert snap["backbone.1.num_batches_tracked"].dtype == "int64"
+
+
+def test_optimizer_wrappers_are_unwrapped(net, data, store_dir):
+    class Accumulating(torch.optim.Optimizer):
+        """Like accelerate's AcceleratedOptimizer: steps the inner optimizer every other call."""
+
+        def __init__(self, inner):  # noqa: D107 - deliberately skips Optimizer.__init__, as wrappers do
+            self.optimizer = inner
+            self.calls = 0
+
+        @property
+        def param_groups(self):
+            return self.optimizer.param_groups
+
+        def zero_grad(self, set_to_none=True):
+            if self.calls % 2 == 0:
+                self.optimizer.zero_grad(set_to_none=set_to_none)
+
+        def step(self, closure=None):
+            self.calls += 1
+            if self.calls % 2 == 0:
+                self.optimizer.step()
+
+    opt = Accumulating(_selective(net))
+    with ckptdiff.track(net, opt, store=store_dir, every=2) as tracker:
+        for _ in range(4):
+            train_step(net, opt, *data)
+        assert tracker.current_step == 2 and tracker.optimizer is opt.optimizer
+    assert [i.step for i in Store.open(store_dir).list()] == [0, 2]

@@ -182,3 +182,19 @@ def test_help_teaches_and_entry_point_runs(tmp_path):
     r = subprocess.run([sys.executable, "-m", "ckptdiff.cli", "verify", os.fspath(tmp_path)], capture_output=True,
                        text=True, env=dict(os.environ, PYTHONPATH=os.getcwd()))
     assert r.returncode == 2 and "not a ckptdiff store" in r.stderr
+
+
+def test_snapshot_from_one_store_into_another(run_dir, capsys):
+    tmp, files, man, last = run_dir
+    a, b = os.fspath(tmp / "a"), os.fspath(tmp / "b")
+    assert main(["snapshot", files[2], "--store", a, "--step", "7", "--manifest", man]) == 0
+    assert main(["snapshot", f"{a}@latest", "--store", b, "--compress"]) == 0
+    capsys.readouterr()
+    from ckptdiff.store import Store
+    with Store.open(a) as sa, Store.open(b) as sb:
+        assert sb.compressed and not sa.compressed
+        assert {n: e.hash for n, e in sa.entries("latest").items()} == \
+            {n: e.hash for n, e in sb.entries("latest").items()}
+        assert sb.resolve("latest").source == f"{a}@{sa.resolve('latest').id}"
+        with sb.open_snapshot("latest") as snap:
+            assert all(same_bits(snap[k].numpy(), v) for k, v in last.items())

@@ -228,3 +228,26 @@ def test_sqlite_busy_gives_a_clear_error(tmp_path, monkeypatch):
         # nothing listed; the blob written before the commit was refused is garbage gc frees
         assert s.list() == [] and s.verify().ok
         assert s.reclaimable_bytes() == 16 and s.gc().bytes_freed == 16
+
+
+def test_disk_full_in_the_parallel_writer(tmp_path, monkeypatch):
+    """The same guarantee when blobs are written by the thread pool."""
+
+    monkeypatch.setattr(blobs_mod, "PARALLEL_MIN_BYTES", 0)
+    root = os.fspath(tmp_path / "st")
+    with Store.init(root) as s:
+        s.snapshot(ckpt(model(0)))
+    before = _state(root)
+    real = blobs_mod._write_all
+    calls = {"n": 0}
+
+    def full_disk(fd, data):
+        calls["n"] += 1
+        if calls["n"] >= 6:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, data)
+
+    monkeypatch.setattr(blobs_mod, "_write_all", full_disk)
+    with Store.open(root) as s, pytest.raises(CkptError, match="disk full"):
+        s.snapshot(ckpt(model(1)))
+    assert _state(root) == before

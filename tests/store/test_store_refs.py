@@ -54,7 +54,7 @@ def test_empty_store():
 
 def test_store_resolves_and_reports_ambiguity(raw_store, monkeypatch):
     ids = iter(["abcd00000000000a", "abcd00000000000b", "ef01000000000000"])
-    monkeypatch.setattr(store_mod, "_new_id", lambda: next(ids))
+    monkeypatch.setattr(store_mod, "new_id", lambda: next(ids))
     for step in (1, 2, 3):
         raw_store.snapshot(ckpt({"w": np.full(2, step, np.int8)}), step=step, tag="t" if step == 2 else None)
     assert raw_store.resolve("abcd00000000000b").step == 2

@@ -175,3 +175,60 @@ def test_metadata_round_trip(store):
     assert info.to_dict()["metrics"]["nan"] == "nan"
     with pytest.raises(CkptError, match="metric"):
         store.snapshot(ckpt({"x": np.zeros(1, np.uint8)}), metrics={"bad": [1, 2]})
+
+
+def test_many_threads_share_one_store(tmp_path):
+    """The hook writes from a background thread while others read: one Store, many threads."""
+    import threading
+
+    s = Store.init(tmp_path / "st")
+    errors: list[BaseException] = []
+
+    def writer(k: int) -> None:
+        try:
+            for i in range(3):
+                s.snapshot(ckpt({"shared": np.ones(1000, np.float32), "own": np.full(1000, k * 10 + i, np.int32)}),
+                           step=k * 10 + i)
+                s.list()
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    infos = s.list()
+    assert sorted(i.step for i in infos) == sorted(k * 10 + i for k in range(4) for i in range(3))
+    assert s.verify().ok and s.verify().blobs_checked == 13
+    s.close()
+
+
+def test_parallel_writer_keeps_order_and_bytes(tmp_path, monkeypatch):
+    from ckptdiff.store import blobs as blobs_mod
+
+    monkeypatch.setattr(blobs_mod, "PARALLEL_MIN_BYTES", 0)
+    arrays = {f"t{i:02d}": np.full(1000 + i, i, np.int16) for i in range(40)}
+    with Store.init(tmp_path / "st") as s:
+        s.snapshot(ckpt(arrays))
+        assert list(s.entries("latest")) == list(arrays)
+        with s.open_snapshot("latest") as snap:
+            assert all(same_bits(snap[k].numpy(), v) for k, v in arrays.items())
+
+
+def test_tensor_names_are_never_paths(store, tmp_path):
+    names = ["../../escape", "/etc/passwd", "a\nb", "ünï/cödé", "x" * 5000, "", "blobs", "ckptdiff.db"]
+    arrays = {n: np.full(3, i, np.int8) for i, n in enumerate(names)}
+    store.snapshot(ckpt(arrays))
+    assert sorted(os.listdir(store.root)) == ["blobs", "ckptdiff.db", "ckptdiff.db-shm", "ckptdiff.db-wal",
+                                              "gc.lock", "tmp"]
+    assert all(len(f) == 64 for f in os.listdir(os.path.join(store.root, "blobs")))
+    assert not (tmp_path / "escape").exists()
+    with store.open_snapshot("latest") as snap:
+        assert list(snap) == names
+        assert all(snap[n].read() == arrays[n].tobytes() for n in names)
+    out = tmp_path / "names.safetensors"
+    store.export("latest", out)
+    with open_checkpoint(os.fspath(out)) as c:
+        assert list(c) == names or sorted(c) == sorted(names)

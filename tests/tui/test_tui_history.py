@@ -21,7 +21,7 @@ def app_for(history) -> CkptdiffApp:  # type: ignore[no-untyped-def]
 
 
 def cell_style(screen: HistoryScreen, name: str, column: int = 1) -> str:
-    return str(screen.table.get_row(name)[column].style)
+    return str(screen.table.row_cells(name)[column].style)
 
 
 @run_async
@@ -130,8 +130,9 @@ async def test_base_cycles_first_previous_marked(history) -> None:
         assert screen.table.all_rows["head.weight"].max_abs_delta == pytest.approx(
             max_abs64(a[1]["head.weight"], a[last]["head.weight"]))
         # the list flags base and mark
-        mark_cell = screen.query_one(HistoryList).get_row("1")[0]
-        assert "◆" in str(mark_cell) and "★" in str(mark_cell)
+        text, _style = screen.query_one(HistoryList).cell(1, "mark")
+        assert text == "◆★"
+        assert screen.query_one(HistoryList).cell(0, "mark")[0] == ""
 
 
 @run_async
@@ -231,9 +232,10 @@ async def test_sort_by_key_and_by_clicking_headers(history) -> None:
 
 def header_x(table, key: str) -> int:  # type: ignore[no-untyped-def]
     """x offset of column ``key``'s header cell inside the table."""
-    cols = list(table.columns.values())
-    index = [c.key.value for c in cols].index(key)
-    return sum(c.get_render_width(table) for c in cols[:index]) + 1
+    index = table.column_index(key)
+    x = sum(w + 2 for w in table._widths[:index]) + 1
+    assert table.column_at(x) == key
+    return x
 
 
 @run_async

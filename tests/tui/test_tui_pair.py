@@ -31,7 +31,7 @@ async def test_two_files_with_a_manifest(pair_files, tmp_path) -> None:
         assert w.max_abs_delta == pytest.approx(max_abs64(a[0]["backbone.0.weight"], a[-1]["backbone.0.weight"]),
                                                 rel=1e-12)
         assert w.rel_l2 == pytest.approx(rel_l264(a[0]["backbone.0.weight"], a[-1]["backbone.0.weight"]), rel=1e-9)
-        assert str(screen.table.get_row("backbone.0.weight")[1].style) == DRIFT_STYLE
+        assert str(screen.table.row_cells("backbone.0.weight")[1].style) == DRIFT_STYLE
         assert screen.table.shown[0].drift
         assert rows["head.bias"].stale
         await pilot.press("d")

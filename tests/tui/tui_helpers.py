@@ -87,9 +87,14 @@ def rel_l264(old: np.ndarray, new: np.ndarray) -> float:
 
 async def settle(pilot) -> None:  # type: ignore[no-untyped-def]
     """Let every worker finish and the screen catch up with their results."""
+    from textual.worker import WorkerCancelled
+
     for _ in range(3):
         await pilot.pause()
-        await pilot.app.workers.wait_for_complete()
+        try:
+            await pilot.app.workers.wait_for_complete()
+        except WorkerCancelled:  # superseded work (the user moved on) is cancelled by design
+            await pilot.app.workers.wait_for_complete()
     await pilot.pause()
 
 
