@@ -9,9 +9,11 @@ exactly the child it reaped.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -21,6 +23,8 @@ class Run:
     wall_s: float
     peak_rss_mb: float
     returncode: int
+    #: Killed at the time limit: wall_s is then a lower bound.
+    timed_out: bool = False
 
 
 @dataclass
@@ -44,22 +48,40 @@ class Timing:
         return b.wall_s if b else None
 
     @property
+    def timed_out(self) -> bool:
+        return bool(self.runs) and all(r.timed_out for r in self.runs)
+
+    @property
     def peak_rss_mb(self) -> float | None:
         return max(r.peak_rss_mb for r in self.runs) if self.runs else None
 
 
-def run_once(cmd: list[str], stdout_path: str | None = None, ok_codes: tuple[int, ...] = (0,)) -> Run:
-    """Run ``cmd`` once; stdout to ``stdout_path`` (or /dev/null), stderr kept for the error message."""
+def run_once(cmd: list[str], stdout_path: str | None = None, ok_codes: tuple[int, ...] = (0,),
+             timeout_s: float | None = None) -> Run:
+    """Run ``cmd`` once; stdout to ``stdout_path`` (or /dev/null), stderr kept for the error message.
+
+    A child still running after ``timeout_s`` is killed and reported as
+    timed out (its wall time is then a lower bound).
+    """
     with tempfile.TemporaryFile() as err:
         out = open(stdout_path, "wb") if stdout_path else open(os.devnull, "wb")  # noqa: SIM115
+        timer = None
         try:
             t0 = time.perf_counter()
             p = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+            if timeout_s:
+                timer = threading.Timer(timeout_s, p.kill)
+                timer.start()
             _pid, status, usage = os.wait4(p.pid, 0)
             wall = time.perf_counter() - t0
         finally:
+            if timer is not None:
+                timer.cancel()
             out.close()
         p.returncode = code = os.waitstatus_to_exitcode(status)
+        if timeout_s and code == -signal.SIGKILL and wall >= timeout_s:
+            kib = usage.ru_maxrss / 1024 if sys.platform == "darwin" else usage.ru_maxrss
+            return Run(wall, kib / 1024, code, timed_out=True)
         if code not in ok_codes:
             err.seek(0)
             tail = err.read().decode(errors="replace").strip().splitlines()[-3:]
@@ -77,14 +99,15 @@ def time_command(
     *,
     ok_codes: tuple[int, ...] = (0,),
     slow_after_s: float = 5.0,
+    timeout_s: float | None = None,
 ) -> Timing:
     """Best of ``repeat`` runs; a command slower than ``slow_after_s`` runs once (it is not the close call)."""
     t = Timing(label, tool)
     try:
         for i in range(repeat):
-            r = run_once(cmd, ok_codes=ok_codes)
+            r = run_once(cmd, ok_codes=ok_codes, timeout_s=timeout_s)
             t.runs.append(r)
-            if i == 0 and r.wall_s > slow_after_s:
+            if r.timed_out or (i == 0 and r.wall_s > slow_after_s):
                 break
     except RuntimeError as e:
         t.error = str(e)

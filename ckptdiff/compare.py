@@ -97,7 +97,9 @@ def release_pages(view: memoryview) -> None:
     anonymous memory DONTNEED would discard data.
     """
     mm = view.obj
-    if _DONTNEED is None or not isinstance(mm, mmap.mmap) or view.nbytes < 2 * _PAGE:
+    # Read-only views only: an ACCESS_READ map is shared and never written, so
+    # dropping its pages cannot lose data (an ACCESS_COPY map could).
+    if _DONTNEED is None or not isinstance(mm, mmap.mmap) or not view.readonly or view.nbytes < 2 * _PAGE:
         return
     try:
         base = np.frombuffer(mm, dtype=np.uint8).ctypes.data

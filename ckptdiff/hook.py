@@ -274,11 +274,15 @@ class Tracker:
         }
 
     def log(self, step: int | None = None, **metrics: Any) -> None:
-        """Attach metrics (loss, lr, ...) to the next snapshot; the latest value of each name wins.
+        """Attach metrics (loss, lr, ...) to a snapshot; the latest value of each name wins.
 
-        Tensors are kept detached and converted on the writer thread, so
-        logging a CUDA loss does not force a GPU sync. ``step`` records when
-        the values were measured, if that is not the tracker's current step.
+        They go to the snapshot taken at the current step if there is one
+        (a loop logs a step's loss after its ``optimizer.step()``, which is
+        where the snapshot was taken), else to the next one. Tensors are kept
+        detached and converted on the writer thread, so logging a CUDA loss
+        does not force a GPU sync. ``step`` records when the values were
+        measured, if that is not the tracker's current step (stored as the
+        ``metrics_step`` metric).
         """
         import torch
 

@@ -167,6 +167,16 @@ def test_output_file(ckpts, capsys, tmp_path):
     assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
 
 
+def test_output_to_stdout_and_bad_output_paths(ckpts, capsys, tmp_path):
+    rc, out, _ = run_cli(capsys, "diff", ckpts["base"], ckpts["clean"], "-f", "json", "-o", "-")
+    assert rc == 1 and json.loads(out)["schema"] == "ckptdiff.diff/1"
+    cases = ((tmp_path / "no" / "r.json", "cannot write the report: its directory does not exist"),
+             (tmp_path, "--output is a directory; name a file"))
+    for target, msg in cases:
+        rc, out, err = run_cli(capsys, "diff", ckpts["base"], ckpts["clean"], "-o", target)
+        assert (rc, out, err) == (2, "", f"ckptdiff: error: {target}: {msg}\n")
+
+
 def test_markdown_and_github_formats(ckpts, capsys):
     rc, out, _ = run_cli(capsys, "diff", ckpts["base"], ckpts["drifted"], "-m", ckpts["manifest"], "-f", "markdown")
     assert rc == 1 and "| 🔴 drift | `backbone.0.weight` | changed | frozen |" in out

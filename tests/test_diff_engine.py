@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import tracemalloc
 from unittest import mock
 
@@ -549,3 +550,43 @@ def test_public_api_is_the_function():
     import ckptdiff.engine  # noqa: F401  importing the module must not shadow the function
     assert callable(ckptdiff.diff) and ckptdiff.diff.__name__ == "diff"
     assert ckptdiff.diff is ckptdiff.engine.diff
+
+
+def _rss_file_kb() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssFile:"):
+                return int(line.split()[1])
+    raise RuntimeError("no RssFile")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="Linux /proc needed to read RssFile")
+def test_mapped_file_pages_are_handed_back(tmp_path):
+    """Diffing two 64 MiB safetensors files must not leave 128 MiB of file pages resident."""
+    from safetensors.numpy import save_file
+    big = np.arange(16 << 20, dtype=np.float32)
+    save_file({"w": big, "v": big[:1000]}, str(tmp_path / "a.safetensors"))
+    big[::7] += 1
+    save_file({"w": big, "v": big[:1000]}, str(tmp_path / "b.safetensors"))
+    del big
+    before = _rss_file_kb()
+    rep = diff(str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"))
+    grown_mib = (_rss_file_kb() - before) / 1024
+    assert one(rep, "w").changed_elements == len(range(0, 16 << 20, 7))
+    assert grown_mib < 24, f"file-backed RSS grew by {grown_mib:.0f} MiB"
+
+
+def test_release_pages_never_touches_writable_or_anonymous_memory(tmp_path):
+    import mmap
+    p = tmp_path / "f.bin"
+    p.write_bytes(bytes(1 << 16))
+    with open(p, "r+b") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private: writes live only in memory
+        mm[:4] = b"abcd"
+        mm[20000:20004] = b"wxyz"
+        compare.release_pages(memoryview(mm))
+        assert mm[:4] == b"abcd" and mm[20000:20004] == b"wxyz"
+        mm.close()
+    arr = np.full(1 << 16, 7, np.uint8)
+    compare.release_pages(memoryview(arr))
+    assert (arr == 7).all()

@@ -17,7 +17,7 @@ from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Sparkline, Static
-from textual.worker import get_current_worker
+from textual.worker import Worker, WorkerState, get_current_worker
 
 from ckptdiff.report import TensorDiff
 
@@ -99,7 +99,7 @@ class DetailScreen(Screen):
         grid.add_row("hash new", r.hash_new or "-")
         return grid
 
-    @work(thread=True, exclusive=True, group="series")
+    @work(thread=True, exclusive=True, group="series", exit_on_error=False)
     def load_series(self) -> None:
         assert self.model is not None
         worker = get_current_worker()
@@ -152,6 +152,13 @@ class DetailScreen(Screen):
                           fmt.short_hash(p.hash), key=str(p.index))
         if self.index is not None:
             table.move_cursor(row=self.index, animate=False)
+
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        if event.state == WorkerState.ERROR:
+            from .table_screen import describe_error
+            self.query_one("#chart-title", Static).update(
+                Text(f"error: {describe_error(event.worker.error)}", style="bold red"))
 
 
 def _finite(x: float | None) -> float:

@@ -77,7 +77,7 @@ class HistoryScreen(TableScreen):
 
     # -- loading --------------------------------------------------------------
 
-    @work(thread=True, exclusive=True, group="load")
+    @work(thread=True, exclusive=True, group="load", exit_on_error=False)
     def load_history(self) -> None:
         model = HistoryModel.load(self.store_path)
         rows: list[TensorDiff] = []
@@ -127,7 +127,7 @@ class HistoryScreen(TableScreen):
         self.history.set_marks(base, self.marked)
         self.load_table(index, base)
 
-    @work(thread=True, exclusive=True, group="table")
+    @work(thread=True, exclusive=True, group="table", exit_on_error=False)
     def load_table(self, index: int, base: int) -> None:
         assert self.model is not None
         rows = self.model.quick_rows(index, base)
@@ -143,7 +143,7 @@ class HistoryScreen(TableScreen):
         self.shown_at = time.perf_counter()
         self.measure_selected(index, base, rows)
 
-    @work(thread=True, exclusive=True, group="measure")
+    @work(thread=True, exclusive=True, group="measure", exit_on_error=False)
     def measure_selected(self, index: int, base: int, rows: list[TensorDiff]) -> None:
         """Fill max |Δ| and rel L2 of the changed tensors, drifted ones first."""
         assert self.model is not None
@@ -192,7 +192,7 @@ class HistoryScreen(TableScreen):
             self.update_context()
             self.update_status()
 
-    @work(thread=True, exclusive=True, group="summary")
+    @work(thread=True, exclusive=True, group="summary", exit_on_error=False)
     def load_summaries(self) -> None:
         """The list's 'changed' and 'drift' columns, newest first (those are on screen)."""
         assert self.model is not None

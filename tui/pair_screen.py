@@ -11,7 +11,7 @@ from __future__ import annotations
 from rich.text import Text
 from textual import work
 from textual.widgets import Footer, Header
-from textual.worker import get_current_worker
+from textual.worker import Worker, WorkerState, get_current_worker
 
 from ckptdiff.checkpoint import Checkpoint
 from ckptdiff.manifest import Manifest
@@ -19,7 +19,7 @@ from ckptdiff.report import TensorDiff
 
 from .measure import batches, measure
 from .rows import diff_entries
-from .table_screen import TableScreen
+from .table_screen import TableScreen, describe_error
 
 
 class PairScreen(TableScreen):
@@ -46,10 +46,9 @@ class PairScreen(TableScreen):
         self.table.focus()
         self.run_diff()
 
-    @work(thread=True, exclusive=True, group="diff")
+    @work(thread=True, exclusive=True, group="diff", exit_on_error=False)
     def run_diff(self) -> None:
         """Open both sides, show the header-level table, then let the engine measure."""
-        from ckptdiff.errors import CkptError
         from ckptdiff.formats import open_checkpoint
 
         worker = get_current_worker()
@@ -73,8 +72,6 @@ class PairScreen(TableScreen):
                 done += len(names)
                 self.app.call_from_thread(self._measured, got)
             self.app.call_from_thread(self._progress, None, None)
-        except CkptError as e:
-            self.app.call_from_thread(self._failed, str(e))
         finally:
             for c in opened:
                 c.close()
@@ -92,9 +89,10 @@ class PairScreen(TableScreen):
         self.update_context()
         self.update_status()
 
-    def _failed(self, message: str) -> None:
-        self.error = message
-        self.set_status(Text(f"error: {message}", style="bold red"))
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        # (TableScreen's handler runs too and shows the message)
+        if event.state == WorkerState.ERROR:
+            self.error = describe_error(event.worker.error)
 
     def update_context(self) -> None:
         line = Text()

@@ -12,7 +12,7 @@ import argparse
 import asyncio
 import sys
 
-from textual.worker import WorkerCancelled
+from textual.worker import WorkerCancelled, WorkerFailed
 
 from .app import CkptdiffApp
 
@@ -23,8 +23,8 @@ async def render(app: CkptdiffApp, out: str, size: tuple[int, int], keys: list[s
             await pilot.pause()
             try:
                 await app.workers.wait_for_complete()
-            except WorkerCancelled:
-                pass
+            except (WorkerCancelled, WorkerFailed):
+                pass  # shown in the app's status line
         if keys:
             await pilot.press(*keys)
             await pilot.pause()

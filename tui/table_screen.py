@@ -12,6 +12,7 @@ from rich.text import Text
 from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import Input, Static
+from textual.worker import Worker, WorkerState
 
 from ckptdiff.report import TensorDiff
 
@@ -148,3 +149,19 @@ class TableScreen(Screen):
 
     def open_detail(self, row: TensorDiff) -> None:
         raise NotImplementedError
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        """A worker failed (a damaged blob, a store removed underneath us): say so, keep running."""
+        if event.state == WorkerState.ERROR:
+            self.measuring = None
+            self.set_status(Text(f"error: {describe_error(event.worker.error)}", style="bold red"))
+
+
+def describe_error(e: BaseException | None) -> str:
+    from ckptdiff.errors import CkptError
+
+    if isinstance(e, CkptError):
+        return str(e)
+    if isinstance(e, OSError):
+        return f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}"
+    return f"internal error: {type(e).__name__}: {e}"

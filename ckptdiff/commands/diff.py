@@ -13,6 +13,7 @@ import os
 import sys
 from typing import Any
 
+from ..errors import CkptError
 from ..render import FORMATS
 from ..report import FAIL_ON
 
@@ -94,7 +95,8 @@ def register(subparsers: Any) -> None:
                    help="skip tensors whose name matches GLOB (repeatable)")
     p.add_argument("--format", "-f", choices=FORMATS, default="table",
                    help="output format (default: table); json follows the schema ckptdiff.diff/1")
-    p.add_argument("--output", "-o", metavar="FILE", help="write the report to FILE instead of stdout")
+    p.add_argument("--output", "-o", metavar="FILE",
+                   help="write the report to FILE (replaced atomically) instead of stdout; - is stdout")
     p.add_argument("--fail-on", choices=FAIL_ON, default=None,
                    help="what makes the exit code 1 (default: drift with a manifest, else change)")
     p.add_argument("--all", "-a", action="store_true", dest="show_all",
@@ -108,6 +110,7 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..engine import diff
 
+    _check_output(args.output)  # fail before a long diff, not after it
     with _progress(enabled=not args.no_progress) as progress:
         report = diff(
             args.old, args.new,
@@ -124,12 +127,20 @@ def run(args: argparse.Namespace) -> int:
 def _emit(report: Any, args: argparse.Namespace) -> None:
     from ..render import render
 
-    if args.output:
+    if args.output and args.output != "-" and _is_special(args.output):
+        # /dev/stdout, a FIFO, a terminal: no temp file beside it, just write.
+        with open(args.output, "w", encoding="utf-8") as f:
+            render(report, args.format, f, show_all=args.show_all, color=False)
+        return
+    if args.output and args.output != "-":
+        # A regular file is replaced atomically: a reader never sees half a report.
         tmp = f"{args.output}.tmp-{os.getpid()}"
         try:
             with open(tmp, "w", encoding="utf-8") as f:
                 render(report, args.format, f, show_all=args.show_all, color=False)
             os.replace(tmp, args.output)
+        except OSError as e:
+            raise CkptError(f"cannot write the report: {e.strerror or e}", args.output) from None
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
@@ -181,3 +192,23 @@ def _stderr_is_tty() -> bool:
         return sys.stderr.isatty()
     except (AttributeError, ValueError):
         return False
+
+
+def _is_special(path: str) -> bool:
+    import stat
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False  # does not exist yet: a regular file will be created
+
+
+def _check_output(path: str | None) -> None:
+    if not path or path == "-":
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise CkptError("--output is a directory; name a file", path)
+    if not os.path.isdir(parent):
+        raise CkptError("cannot write the report: its directory does not exist", path)
+    if not os.access(parent, os.W_OK) and not _is_special(path):
+        raise CkptError("cannot write the report: directory is not writable", path)

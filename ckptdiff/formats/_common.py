@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import CkptError, FormatError
+from ..errors import CkptError
 
 #: Target size of one slab when a reader has to copy (HDF5, byte-swapped or
 #: Fortran-ordered arrays, compressed .npz members): bounded memory per read.
@@ -119,7 +119,3 @@ def json_safe(value: Any, depth: int = 0) -> Any:
         items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value
         return [json_safe(v, depth + 1) for v in items]
     return str(value)
-
-
-def format_error(message: str, path: str) -> FormatError:
-    return FormatError(message, path)

@@ -7,11 +7,16 @@ little-endian C order, so a big-endian file hashes like any other.
 
 bfloat16 and float8 have no native HDF5 type: we store them (and read them)
 as same-width unsigned integers carrying an attribute ``dtype`` with the
-canonical name. Datasets of types the dtype table cannot hold (strings,
+canonical name (write it as a fixed-length ASCII string, ``np.bytes_(name)``;
+variable-length strings are read too). Datasets of types the dtype table cannot hold (strings,
 compound, complex) are skipped and listed in ``metadata["skipped"]``.
 
 Security: external links, external raw storage and virtual datasets can make
 a file read arbitrary other files on the machine; such files are refused.
+Parsing itself is the HDF5 C library's: we read no variable-length data
+except string attributes, because a corrupted global heap can make the
+library spin forever (seen with HDF5 2.0.0 while fuzzing), which no Python
+code can interrupt.
 """
 
 from __future__ import annotations

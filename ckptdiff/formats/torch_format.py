@@ -158,24 +158,22 @@ def _flatten_checkpoint(
             _walk(torch, model_part, "", model_tensors, inner_meta, path)
             metadata.update({f"{wrapper}.{k}": v for k, v in inner_meta.items()})
         else:
-            # A flat state_dict: the tensors at any depth are the model.
-            model_tensors = {}
-            rest: dict[str, Any] = {}
-            _walk(torch, top, "", model_tensors, rest, path)
-            metadata.update(rest)
-            top = {}
+            # A flat state_dict: its top-level tensors are the model; nested
+            # containers beside them (an optimizer state_dict, ...) are not.
+            model_tensors = {k: v for k, v in top.items() if isinstance(v, torch.Tensor)}
+            top = {k: v for k, v in top.items() if k not in model_tensors}
         strip = bool(model_tensors) and all(n.startswith(DDP_PREFIX) for n in model_tensors)
         if strip:
             model_tensors = {n[len(DDP_PREFIX):]: t for n, t in model_tensors.items()}
         tensors.update(model_tensors)
-        if wrapper is not None:
-            others: dict[str, Any] = {}
-            _walk(torch, top, "", others, metadata, path)
-            extras = [k for k, v in top.items() if isinstance(v, torch.Tensor) or _has_tensor(torch, v)]
-            for n, t in others.items():
-                if n in tensors:
-                    raise FormatError(f"two tensors are named {n!r} after unwrapping {wrapper!r}", path)
-                tensors[n] = t
+        others: dict[str, Any] = {}
+        _walk(torch, top, "", others, metadata, path)
+        extras = [k for k, v in top.items() if isinstance(v, torch.Tensor) or _has_tensor(torch, v)]
+        for n, t in others.items():
+            if n in tensors:
+                how = f"after unwrapping {wrapper!r}" if wrapper else "after stripping 'module.'"
+                raise FormatError(f"two tensors are named {n!r} {how}", path)
+            tensors[n] = t
         if raw_keys is not None:
             if not isinstance(raw_keys, (list, tuple)) or not all(isinstance(k, str) for k in raw_keys):
                 raise FormatError("'trainable_keys' must be a list of tensor names", path)

@@ -96,7 +96,7 @@ def write_hdf5(path: str, arrays: dict[str, np.ndarray], nested: bool = False) -
             if arr.dtype in (ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2):
                 raw = arr.view(np.uint16 if arr.dtype.itemsize == 2 else np.uint8)
                 ds = f.create_dataset(key, data=raw)
-                ds.attrs["dtype"] = str(arr.dtype)
+                ds.attrs["dtype"] = np.bytes_(str(arr.dtype))  # fixed-length ASCII, see hdf5_format
             else:
                 f.create_dataset(key, data=arr)
     return path

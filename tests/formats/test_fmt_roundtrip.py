@@ -392,3 +392,17 @@ def test_non_torch_formats_do_not_import_torch(tmp):
             "print(sorted(m for m in ('torch', 'h5py') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_torch_flat_checkpoint_with_optimizer_beside_the_weights(tmp):
+    """No wrapper: top-level tensors are the model; the nested optimizer dict is not (and is a buffer)."""
+    import torch
+    torch.save({"module.enc.weight": torch.ones(2), "module.head.weight": torch.zeros(1),
+                "optimizer": {"state": {0: {"exp_avg": torch.ones(2)}}, "param_groups": [{"lr": 0.1}]},
+                "trainable_keys": ["module.head.weight"], "step": 3}, tmp("flat.pt"))
+    with open_checkpoint(tmp("flat.pt")) as ck:
+        assert sorted(ck) == ["enc.weight", "head.weight", "optimizer.state.0.exp_avg"]
+        assert ck.manifest.role("head.weight") == "trainable"
+        assert ck.manifest.role("enc.weight") == "frozen"
+        assert ck.manifest.role("optimizer.state.0.exp_avg") == "buffer"
+        assert ck.metadata["step"] == 3 and ck.metadata["optimizer.param_groups"] == [{"lr": 0.1}]

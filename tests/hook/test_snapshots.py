@@ -11,7 +11,7 @@ import warnings
 
 import numpy as np
 import pytest
-from hook_helpers import Net, freeze, make_data, raw, train_step
+from hook_helpers import Net, freeze, raw, train_step
 
 import ckptdiff
 from ckptdiff.hook import StaleWarning, StoreWarning, TrackerError

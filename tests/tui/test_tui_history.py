@@ -367,3 +367,29 @@ def test_quick_rows_agree_with_the_engine(history) -> None:
         q = quick[t.name]
         assert (q.status, q.role, q.drift, q.stale) == (t.status, t.role, t.drift, t.stale), t.name
     assert np.isfinite(sum(t.max_abs_delta or 0 for t in report.tensors))
+
+
+@run_async
+async def test_a_damaged_blob_is_reported_not_fatal(history) -> None:
+    """Corrupt the blob of a changed tensor: the status line says so and the app keeps working."""
+    import os
+
+    from ckptdiff.store import Store
+    with Store.open(history.path) as store:
+        h = store.entries("latest")["head.weight"].hash
+        blob = store.blobs.path(h)
+    os.chmod(blob, 0o644)
+    with open(blob, "r+b") as f:
+        f.seek(0)
+        f.write(b"\xff" * 16)
+    app = app_for(history)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        screen = app.screen
+        status = str(screen.query_one("#status").render())
+        assert "error:" in status and "store" in status, status
+        # the hash-only table is still there and the keyboard still works
+        assert screen.table.all_rows["backbone.0.weight"].drift
+        await pilot.press("k")
+        await settle(pilot)
+        assert screen.selected == N_SNAPSHOTS - 2

@@ -87,14 +87,15 @@ def rel_l264(old: np.ndarray, new: np.ndarray) -> float:
 
 async def settle(pilot) -> None:  # type: ignore[no-untyped-def]
     """Let every worker finish and the screen catch up with their results."""
-    from textual.worker import WorkerCancelled
+    from textual.worker import WorkerCancelled, WorkerFailed
 
     for _ in range(3):
         await pilot.pause()
         try:
             await pilot.app.workers.wait_for_complete()
-        except WorkerCancelled:  # superseded work (the user moved on) is cancelled by design
-            await pilot.app.workers.wait_for_complete()
+        except (WorkerCancelled, WorkerFailed):
+            # superseded work is cancelled by design; failures are shown in the app
+            pass
     await pilot.pause()
 
 
