@@ -144,7 +144,9 @@ class DiffReport:
 
 def _what(t: TensorDiff) -> str:
     if t.status == "changed":
-        return f"changed (max |Δ| {t.max_abs_delta:.3g}, {t.changed_elements} of {t.numel} elements)"
+        delta = "n/a" if t.max_abs_delta is None else f"{t.max_abs_delta:.3g}"
+        extra = "".join(f", {n} new {what}" for n, what in ((t.nan_new, "NaN"), (t.inf_new, "Inf")) if n)
+        return f"changed (max |Δ| {delta}, {t.changed_elements} of {t.numel} elements{extra})"
     if t.status == "shape_changed":
         return f"changed shape {t.shape_old} -> {t.shape_new}"
     if t.status == "dtype_changed":

@@ -569,9 +569,11 @@ def test_mapped_file_pages_are_handed_back(tmp_path):
     big[::7] += 1
     save_file({"w": big, "v": big[:1000]}, str(tmp_path / "b.safetensors"))
     del big
-    before = _rss_file_kb()
-    rep = diff(str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"))
-    grown_mib = (_rss_file_kb() - before) / 1024
+    from ckptdiff import open_checkpoint
+    with open_checkpoint(tmp_path / "a.safetensors") as a, open_checkpoint(tmp_path / "b.safetensors") as b:
+        before = _rss_file_kb()
+        rep = diff(a, b)  # both maps stay open: what is resident now is what the walk left behind
+        grown_mib = (_rss_file_kb() - before) / 1024
     assert one(rep, "w").changed_elements == len(range(0, 16 << 20, 7))
     assert grown_mib < 24, f"file-backed RSS grew by {grown_mib:.0f} MiB"
 
@@ -590,3 +592,14 @@ def test_release_pages_never_touches_writable_or_anonymous_memory(tmp_path):
     arr = np.full(1 << 16, 7, np.uint8)
     compare.release_pages(memoryview(arr))
     assert (arr == 7).all()
+
+
+def test_verdict_reasons_name_nan_and_inf():
+    a = np.ones(3, np.float32)
+    rep = diff(ck(w=a), ck(w=np.full(3, np.nan, np.float32)), manifest={"frozen": ["w"]})
+    assert rep.verdict() == (True, ["frozen tensor w changed (max |Δ| n/a, 3 of 3 elements, 3 new NaN)"])
+    b = a.copy()
+    b[0] = np.inf
+    rep = diff(ck(w=a), ck(w=b), fail_on="change")
+    assert rep.verdict()[1] == ["tensor w changed (max |Δ| 0, 1 of 3 elements, 1 new Inf)"]
+    assert '"failed": true' in rep.to_json()

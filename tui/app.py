@@ -21,7 +21,9 @@ from .table_screen import TableScreen
 
 
 class CkptdiffApp(App[None]):
-    CSS_PATH = "app.tcss"
+    # The first screen comes from get_default_screen(), whose own CSS_PATH Textual does
+    # not load (pushed screens' CSS is), so the app loads those two screens' files.
+    CSS_PATH = ["app.tcss", "history_screen.tcss", "pair_screen.tcss"]
     TITLE = "ckptdiff"
     BINDINGS = [
         Binding("q", "quit", "Quit"),

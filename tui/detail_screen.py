@@ -124,7 +124,7 @@ class DetailScreen(Screen):
         first = first_change(points)
         snaps = self.model.snapshots
         if first is None:
-            msg = Text(f"never differs from its base in any snapshot", style="green")
+            msg = Text("never differs from its base in any snapshot", style="green")
         else:
             s = snaps[first.index]
             what = "first drifted" if self.row.role == "frozen" else "first changed"

@@ -82,17 +82,6 @@ def short_hash(h: str | None, n: int = 10) -> str:
     return h[:n] if h else "-"
 
 
-def size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    x = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if x < 1024 or unit == "TiB":
-            return f"{int(x)} {unit}" if unit == "B" else f"{x:.1f} {unit}"
-        x /= 1024
-    return f"{n} B"  # pragma: no cover
-
-
 def metric_columns(all_metrics: Sequence[Mapping[str, Any]], limit: int = 2) -> list[str]:
     """The metric names worth a column: preferred ones first, then the most common."""
     counts: dict[str, int] = {}

@@ -37,7 +37,6 @@ POLICY_LABEL = {"first": "first snapshot", "previous": "previous snapshot", "mar
 
 
 class HistoryScreen(TableScreen):
-    CSS_PATH = "history_screen.tcss"
     BINDINGS = [
         Binding("b", "cycle_base", "Base"),
         Binding("m", "mark", "Mark"),
@@ -70,6 +69,12 @@ class HistoryScreen(TableScreen):
         self.sub_title = self.store_path
         self.set_status(Text("reading the store…", style="italic"))
         self.load_history()
+
+    def on_unmount(self) -> None:
+        self.workers.cancel_group(self, "summary")
+        self.workers.cancel_group(self, "measure")
+        if self.model is not None:
+            self.model.handle.close()
 
     @property
     def history(self) -> HistoryList:

@@ -116,9 +116,10 @@ class LineTable(ScrollView, can_focus=True):
             if key in self.max_width:
                 widths[i] = min(widths[i], self.max_width[key])
         self._widths = widths
+        resized = self.virtual_size.height != len(rows) + 1
         self.virtual_size = Size(sum(w + 2 for w in widths), len(rows) + 1)
         self.cursor_row = self.cursor_row if cursor is None else cursor
-        self.refresh()
+        self.refresh(layout=resized)  # height: auto follows the row count
 
     def set_row(self, index: int, row: list[Cell], style: Style | None = None) -> None:
         """Change one row in place (widths grow if needed)."""

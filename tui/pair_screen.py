@@ -23,7 +23,6 @@ from .table_screen import TableScreen, describe_error
 
 
 class PairScreen(TableScreen):
-    CSS_PATH = "pair_screen.tcss"
 
     def __init__(self, old: str, new: str, *, manifest: str | None = None,
                  atol: float = 0.0, rtol: float = 0.0) -> None:

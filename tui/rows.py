@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from ckptdiff.report import STATUSES, TensorDiff
 
 ROLE_CHOICES = (None, "frozen", "trainable", "buffer", "unknown")
-#: "changed" in the cycle means anything that is not identical.
+#: The ``c`` key cycles these; "any" means anything that is not identical.
 STATUS_CHOICES = (None, "any", "identical")
 SORT_KEYS = ("name", "role", "status", "shape", "dtype", "max", "rel", "hash")
 _DRIFT_STATUSES = frozenset({"changed", "removed", "shape_changed", "dtype_changed"})

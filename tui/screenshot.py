@@ -12,23 +12,29 @@ import argparse
 import asyncio
 import sys
 
+from textual.pilot import Pilot
 from textual.worker import WorkerCancelled, WorkerFailed
 
 from .app import CkptdiffApp
 
 
-async def render(app: CkptdiffApp, out: str, size: tuple[int, int], keys: list[str]) -> None:
-    async with app.run_test(size=size) as pilot:
-        for _ in range(3):
-            await pilot.pause()
+async def settle(app: CkptdiffApp, pilot: Pilot) -> None:
+    """Wait for every worker (and the ones they start) to finish."""
+    for _ in range(3):
+        await pilot.pause()
+        for worker in list(app.workers):
             try:
-                await app.workers.wait_for_complete()
+                await worker.wait()
             except (WorkerCancelled, WorkerFailed):
                 pass  # shown in the app's status line
+
+
+async def render(app: CkptdiffApp, out: str, size: tuple[int, int], keys: list[str]) -> None:
+    async with app.run_test(size=size) as pilot:
+        await settle(app, pilot)
         if keys:
             await pilot.press(*keys)
-            await pilot.pause()
-            await app.workers.wait_for_complete()
+            await settle(app, pilot)
         await pilot.pause()
         with open(out, "w", encoding="utf-8") as f:
             f.write(app.export_screenshot(title="ckptdiff tui"))

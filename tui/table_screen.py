@@ -152,7 +152,7 @@ class TableScreen(Screen):
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         """A worker failed (a damaged blob, a store removed underneath us): say so, keep running."""
-        if event.state == WorkerState.ERROR:
+        if event.state == WorkerState.ERROR and self.is_attached:
             self.measuring = None
             self.set_status(Text(f"error: {describe_error(event.worker.error)}", style="bold red"))
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import mmap
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -119,3 +119,17 @@ def json_safe(value: Any, depth: int = 0) -> Any:
         items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value
         return [json_safe(v, depth + 1) for v in items]
     return str(value)
+
+
+def pread_into(fd: int, lo: int, hi: int) -> Callable[[int, memoryview], int]:
+    """A ``TensorRef.read_into`` for bytes ``lo..hi`` of an open descriptor.
+
+    ``os.preadv`` needs no shared file position, so one descriptor serves
+    every tensor of a file, from any thread; it never reads past ``hi``.
+    """
+    def read_into(offset: int, buf: memoryview) -> int:
+        n = min(buf.nbytes, hi - lo - offset)
+        if n <= 0:
+            return 0
+        return os.preadv(fd, [buf[:n] if n < buf.nbytes else buf], lo + offset)
+    return read_into

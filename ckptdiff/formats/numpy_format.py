@@ -32,7 +32,7 @@ from numpy.lib import format as npformat
 from ..checkpoint import Checkpoint, TensorRef, check_shape
 from ..dtypes import DType, from_numpy
 from ..errors import CkptError, FormatError
-from ._common import le_bytes, map_file, numel, open_binary, slabs, with_path
+from ._common import le_bytes, map_file, numel, open_binary, pread_into, slabs, with_path
 
 NPY_FORMAT = "npy"
 NPZ_FORMAT = "npz"
@@ -110,16 +110,29 @@ def open_npy(path: str | os.PathLike[str]) -> Checkpoint:
                 f"truncated: header says {hdr.dtype.name} {list(hdr.shape)} = {hdr.nbytes} bytes of data, "
                 f"file holds {have}", p)
         mm = map_file(f, p) if hdr.nbytes else None
+        fd = os.dup(f.fileno()) if mm is not None else None  # for read_into (pread)
     name = os.path.splitext(os.path.basename(p))[0] or "array"
-    ref = _ref(name, hdr, mm, hdr.data_offset, os.path.basename(p))
+    ref = _ref(name, hdr, mm, hdr.data_offset, os.path.basename(p), fd)
     ckpt = Checkpoint(p, NPY_FORMAT, {name: ref}, {})
-    if mm is not None:
-        ckpt.on_close(mm.close)
+    _close_later(ckpt, mm, fd)
     return ckpt
 
 
-def _ref(name: str, hdr: _Header, mm: mmap.mmap | None, offset: int, source: str) -> TensorRef:
-    """A TensorRef over bytes at ``offset`` of a mapping (None when the array is empty)."""
+def _close_later(ckpt: Checkpoint, mm: mmap.mmap | None, fd: int | None) -> None:
+    if mm is not None:
+        ckpt.on_close(mm.close)
+    if fd is not None:
+        ckpt.on_close(lambda: os.close(fd))
+
+
+def _ref(name: str, hdr: _Header, mm: mmap.mmap | None, offset: int, source: str,
+         fd: int | None = None) -> TensorRef:
+    """A TensorRef over bytes at ``offset`` of a mapping (None when the array is empty).
+
+    Bytes that are already little-endian C order are a zero-copy view (plus a
+    pread-based ``read_into`` when ``fd`` is given); anything else is
+    converted slab by slab.
+    """
     if mm is None:
         return TensorRef(name, hdr.dtype.name, hdr.shape, view=lambda: memoryview(b""), source=source)
     if hdr.zero_copy:
@@ -127,7 +140,8 @@ def _ref(name: str, hdr: _Header, mm: mmap.mmap | None, offset: int, source: str
 
         def view() -> memoryview:
             return memoryview(mm)[offset:end]
-        return TensorRef(name, hdr.dtype.name, hdr.shape, view=view, source=source)
+        reader = pread_into(fd, offset, end) if fd is not None else None
+        return TensorRef(name, hdr.dtype.name, hdr.shape, view=view, source=source, read_into=reader)
 
     def pieces() -> Iterator[memoryview]:
         stored = hdr.dtype.np_dtype.newbyteorder(">" if hdr.swap else "<")
@@ -155,6 +169,7 @@ def _open_npz(f: BinaryIO, p: str) -> Checkpoint:
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:
         raise FormatError(f"corrupt zip archive ({_oneline(e)})", p) from None
     mm = map_file(f, p)
+    fd = os.dup(f.fileno()) if mm is not None else None  # for read_into (pread) of stored members
     tensors: dict[str, TensorRef] = {}
     try:
         for info in infos:
@@ -169,7 +184,7 @@ def _open_npz(f: BinaryIO, p: str) -> Checkpoint:
                 raise FormatError(f"member {info.filename!r} is encrypted", p)
             try:
                 if info.compress_type == zipfile.ZIP_STORED:
-                    tensors[name] = _stored_member(f, mm, size, info, name, p)
+                    tensors[name] = _stored_member(f, mm, size, info, name, p, fd)
                 else:
                     tensors[name] = _compressed_member(p, info, name)
             except (OSError, ValueError, EOFError, NotImplementedError, struct.error, zipfile.BadZipFile,
@@ -178,15 +193,16 @@ def _open_npz(f: BinaryIO, p: str) -> Checkpoint:
     except BaseException:
         if mm is not None:
             mm.close()
+        if fd is not None:
+            os.close(fd)
         raise
     ckpt = Checkpoint(p, NPZ_FORMAT, tensors, {})
-    if mm is not None:
-        ckpt.on_close(mm.close)
+    _close_later(ckpt, mm, fd)
     return ckpt
 
 
 def _stored_member(f: BinaryIO, mm: mmap.mmap | None, size: int, info: zipfile.ZipInfo, name: str,
-                   p: str) -> TensorRef:
+                   p: str, fd: int | None = None) -> TensorRef:
     where = f"member {info.filename!r}"
     if info.header_offset < 0 or info.header_offset + _LOCAL_HEADER.size > size:
         raise FormatError(f"{where}: local header lies past the end of the file (truncated?)", p)
@@ -208,7 +224,7 @@ def _stored_member(f: BinaryIO, mm: mmap.mmap | None, size: int, info: zipfile.Z
     if have != hdr.nbytes:
         raise FormatError(
             f"{where}: header says {hdr.nbytes} bytes of data, the member holds {have}", p)
-    return _ref(name, hdr, mm if hdr.nbytes else None, start + hdr.data_offset, info.filename)
+    return _ref(name, hdr, mm if hdr.nbytes else None, start + hdr.data_offset, info.filename, fd)
 
 
 def _compressed_member(p: str, info: zipfile.ZipInfo, name: str) -> TensorRef:

@@ -19,7 +19,7 @@ from typing import Any
 from ..checkpoint import Checkpoint, TensorRef, check_shape
 from ..dtypes import from_safetensors
 from ..errors import CkptError, FormatError
-from ._common import map_file, numel, open_binary, with_path
+from ._common import map_file, numel, open_binary, pread_into, with_path
 
 #: A header larger than this is refused before it is read (the Rust
 #: implementation uses the same cap).
@@ -32,22 +32,25 @@ def open_safetensors(path: str | os.PathLike[str]) -> Checkpoint:
     p = os.fspath(path)
     with open_binary(p) as f:
         mm = map_file(f, p)
-    if mm is None:
-        raise FormatError("file is empty (0 bytes)", p)
-    try:
-        tensors, metadata = _parse(mm, p)
-    except BaseException:
-        mm.close()
-        raise
+        if mm is None:
+            raise FormatError("file is empty (0 bytes)", p)
+        try:
+            tensors, metadata = _parse(mm, p)
+        except BaseException:
+            mm.close()
+            raise
+        fd = os.dup(f.fileno())  # for read_into (pread); outlives the file object
     whole = memoryview(mm)
 
     refs: dict[str, TensorRef] = {}
     for name, (dtype, shape, begin, end) in tensors.items():
-        refs[name] = TensorRef(name, dtype, shape, view=_slicer(whole, begin, end), source=os.path.basename(p))
+        refs[name] = TensorRef(name, dtype, shape, view=_slicer(whole, begin, end), source=os.path.basename(p),
+                               read_into=pread_into(fd, begin, end))
 
     ckpt = Checkpoint(p, FORMAT, refs, metadata)
 
     def close() -> None:
+        os.close(fd)
         whole.release()
         mm.close()
 

@@ -60,18 +60,27 @@ def open_torch(path: str | os.PathLike[str], legacy: bool = False) -> Checkpoint
             refs[name] = ref
     if skipped:
         metadata["skipped"] = skipped
-    manifest = None
-    if trainable is not None:
-        # Tensors outside the model's state_dict (optimizer moments, step
-        # counters, EMA copies) are expected to change with training: they are
-        # buffers, not frozen weights, so a clean fine-tune reports no drift.
-        buffers = [pat for key in extras for pat in (key, f"{key}.*")]
-        manifest = Manifest.from_keys(trainable, buffers=buffers, source="embedded trainable_keys")
-    ckpt = Checkpoint(p, FORMAT if not legacy else "torch-legacy", refs, metadata, manifest)
+    ckpt = _finish(p, refs, metadata, trainable, extras, fmt="torch-legacy" if legacy else FORMAT)
     # The tensors keep torch's mmap of the file alive; dropping them on close
     # lets it go as soon as no caller holds a view.
     ckpt.on_close(tensors.clear)
     return ckpt
+
+
+def _finish(path: str, refs: dict[str, TensorRef], metadata: dict[str, Any], trainable: list[str] | None,
+            extras: list[str], fmt: str = FORMAT) -> Checkpoint:
+    """Build the Checkpoint from :func:`_flatten_checkpoint`'s results (shared by any loader of .pt trees).
+
+    Tensors outside the model's state_dict (optimizer moments, step counters,
+    EMA copies) are expected to change with training: in the embedded
+    manifest they are buffers, not frozen weights, so a clean fine-tune saved
+    with its optimizer reports no drift.
+    """
+    manifest = None
+    if trainable is not None:
+        buffers = [pat for key in extras for pat in (key, f"{key}.*")]
+        manifest = Manifest.from_keys(trainable, buffers=buffers, source="embedded trainable_keys")
+    return Checkpoint(path, fmt, refs, metadata, manifest)
 
 
 def _load(torch: Any, path: str, legacy: bool) -> Any:

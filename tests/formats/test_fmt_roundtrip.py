@@ -260,7 +260,8 @@ def test_torch_single_tensor_and_unsupported_dtypes_are_listed(tmp):
 
 def test_torch_missing_gives_an_install_hint(tmp, monkeypatch):
     import sys
-    p = write_torch(tmp("x.pt"), {"a": np.ones(2, np.float32)})
+    # a legacy (pre-1.6) file: no torch-free path can read those
+    p = write_torch(tmp("x.pt"), {"a": np.ones(2, np.float32)}, legacy=True)
     monkeypatch.setitem(sys.modules, "torch", None)
     from ckptdiff.errors import CkptError
     with pytest.raises(CkptError) as ei:
@@ -406,3 +407,29 @@ def test_torch_flat_checkpoint_with_optimizer_beside_the_weights(tmp):
         assert ck.manifest.role("enc.weight") == "frozen"
         assert ck.manifest.role("optimizer.state.0.exp_avg") == "buffer"
         assert ck.metadata["step"] == 3 and ck.metadata["optimizer.param_groups"] == [{"lr": 0.1}]
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "npz", "sharded"])
+def test_read_into_streams_the_same_bytes_through_a_reused_buffer(tmp_path, fmt):
+    """mmap-backed readers also offer read_into (pread): chunks(into=buf) must match the view."""
+    write, arrays, _ = WRITERS[fmt]
+    path = write(str(tmp_path), arrays)
+    buf = bytearray(64)
+    with open_checkpoint(path) as ck:
+        for name, ref in ck.items():
+            got = b"".join(bytes(c) for c in ref.chunks(64, into=buf))
+            assert got == ref.read() == le_bytes(arrays[name]), name
+            if ref.nbytes:  # (an empty member needs no reader)
+                assert ref.read_into is not None, name
+                assert ref.read_into(ref.nbytes, memoryview(bytearray(8))) == 0  # past the end: nothing
+
+
+def test_npy_read_into_and_descriptors_closed(tmp):
+    a = make_array(np.dtype(np.int32), (33, 5), 9)
+    np.save(tmp("a.npy"), a)
+    before = len(os.listdir("/proc/self/fd"))
+    ck = open_checkpoint(tmp("a.npy"))
+    got = b"".join(bytes(c) for c in ck["a"].chunks(40, into=bytearray(40)))
+    assert got == a.tobytes()
+    ck.close()
+    assert len(os.listdir("/proc/self/fd")) == before

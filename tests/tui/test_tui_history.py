@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tui_helpers import DRIFT_FROM, N_SNAPSHOTS, max_abs64, rel_l264, run_async, settle
-
 from ckptdiff.tui.app import CkptdiffApp
 from ckptdiff.tui.detail_screen import DetailScreen
 from ckptdiff.tui.help_screen import HelpScreen
 from ckptdiff.tui.history_list import HistoryList
 from ckptdiff.tui.history_screen import HistoryScreen
 from ckptdiff.tui.tensor_table import DRIFT_STYLE, STALE_STYLE
+from tui_helpers import DRIFT_FROM, N_SNAPSHOTS, max_abs64, rel_l264, run_async, settle
 
 SIZE = (140, 40)
 
@@ -354,8 +353,9 @@ async def test_empty_store_says_so(tmp_path) -> None:
 
 def test_quick_rows_agree_with_the_engine(history) -> None:
     """The hash-only first picture and the engine's report agree on every status/drift/stale."""
-    from ckptdiff.engine import diff
     from ckptdiff.tui.history import HistoryModel
+
+    from ckptdiff.engine import diff
 
     model = HistoryModel.load(history.path)
     last = len(model) - 1

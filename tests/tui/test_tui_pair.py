@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from tui_helpers import max_abs64, rel_l264, run_async, settle
-
 from ckptdiff.tui.app import CkptdiffApp
 from ckptdiff.tui.detail_screen import DetailScreen
 from ckptdiff.tui.pair_screen import PairScreen
 from ckptdiff.tui.tensor_table import DRIFT_STYLE
+from tui_helpers import max_abs64, rel_l264, run_async, settle
 
 SIZE = (140, 36)
 

@@ -9,9 +9,8 @@ only change when the UI does. Regenerate after an intended UI change with
 
 from __future__ import annotations
 
-from tui_helpers import settle
-
 from ckptdiff.tui.app import CkptdiffApp
+from tui_helpers import settle
 
 SIZE = (130, 34)
 

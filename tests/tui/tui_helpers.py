@@ -91,11 +91,11 @@ async def settle(pilot) -> None:  # type: ignore[no-untyped-def]
 
     for _ in range(3):
         await pilot.pause()
-        try:
-            await pilot.app.workers.wait_for_complete()
-        except (WorkerCancelled, WorkerFailed):
-            # superseded work is cancelled by design; failures are shown in the app
-            pass
+        for worker in list(pilot.app.workers):
+            try:
+                await worker.wait()
+            except (WorkerCancelled, WorkerFailed):
+                pass  # superseded work is cancelled by design; failures are shown in the app
     await pilot.pause()
 
 
