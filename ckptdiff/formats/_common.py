@@ -19,6 +19,8 @@ from ..errors import CkptError
 #: Target size of one slab when a reader has to copy (HDF5, byte-swapped or
 #: Fortran-ordered arrays, compressed .npz members): bounded memory per read.
 SLAB_BYTES = 4 << 20
+#: Longer lists in a checkpoint's non-tensor values are summarised, not copied into metadata.
+MAX_METADATA_ITEMS = 4096
 
 
 def open_binary(path: str):  # -> BinaryIO
@@ -116,6 +118,8 @@ def json_safe(value: Any, depth: int = 0) -> Any:
     if isinstance(value, dict):
         return {str(k): json_safe(v, depth + 1) for k, v in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
+        if len(value) > MAX_METADATA_ITEMS:  # a dataset index saved in a checkpoint is not metadata
+            return f"<{type(value).__name__} of {len(value)} items>"
         items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value
         return [json_safe(v, depth + 1) for v in items]
     return str(value)

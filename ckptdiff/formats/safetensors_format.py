@@ -85,6 +85,8 @@ def _parse(buf: Any, path: str) -> tuple[dict[str, tuple[str, tuple[int, ...], i
         raise FormatError(f"header is not valid JSON ({e.msg} at byte {e.pos})", path) from None
     except RecursionError:
         raise FormatError("header JSON is nested too deeply", path) from None
+    except ValueError as e:  # e.g. an integer literal of thousands of digits
+        raise FormatError(f"header is not valid JSON ({str(e)[:120]})", path) from None
     if not isinstance(header, dict):
         raise FormatError("header is not a JSON object", path)
 

@@ -81,8 +81,8 @@ def _read_index(index_path: str) -> tuple[dict[str, str], dict[str, Any]]:
         raise FormatError(f"shard index is larger than {MAX_INDEX_BYTES >> 20} MiB", index_path)
     try:
         index = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise FormatError(f"shard index is not valid JSON ({e})", index_path) from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, huge int literals
+        raise FormatError(f"shard index is not valid JSON ({str(e)[:200]})", index_path) from None
     if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
         raise FormatError("shard index has no 'weight_map' object", index_path)
     weight_map = index["weight_map"]

@@ -126,6 +126,11 @@ def test_safetensors_header_not_json(tmp):
     expect_error(_st(tmp, b'{"w": {"dtype": "F32",'), "header is not valid JSON")
     expect_error(raw_safetensors(tmp("u.safetensors"), b'{"\xff": 1}'), "not valid UTF-8")
     expect_error(raw_safetensors(tmp("l.safetensors"), b'{"a": [1, 2]}'), "tensor 'a'", "not an object")
+    # deep nesting and integer literals too long for Python's int parser
+    expect_error(raw_safetensors(tmp("deep.safetensors"), b"{" + b'"a":[' * 100000 + b"]" * 100000 + b"}"),
+                 "header")
+    expect_error(raw_safetensors(tmp("i.safetensors"), b'{"w": {"dtype": "F32", "shape": [' + b"9" * 5000 + b"]}}"),
+                 "header is not valid JSON")
 
 
 def test_safetensors_offsets_out_of_range(tmp):
