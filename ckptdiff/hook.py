@@ -56,7 +56,7 @@ from .hook_drift import (
     hint_for,
 )
 from .hook_fingerprint import FrozenWatch, Pending
-from .hook_model import ModelTensors, TrackerError, collect, names_of, optimizer_tensor_ids
+from .hook_model import ModelTensors, TrackerError, _check_tensor, collect, names_of, optimizer_tensor_ids
 from .hook_writer import BackgroundWriter
 
 ON_DRIFT = ("warn", "raise", "record")
@@ -519,9 +519,28 @@ class Tracker:
                     torch.cuda.current_stream(device).wait_event(event)
         return cap
 
+    def _refresh_slots(self) -> None:
+        """Follow tensors the model replaced since attach (``module.weight = nn.Parameter(...)``).
+
+        The per-step check watches tensor objects; a module attribute pointed
+        at a new object is only seen here, once per snapshot (one state_dict
+        walk, ~1 ms for hundreds of tensors). The new object's different
+        storage makes it a suspect, so a frozen one is checksummed at the next
+        check and reported if its values differ from the baseline.
+        """
+        import torch
+
+        current = self.tensors.module.state_dict(keep_vars=True)
+        for slot in self.tensors.slots:
+            t = current.get(slot.name)
+            if isinstance(t, torch.Tensor) and t is not slot.tensor:
+                slot.dtype = _check_tensor(slot.name, t)
+                slot.tensor = t
+
     def _submit_snapshot(self, tag: str | None, message: str | None) -> Any:
         self._drain()  # backpressure: at most one snapshot in flight, staging buffers reused
         try:
+            self._refresh_slots()
             cap = self._capture()
         except Exception as e:  # noqa: BLE001 - e.g. pinned memory exhausted: skip this snapshot, keep training
             self._record_error(f"copying tensors for the snapshot at step {self.current_step}: {e}")

@@ -34,7 +34,7 @@ from typing import Any
 
 from ..checkpoint import Checkpoint, TensorRef, check_shape
 from ..errors import FormatError
-from ._common import numel
+from ._common import numel, pread_into
 
 #: torch's legacy typed storage classes -> canonical dtype.
 _STORAGE_DTYPES = {
@@ -287,7 +287,7 @@ def load(path: str) -> tuple[Any, Callable[[PtTensor, str], TensorRef], Callable
                               f"which holds {length}", path)
         lo, hi = start + begin, start + end
         return TensorRef(name, t.dtype, t.shape, view=lambda: whole[lo:hi], source=base,
-                         read_into=preader(fd, lo, hi))
+                         read_into=pread_into(fd, lo, hi))
 
     def close() -> None:
         whole.release()
@@ -295,16 +295,6 @@ def load(path: str) -> tuple[Any, Callable[[PtTensor, str], TensorRef], Callable
         os.close(fd)
 
     return obj, make_ref, close
-
-
-def preader(fd: int, lo: int, hi: int) -> Callable[[int, memoryview], int]:
-    """``read_into`` for bytes ``lo..hi`` of an open file: never reads past ``hi``."""
-    def read_into(offset: int, buf: memoryview) -> int:
-        n = min(buf.nbytes, hi - lo - offset)
-        if n <= 0:
-            return 0
-        return os.preadv(fd, [buf[:n] if n < buf.nbytes else buf], lo + offset)
-    return read_into
 
 
 def open_torch_zip(path: str, flatten: Callable[..., tuple[Any, ...]],
@@ -336,4 +326,4 @@ class _Shim:
 
 SHIM = _Shim()
 
-__all__ = ["SHIM", "Unsupported", "PtTensor", "load", "open_torch_zip", "preader"]
+__all__ = ["SHIM", "Unsupported", "PtTensor", "load", "open_torch_zip"]

@@ -284,3 +284,23 @@ def test_transformer_selective_fine_tune_has_no_false_positive(store_dir, no_war
     infos = Store.open(store_dir).list()
     assert [i.step for i in infos] == [0, 5, 10, 15]
     assert all(isinstance(i.metrics["loss"], float) for i in infos[1:])
+
+
+def test_a_frozen_parameter_replaced_by_a_new_object_is_followed(net, data, store_dir):
+    x, y = data
+    freeze(net.backbone)
+    net.backbone.eval()
+    opt = torch.optim.SGD(net.head.parameters(), lr=0.1)
+    tracker = ckptdiff.track(net, opt, store=store_dir, every=2, on_drift="record")
+    old = net.backbone[0].bias
+    for step in range(1, 6):
+        if step == 2:  # e.g. a LoRA/quantisation helper swapping the module's attribute
+            net.backbone[0].bias = torch.nn.Parameter(old.detach() + 0.125, requires_grad=False)
+        train_step(net, opt, x, y)
+    tracker.close()
+    (e,) = tracker.drift_events
+    # Seen at the snapshot after the swap (step 2), then checksummed at the next check (step 3).
+    assert e.name == "backbone.0.bias" and e.step == 3
+    assert e.max_abs_delta == pytest.approx(0.125, rel=1e-6) and e.changed == 8
+    snap = Store.open(store_dir).open_snapshot("latest")
+    assert snap["backbone.0.bias"].read() == net.backbone[0].bias.detach().numpy().tobytes()
