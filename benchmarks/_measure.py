@@ -114,6 +114,26 @@ def time_command(
     return t
 
 
+def time_interleaved(label: str, cmds: dict[str, tuple[list[str], tuple[int, ...]]], rounds: int) -> dict[str, Timing]:
+    """Run each command once per round, alternating, and keep the best of each.
+
+    Memory bandwidth on a shared machine drifts by 2x within seconds; taking
+    the floor and the tool under test side by side, round by round, keeps
+    their ratio honest where back-to-back blocks of runs would not.
+    """
+    out = {tool: Timing(label, tool) for tool in cmds}
+    for _ in range(rounds):
+        for tool, (cmd, ok_codes) in cmds.items():
+            t = out[tool]
+            if t.error:
+                continue
+            try:
+                t.runs.append(run_once(cmd, ok_codes=ok_codes))
+            except RuntimeError as e:
+                t.error = str(e)
+    return out
+
+
 def warm(paths: list[str]) -> None:
     """Read every file once so all tools see a warm page cache."""
     buf = bytearray(1 << 20)

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from _measure import Timing, run_once, time_command, warm  # noqa: E402
+from _measure import Timing, run_once, time_command, time_interleaved, warm  # noqa: E402
 
 #: Targets from issue 6 (on the 2-core benchmark machine).
 TARGET_VS_FLOOR = 3.0
@@ -111,15 +111,16 @@ def bench_pair(pair: PairInfo, tools: list[str], repeat: int, log, timeout_s: fl
         "script": [py, os.path.join(HERE, "_baseline_script.py"), pair.a, pair.b],
         "diffai": [py, os.path.join(HERE, "_baseline_diffai.py"), pair.a, pair.b],
     }
-    timings: dict[str, Timing] = {}
-    for tool in ["cat", "ckptdiff"] + [t for t in tools if t not in ("cat", "ckptdiff")]:
-        ok = (0, 1) if tool == "ckptdiff" else (0,)
-        n = max(repeat, 5) if tool == "cat" else repeat
-        log(f"  {pair.label:<24} {tool:<9} x{n} ...")
-        limit = timeout_s if tool in ("script", "diffai") else None
-        timings[tool] = time_command(pair.label, tool, cmds[tool], n, ok_codes=ok, timeout_s=limit)
-        if timings[tool].error:
-            log(f"    failed: {timings[tool].error}")
+    rounds = max(repeat, 3)
+    log(f"  {pair.label:<24} cat, ckptdiff  x{rounds}, interleaved ...")
+    timings = time_interleaved(pair.label, {"cat": (cmds["cat"], (0,)), "ckptdiff": (cmds["ckptdiff"], (0, 1))},
+                               rounds)
+    for tool in [t for t in tools if t not in ("cat", "ckptdiff")]:
+        log(f"  {pair.label:<24} {tool:<9} x{repeat} (once if it takes over 5 s) ...")
+        timings[tool] = time_command(pair.label, tool, cmds[tool], repeat, timeout_s=timeout_s)
+    for tool, tm in timings.items():
+        if tm.error:
+            log(f"    {tool} failed: {tm.error}")
     case = Case(pair, timings)
     # One more ckptdiff run, output kept, to check it found the generated changes.
     out = os.path.join(pair_dir(pair), f".{pair.name}.{pair.fmt}.json")
@@ -216,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--big", action="store_true",
                     help="also diff a 2 GB-a-side fp32 pair (memory check: peak RSS < 400 MB)")
     ap.add_argument("--repeat", type=int, default=5, help="runs per fast command, best kept (default 5)")
-    ap.add_argument("--tools", default="cat,ckptdiff,script,diffai",
-                    help="comma-separated subset of cat,ckptdiff,script,diffai")
+    ap.add_argument("--baselines", default="script,diffai",
+                    help="comma-separated baselines to run beside cat and ckptdiff (script, diffai; '' for none)")
     ap.add_argument("--only", default=None, help="comma-separated pair names to run (e.g. fp32_1g,small2000)")
     ap.add_argument("--timeout", type=float, default=300.0,
                     help="kill a baseline (script, diffai) run after this many seconds (default 300)")
@@ -228,7 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    tools = [t.strip() for t in args.tools.split(",") if t.strip()]
+    tools = [t.strip() for t in args.baselines.split(",") if t.strip()]
+    unknown = set(tools) - {"script", "diffai"}
+    if unknown:
+        ap.error(f"unknown baseline(s): {', '.join(sorted(unknown))}")
     if shutil.which("cat") is None:
         log("cat not found: the floor cannot be measured")
         return 2

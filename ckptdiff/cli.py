@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 from . import __version__
 from .errors import CkptError
+from .textsafe import printable
 
 #: Subcommand modules, in the order ``--help`` lists them.
 COMMANDS = ("diff", "store_cmds", "tui_cmd")
@@ -32,9 +33,13 @@ EXIT_OK, EXIT_FAIL, EXIT_TROUBLE = 0, 1, 2
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
-        # argparse's own usage errors follow the same one-line contract.
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_TROUBLE, f"ckptdiff: error: {message}\n")
+        # argparse's own usage errors follow the same one-line contract as every
+        # other error (a CI log shows one line, not a usage block); the line says
+        # where the full usage is.
+        cmd = self.prog.split()[1:]  # "ckptdiff diff" -> ["diff"]
+        where = f"{' '.join(cmd)}: " if cmd else ""
+        see = f"ckptdiff {' '.join(cmd)} --help" if cmd else "ckptdiff --help"
+        self.exit(EXIT_TROUBLE, f"ckptdiff: error: {printable(where + message)} (see '{see}')\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,7 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _error(msg: str) -> None:
-    print(f"ckptdiff: error: {msg}", file=sys.stderr)
+    # A message may quote a hostile tensor name or path: keep it to one visible line.
+    print(f"ckptdiff: error: {printable(msg)}", file=sys.stderr)
 
 
 if __name__ == "__main__":  # pragma: no cover

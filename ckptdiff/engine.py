@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from .checkpoint import DEFAULT_CHUNK_BYTES, Checkpoint, TensorRef
-from .compare import compare_pair, hash_ref
+from .compare import compare_pair, hash_ref, in_worker_thread
 from .errors import CkptError
 from .manifest import Manifest
 from .report import FAIL_ON, DiffReport, SideInfo, TensorDiff
@@ -44,6 +46,7 @@ def diff(
     progress: ProgressFn | None = None,
     *,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    workers: int | None = None,
 ) -> DiffReport:
     """Compare two checkpoints tensor by tensor.
 
@@ -66,6 +69,8 @@ def diff(
         raise CkptError(f"fail_on must be one of {', '.join(FAIL_ON)}, not {fail_on!r}")
     if chunk_bytes < 1:
         raise ValueError("chunk_bytes must be positive")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise CkptError(f"workers must be a whole number >= 1, not {workers!r}")
     include_pats = _patterns("include", include)
     exclude_pats = _patterns("exclude", exclude)
 
@@ -78,10 +83,12 @@ def diff(
         names = _select(_union(a, b), include_pats, exclude_pats)
         total = sum((a[n].nbytes if n in a else 0) + (b[n].nbytes if n in b else 0) for n in names)
         meter = _Meter(progress, total)
-        tensors = [
-            _diff_one(n, a.get(n), b.get(n), man, float(atol), float(rtol), chunk_bytes, meter)
-            for n in names
-        ]
+        sizes = {n: (a[n].nbytes if n in a else 0) + (b[n].nbytes if n in b else 0) for n in names}
+
+        def one(n: str) -> TensorDiff:
+            return _diff_one(n, a.get(n), b.get(n), man, float(atol), float(rtol), chunk_bytes, meter)
+
+        tensors = _map_tensors(one, names, sizes, _worker_count(workers, total, len(names)))
         meter.finish()
         report = DiffReport(
             old=_side(a),
@@ -233,20 +240,63 @@ def _check_tolerance(name: str, value: float) -> None:
         raise CkptError(f"{name} must be a finite number >= 0, not {value!r}")
 
 
+#: Below this many bytes to compare, threads cost more than they save.
+PARALLEL_MIN_BYTES = 8 << 20
+#: Nor when tensors average less than this: then the per-tensor Python work,
+#: which holds the GIL, dominates, and two threads only trade the GIL back
+#: and forth (measured: 2,000 tensors of ~120 KB, 0.13 s on two threads vs
+#: 0.12 s on one).
+PARALLEL_MIN_AVG_BYTES = 1 << 20
+#: More threads than this stop paying off: two streams per tensor saturate memory bandwidth.
+MAX_WORKERS = 4
+
+
+def _worker_count(requested: int | None, total_bytes: int, count: int) -> int:
+    if requested is not None:
+        return requested
+    if count < 2 or total_bytes < PARALLEL_MIN_BYTES or total_bytes < PARALLEL_MIN_AVG_BYTES * count:
+        return 1
+    return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+
+
+def _map_tensors(fn: Callable[[str], TensorDiff], names: list[str], sizes: Mapping[str, int],
+                 workers: int) -> list[TensorDiff]:
+    """``[fn(n) for n in names]``, spread over threads, results in ``names`` order.
+
+    Threads are enough for both cores: BLAKE3, memcmp (ctypes), pread and
+    numpy all release the GIL for the bulk of the work. Biggest tensors go
+    first so that one huge embedding does not start last and run alone.
+    """
+    if workers <= 1 or len(names) < 2:
+        return [fn(n) for n in names]
+    order = sorted(names, key=lambda n: -sizes[n])
+    with ThreadPoolExecutor(min(workers, len(names)), thread_name_prefix="ckptdiff",
+                            initializer=in_worker_thread) as pool:
+        futures: dict[str, Future[TensorDiff]] = {n: pool.submit(fn, n) for n in order}
+        try:
+            return [futures[n].result() for n in names]
+        except BaseException:
+            for f in futures.values():
+                f.cancel()
+            raise
+
+
 class _Meter:
     """Turns per-chunk byte counts into ``progress(done, total)`` calls."""
 
-    __slots__ = ("fn", "total", "done")
+    __slots__ = ("fn", "total", "done", "_lock")
 
     def __init__(self, fn: ProgressFn | None, total: int) -> None:
         self.fn, self.total, self.done = fn, total, 0
+        self._lock = threading.Lock()  # advanced from worker threads
         if fn is not None:
             fn(0, total)
 
     def advance(self, nbytes: int) -> None:
-        self.done += nbytes
-        if self.fn is not None:
-            self.fn(self.done, self.total)
+        with self._lock:
+            self.done += nbytes
+            if self.fn is not None:
+                self.fn(self.done, self.total)
 
     def finish(self) -> None:
         if self.fn is not None and self.done != self.total:

@@ -400,13 +400,20 @@ class Tracker:
         when = min(s for _, s in suspects)  # the step the check ran (deferred reads arrive a check later)
         slot_idx = [self._frozen_idx[i] for i in watch_idx]
         self._drain()
-        cap = self._capture(extra=slot_idx)
         last_clean = {i: self._watch.last_clean[i] for i in watch_idx}
+        try:
+            cap = self._capture(extra=slot_idx)
 
-        def job(store: Any) -> tuple[list[DriftEvent], list[int]]:
-            return self._confirm_and_record(store, cap, watch_idx, when, step, last_clean)
+            def job(store: Any) -> tuple[list[DriftEvent], list[int]]:
+                return self._confirm_and_record(store, cap, watch_idx, when, step, last_clean)
 
-        events, cleared = self._writer.call(job, "recording a drift")
+            events, cleared = self._writer.call(job, "recording a drift")
+        except Exception as e:  # noqa: BLE001 - the drift is still reported, on the checksum's word
+            self._record_error(f"recording the drift at step {when}: {e}")
+            slots = [self._watch.slots[i] for i in watch_idx]
+            events = [DriftEvent(when, tuple(s.names), s.kind, s.tensor.numel(), None, None, last_clean[i])
+                      for s, i in zip(slots, watch_idx)]
+            cleared = []
         for i in cleared:
             self._watch.mark_clean(i, step)
         for i in watch_idx:

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import dtypes
 from .checkpoint import TensorRef
 from .hook_model import Slot
 
@@ -101,8 +102,9 @@ class HostStaging:
                 (side if slot.kind == "param" else current).setdefault(t.device, []).append((dst, t))
             total += nbytes
             ref_view = _view_of(host)
+            dt = dtypes.from_torch(t.dtype).name  # not slot.dtype: model.half() after attach changes it
             for name in slot.names:
-                refs[name] = TensorRef(name, slot.dtype, tuple(t.shape), view=ref_view, source="hook")
+                refs[name] = TensorRef(name, dt, tuple(t.shape), view=ref_view, source="hook")
         cap = Capture(refs, stamps, total)
         for device, pairs in current.items():
             for dst, src in pairs:

@@ -22,7 +22,7 @@ Blind spots, honestly: a change invisible to the version counter *and*
 leaving the wrapping bit-sum unchanged (e.g. two elements swapped through
 ``.data``) goes unnoticed until a snapshot's content hash shows it;
 parameters replaced by new objects after attach (``module.weight =
-nn.Parameter(...)``) are re-resolved only at snapshot time.
+nn.Parameter(...)``) are re-resolved by the tracker only at snapshot time.
 
 A checksum differing from the baseline only makes a *suspected* drift; the
 tracker confirms it exactly against the baseline bytes in the store.

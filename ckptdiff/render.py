@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import IO, Any
 
 from .report import STATUSES, DiffReport, TensorDiff
+from .textsafe import printable
 
 FORMATS = ("table", "json", "markdown", "github")
 #: Markdown for PR comments stays under GitHub's 65,536-character comment limit.
@@ -60,6 +61,10 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
+def _differ(n: int) -> str:
+    return f"{_plural(n, 'tensor')} {'differs' if n == 1 else 'differ'}"
+
+
 def verdict_line(report: DiffReport) -> str:
     """One line: PASS/FAIL and why, under the report's ``fail_on`` policy."""
     s = report.summary()
@@ -68,13 +73,17 @@ def verdict_line(report: DiffReport) -> str:
     if failed:
         if report.fail_on == "drift":
             return f"FAIL: {_plural(s['drifted'], 'frozen tensor')} drifted"
-        return f"FAIL: {_plural(differ, 'tensor')} differ (--fail-on change)"
-    if report.fail_on == "drift":
+        return f"FAIL: {_differ(differ)} (--fail-on change)"
+    if s["total"] == 0:
+        # Two empty checkpoints, or --include/--exclude left nothing: say so
+        # rather than claim that "all tensors" are identical.
+        base = "PASS: no tensors to compare"
+    elif report.fail_on == "drift":
         base = "PASS: no frozen tensor drifted"
     elif report.fail_on == "change":
         base = "PASS: all tensors are bitwise identical"
     else:
-        base = f"PASS (--fail-on never): {_plural(differ, 'tensor')} differ, {s['drifted']} drifted"
+        base = f"PASS (--fail-on never): {_differ(differ)}, {s['drifted']} drifted"
     if s["stale"]:
         base += f"; warning: {_plural(s['stale'], 'trainable tensor')} never changed"
     return base
@@ -85,7 +94,7 @@ def summary_line(report: DiffReport) -> str:
     parts = [f"{s[k]} {_STATUS_LABEL[k]}" for k in STATUSES if s[k]]
     line = f"{_plural(s['total'], 'tensor')}: {', '.join(parts) if parts else 'none compared'}"
     if report.manifest_source is not None:
-        line += f"; {s['drifted']} drifted, {s['stale']} stale (manifest: {report.manifest_source})"
+        line += f"; {s['drifted']} drifted, {s['stale']} stale (manifest: {printable(report.manifest_source)})"
     else:
         line += "; no manifest (roles unknown, drift not checked)"
     return line
@@ -169,7 +178,26 @@ def render_json(report: DiffReport) -> str:
 
 
 def _md_escape(s: str) -> str:
-    return s.replace("\\", "\\\\").replace("|", "\\|").replace("`", "'").replace("\n", " ")
+    """Plain Markdown text inside a table or heading: backslash escapes apply here."""
+    return (printable(s).replace("\\", "\\\\").replace("|", "\\|").replace("`", "\\`")
+            .replace("*", "\\*").replace("_", "\\_").replace("<", "&lt;"))
+
+
+def _md_code(s: str) -> str:
+    """``s`` as a code span that shows it verbatim, even with backticks or pipes in it.
+
+    Backslash escapes do not work inside a code span, so a backtick in the
+    name is handled by a longer fence (CommonMark), and ``|`` by GFM's table
+    rule (``\\|`` is unescaped before the cell is parsed, even inside code).
+    """
+    text = printable(s).replace("|", "\\|")
+    run = longest = 0
+    for ch in text:
+        run = run + 1 if ch == "`" else 0
+        longest = max(longest, run)
+    fence = "`" * (longest + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") or not text.strip(" ") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 def render_markdown(report: DiffReport, show_all: bool = False, max_rows: int = MARKDOWN_MAX_ROWS) -> str:
@@ -177,9 +205,9 @@ def render_markdown(report: DiffReport, show_all: bool = False, max_rows: int = 
     s = report.summary()
     icon = "❌" if failed else "⚠️" if s["stale"] else "✅"
     out = [f"### ckptdiff {icon} {_md_escape(verdict_line(report))}", ""]
-    man = f"`{_md_escape(report.manifest_source)}`" if report.manifest_source else "none"
+    man = _md_code(report.manifest_source) if report.manifest_source else "none"
     out.append(
-        f"`{_md_escape(report.old.path)}` → `{_md_escape(report.new.path)}` · manifest: {man} · "
+        f"{_md_code(report.old.path)} → {_md_code(report.new.path)} · manifest: {man} · "
         f"atol {report.atol:g} · rtol {report.rtol:g} · fail on {report.fail_on}"
     )
     out.append("")
@@ -194,7 +222,7 @@ def render_markdown(report: DiffReport, show_all: bool = False, max_rows: int = 
         for t in rows[:max_rows]:
             mark = "🔴 drift" if t.drift else "🟡 stale" if t.stale else "≤ tol" if flag(t) == "<=tol" else ""
             out.append(
-                f"| {mark} | `{_md_escape(t.name)}` | {_STATUS_LABEL[t.status]} | {t.role} | "
+                f"| {mark} | {_md_code(t.name)} | {_STATUS_LABEL[t.status]} | {t.role} | "
                 f"{_md_escape(fmt_dtype(t))} | {fmt_shape(t)} | {fmt_num(t.max_abs_delta)} | "
                 f"{fmt_num(t.mean_abs_delta)} | {fmt_num(t.rel_l2)} | {fmt_changed(t)} |"
             )
@@ -208,29 +236,54 @@ def render_markdown(report: DiffReport, show_all: bool = False, max_rows: int = 
 
 
 def _gh_data(s: str) -> str:
+    """Escape a workflow command's message, as GitHub's runner unescapes it."""
     return s.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
 
 
 def _gh_prop(s: str) -> str:
+    """Escape a property value (``file=``, ``title=``): also ``:`` and ``,``, which end a property."""
     return _gh_data(s).replace(":", "%3A").replace(",", "%2C")
+
+
+def _gh_file(report: DiffReport) -> str:
+    """``file=NEW,`` so annotations name the checkpoint they are about.
+
+    Only for a real path: a store ref (``DIR@ID``) or an in-memory
+    checkpoint is not a file GitHub could point at.
+    """
+    side = report.new
+    if side.format == "store" or not side.path or side.path.startswith("<"):
+        return ""
+    return f"file={_gh_prop(printable(side.path))},"
+
+
+def _gh(level: str, props: str, title: str, message: str) -> str:
+    # Names are made printable first: an ESC or a bidi override in a tensor name
+    # must not reach the log viewer, while %, CR, LF, ':' and ',' are escaped
+    # by GitHub's own rules (data: % CR LF; properties: those plus ':' and ',').
+    return f"::{level} {props}title={_gh_prop(printable(title))}::{_gh_data(printable(message))}"
 
 
 def render_github(report: DiffReport) -> str:
     """GitHub Actions workflow commands: one annotation per drifted / stale tensor, then a summary."""
     out: list[str] = []
+    where = _gh_file(report)
     for t in report.drifted:
-        out.append(f"::error title={_gh_prop('ckptdiff: frozen tensor drifted: ' + t.name)}::"
-                   f"{_gh_data(f'{t.name} is frozen but {describe(t)}')}")
+        out.append(_gh("error", where, f"ckptdiff: frozen tensor drifted: {t.name}",
+                       f"{t.name} is frozen but {describe(t)}"))
     for t in report.stale:
-        out.append(f"::warning title={_gh_prop('ckptdiff: trainable tensor never updated: ' + t.name)}::"
-                   f"{_gh_data(f'{t.name} is trainable but bitwise identical: check that it is in the optimizer')}")
+        out.append(_gh("warning", where, f"ckptdiff: trainable tensor never updated: {t.name}",
+                       f"{t.name} is trainable but bitwise identical: check that it is in the optimizer"))
     failed, reasons = report.verdict()
     if failed and report.fail_on == "change":
         for r in reasons[:50]:
-            out.append(f"::error title=ckptdiff%3A tensor changed::{_gh_data(r)}")
+            out.append(_gh("error", where, "ckptdiff: tensor changed", r))
+        if len(reasons) > 50:
+            out.append(_gh("error", where, "ckptdiff: tensor changed",
+                           f"…and {len(reasons) - 50} more changed tensors (run with --format json for all)"))
     level = "error" if failed else "notice"
-    out.append(f"::{level} title=ckptdiff::{_gh_data(verdict_line(report) + ' | ' + summary_line(report))}")
-    out.append(summary_line(report))
+    out.append(_gh(level, "", "ckptdiff", verdict_line(report) + " | " + summary_line(report)))
+    out.append(printable(summary_line(report)))
     out.append(verdict_line(report))
     return "\n".join(out) + "\n"
 
@@ -255,7 +308,8 @@ def render_table(report: DiffReport, file: IO[str], *, show_all: bool = False,
         console.width = 160  # logs and files: no terminal to fit, do not fold numbers
 
     rows = ordered(report, show_all)
-    console.print(f"[bold]{report.old.path}[/] -> [bold]{report.new.path}[/]", markup=True, highlight=False)
+    # Paths are Text, never markup: a file named "[red]x" must print as itself.
+    console.print(Text.assemble((printable(report.old.path), "bold"), " -> ", (printable(report.new.path), "bold")))
     if rows:
         table = Table(box=None, pad_edge=False, header_style="bold")
         table.add_column("", no_wrap=True)
@@ -271,7 +325,7 @@ def render_table(report: DiffReport, file: IO[str], *, show_all: bool = False,
         for t in rows:
             style = "red" if t.drift else "yellow" if t.stale else "dim" if t.status == "identical" else None
             table.add_row(
-                Text(flag(t), style="bold"), Text(t.name), _STATUS_LABEL[t.status], t.role,
+                Text(flag(t), style="bold"), Text(printable(t.name)), _STATUS_LABEL[t.status], t.role,
                 fmt_dtype(t), fmt_shape(t), fmt_num(t.max_abs_delta), fmt_num(t.mean_abs_delta),
                 fmt_num(t.rel_l2), fmt_changed(t), style=style,
             )

@@ -120,8 +120,25 @@ def run(args: argparse.Namespace) -> int:
             fail_on=args.fail_on,
             progress=progress,
         )
+    _check_selection(report, args)
     _emit(report, args)
     return report.exit_code
+
+
+def _check_selection(report: Any, args: argparse.Namespace) -> None:
+    """An --include that matches nothing is a typo, not a pass.
+
+    Without this, ``--include 'encoder.*'`` against a checkpoint whose names
+    start with ``model.encoder`` would compare nothing and exit 0 in CI.
+    """
+    if not args.include or report.tensors or not (report.old.tensors or report.new.tensors):
+        return
+    globs = " ".join(f"--include {g!r}" for g in args.include)
+    if args.exclude:
+        globs += " " + " ".join(f"--exclude {g!r}" for g in args.exclude)
+    raise CkptError(f"{globs} selected none of the tensors ({report.old.tensors} in OLD, "
+                    f"{report.new.tensors} in NEW), so nothing was compared; globs match whole names "
+                    "(e.g. 'encoder.*' or '*.weight')")
 
 
 def _emit(report: Any, args: argparse.Namespace) -> None:

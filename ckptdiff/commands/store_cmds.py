@@ -17,22 +17,48 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import CkptError
+from ..textsafe import printable
 
-_REF_HELP = ("REF is an id or unique id prefix (4+ hex digits), a tag, step:N, latest, latest~K "
-             "(K snapshots before the newest) or first.")
+_REF_HELP = ("REF is an id or a unique id prefix (4+ hex digits), a tag, step:N (the newest\n"
+             "snapshot at step N), latest, latest~K (K snapshots before the newest) or first.")
+
+_EXIT = "exit codes:\n  0  done\n  2  trouble: a missing or damaged store, an unknown ref, bad flags (one line on stderr)"
 
 
-def _fmt(help_text: str) -> dict[str, Any]:
-    return {"formatter_class": argparse.RawDescriptionHelpFormatter, "description": help_text}
+def _fmt(help_text: str, exit_codes: str = _EXIT) -> dict[str, Any]:
+    return {"formatter_class": argparse.RawDescriptionHelpFormatter, "description": help_text,
+            "epilog": exit_codes}
+
+
+def _step(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= v < 2**63:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 2^63-1, got {text}")
+    return v
+
+
+def _keep(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 1:
+        # 0 would delete every untagged snapshot: too easy to type by accident.
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {text} (use 'ckptdiff rm DIR@REF' to remove "
+                                         "snapshots one by one)")
+    return v
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("init", help="create an empty snapshot store", **_fmt(
         "Create a snapshot store: a directory where each distinct tensor is stored once,\n"
         "addressed by its BLAKE3 hash, with the history in SQLite (ckptdiff.db).\n\n"
-        "example:\n  ckptdiff init runs/store            # raw blobs, fastest\n"
+        "examples:\n  ckptdiff init runs/store            # raw blobs, fastest\n"
         "  ckptdiff init runs/store --compress  # lossless zstd over float byte planes"))
-    p.add_argument("dir", metavar="DIR", help="a new or empty directory")
+    p.add_argument("dir", metavar="DIR", help="a new or empty directory (created if missing)")
     p.add_argument("--compress", action="store_true",
                    help="compress blobs losslessly (zstd over byte planes; measured ~16%% smaller for fp32 "
                         "and ~32%% for bf16 weights, at ~200 MiB/s)")
@@ -43,12 +69,16 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "Tensors already in the store (same bytes, any name) are not written again, so a\n"
         "fine-tune's snapshots cost one model plus the bytes that changed. The store is\n"
         "created if DIR does not exist. Prints the new snapshot id on stdout.\n\n"
-        "example:\n  ckptdiff snapshot base.safetensors --store runs/store --tag base --manifest trainable.json\n"
-        "  ckptdiff snapshot ckpt-500.pt --store runs/store --step 500 --metric loss=1.83"))
-    p.add_argument("checkpoint", metavar="CHECKPOINT")
+        "examples:\n  ckptdiff snapshot base.safetensors --store runs/store --tag base --manifest trainable.json\n"
+        "  ckptdiff snapshot ckpt-500.pt --store runs/store --step 500 --metric loss=1.83 --metric acc=0.91\n"
+        "  ckptdiff snapshot other/store@best --store runs/store     # copy a snapshot between stores"))
+    p.add_argument("checkpoint", metavar="CHECKPOINT",
+                   help="any checkpoint file, sharded directory or DIR@REF")
     p.add_argument("--store", required=True, metavar="DIR", help="the store (created if missing)")
-    p.add_argument("--step", type=int, help="training step (default: the checkpoint's own 'step', if any)")
-    p.add_argument("--tag", help="a name for this snapshot, usable as a REF (the newest with a tag wins)")
+    p.add_argument("--step", type=_step, metavar="N",
+                   help="training step, a whole number >= 0 (default: the checkpoint's own 'step', if any)")
+    p.add_argument("--tag", help="a name for this snapshot, usable as a REF (the newest with a tag wins); "
+                                 "not latest, first, latest~K or step:N, and no '@'")
     p.add_argument("--message", "-m", help="a free-text note")
     p.add_argument("--manifest", metavar="FILE",
                    help="trainable/frozen manifest JSON (default: one embedded in the checkpoint; "
@@ -62,25 +92,30 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "One row per snapshot, oldest first: id, time, step, tag, tensors changed vs its\n"
         "parent, drift (frozen tensors, per the manifest, whose bytes differ from the first\n"
         "snapshot's; '-' when no manifest is known) and metrics. Reads no tensor data.\n\n"
-        "example:\n  ckptdiff log runs/store\n  ckptdiff log runs/store --format json | jq '.snapshots[-1]'"))
-    p.add_argument("dir", metavar="DIR")
-    p.add_argument("--format", choices=("table", "json"), default="table")
+        "examples:\n  ckptdiff log runs/store\n  ckptdiff log runs/store --format json | jq '.snapshots[-1]'"))
+    p.add_argument("dir", metavar="DIR", help="the store directory")
+    p.add_argument("--format", choices=("table", "json"), default="table",
+                   help="table (default) or json (schema ckptdiff.log/1)")
     p.set_defaults(func=run_log)
 
     p = sub.add_parser("show", help="list one snapshot's tensors and metadata", **_fmt(
         "Show a snapshot's metadata and its tensors (name, dtype, shape, hash, role).\n"
-        + _REF_HELP + "\n\nexample:\n  ckptdiff show runs/store@latest\n  ckptdiff show runs/store@step:500 --format json"))
-    p.add_argument("ref", metavar="DIR@REF")
-    p.add_argument("--format", choices=("table", "json"), default="table")
+        + _REF_HELP + "\n\nexamples:\n  ckptdiff show runs/store@latest\n"
+        "  ckptdiff show runs/store@step:500 --format json"))
+    p.add_argument("ref", metavar="DIR@REF", help="the snapshot (a bare DIR means DIR@latest)")
+    p.add_argument("--format", choices=("table", "json"), default="table",
+                   help="table (default) or json (schema ckptdiff.snapshot/1, full hashes)")
     p.set_defaults(func=run_show)
 
     p = sub.add_parser("export", help="write a snapshot back out as .safetensors or .pt", **_fmt(
         "Write a snapshot as a plain checkpoint file, bit-identical to what was recorded\n"
-        "(every tensor is re-hashed on the way out). " + _REF_HELP + "\n\n"
-        "example:\n  ckptdiff export runs/store@best best.safetensors\n"
-        "  ckptdiff export runs/store@latest~1 prev.pt"))
-    p.add_argument("ref", metavar="DIR@REF")
-    p.add_argument("out", metavar="OUT")
+        "(every tensor is re-hashed on the way out; a damaged blob fails the export and\n"
+        "leaves no file). " + _REF_HELP + "\n\n"
+        "examples:\n  ckptdiff export runs/store@best best.safetensors\n"
+        "  ckptdiff export runs/store@latest~1 prev.pt\n"
+        "  ckptdiff export runs/store@step:500 model.bin --format safetensors --force"))
+    p.add_argument("ref", metavar="DIR@REF", help="the snapshot (a bare DIR means DIR@latest)")
+    p.add_argument("out", metavar="OUT", help="the file to write (refused if it exists, unless --force)")
     p.add_argument("--format", choices=("safetensors", "pt"),
                    help="output format (default: pt for .pt/.pth/.bin names, else safetensors)")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
@@ -90,16 +125,19 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "Re-hash every blob the history references and check every entry. Exit 0 when\n"
         "everything is intact, 1 when a blob is missing or corrupt (each affected snapshot\n"
         "and tensor is named), 2 when the store cannot be read.\n\n"
-        "example:\n  ckptdiff verify runs/store"))
-    p.add_argument("dir", metavar="DIR")
-    p.add_argument("--format", choices=("table", "json"), default="table")
+        "example:\n  ckptdiff verify runs/store", exit_codes=(
+            "exit codes:\n  0  every blob is intact\n  1  damage found (each affected snapshot and tensor is named)\n"
+            "  2  trouble: no such store, unreadable database, bad flags")))
+    p.add_argument("dir", metavar="DIR", help="the store directory")
+    p.add_argument("--format", choices=("table", "json"), default="table",
+                   help="table (default) or json")
     p.set_defaults(func=run_verify)
 
     p = sub.add_parser("rm", help="remove a snapshot from history (then gc frees its bytes)", **_fmt(
         "Remove one snapshot from the history. Its children are re-parented and keep\n"
         "their manifest; blobs stay on disk until 'ckptdiff gc'. " + _REF_HELP + "\n\n"
         "example:\n  ckptdiff rm runs/store@step:100 && ckptdiff gc runs/store"))
-    p.add_argument("ref", metavar="DIR@REF")
+    p.add_argument("ref", metavar="DIR@REF", help="the snapshot to remove (the @REF is required)")
     p.set_defaults(func=run_rm)
 
     p = sub.add_parser("gc", help="delete blobs no snapshot references", **_fmt(
@@ -107,9 +145,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "mid-snapshot) and temp files over an hour old. Referenced blobs are never\n"
         "removed, and gc waits for snapshots in progress. With --keep-last N, first\n"
         "remove every snapshot except the newest N and the tagged ones.\n\n"
-        "example:\n  ckptdiff gc runs/store\n  ckptdiff gc runs/store --keep-last 10"))
-    p.add_argument("dir", metavar="DIR")
-    p.add_argument("--keep-last", type=int, metavar="N", help="keep only the newest N snapshots (plus tagged ones)")
+        "examples:\n  ckptdiff gc runs/store\n  ckptdiff gc runs/store --keep-last 10"))
+    p.add_argument("dir", metavar="DIR", help="the store directory")
+    p.add_argument("--keep-last", type=_keep, metavar="N",
+                   help="first remove all but the newest N snapshots (N >= 1), keeping every tagged one")
     p.set_defaults(func=run_gc)
 
 
@@ -135,33 +174,69 @@ def _metric_str(metrics: dict[str, Any]) -> str:
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> str:
-    widths = [len(h) for h in header]
+    # Names, tags and metrics come from untrusted files: one visible line per row.
+    rows = [[printable(c) for c in r] for r in rows]
+    from rich.cells import cell_len  # terminal cells: CJK and emoji are two wide
+
+    widths = [cell_len(h) for h in header]
     for r in rows:
-        widths = [max(w, len(c)) for w, c in zip(widths, r)]
+        widths = [max(w, cell_len(c)) for w, c in zip(widths, r)]
     lines = []
     for r in [list(header), *rows]:
-        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))]
+        cells = []
+        for i, (c, w) in enumerate(zip(r, widths)):
+            pad = " " * (w - cell_len(c))
+            cells.append(pad + c if i in right else c + pad)
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)
 
 
-def split_ref(spec: str) -> tuple[str, str]:
-    """``DIR@REF`` -> (DIR, REF); a bare DIR means its latest snapshot."""
+def split_ref(spec: str, *, bare_means_latest: bool = True) -> tuple[str, str]:
+    """``DIR@REF`` -> (DIR, REF); a bare DIR means its latest snapshot where that is harmless."""
     from ..store import is_store
 
     if "@" in spec and not is_store(spec):
         base, _, ref = spec.rpartition("@")
-        if base and ref:
+        if base and ref.strip():
             return base, ref
+        if base:
+            raise CkptError("nothing after '@': name a snapshot, e.g. DIR@latest, DIR@step:500 or DIR@<tag>", spec)
     if is_store(spec):
-        return spec, "latest"
+        if bare_means_latest:
+            return spec, "latest"
+        raise CkptError("name the snapshot to remove as DIR@REF (e.g. DIR@latest or DIR@step:500); "
+                        "a bare store directory is refused so that a typo cannot delete history", spec)
     raise CkptError("expected DIR@REF naming a snapshot in a store (e.g. runs/store@latest)", spec)
+
+
+def _store_dir(path: str) -> str:
+    """The DIR argument of log/verify/gc: a store, not a snapshot of one."""
+    from ..store import is_store
+
+    if "@" in path and not is_store(path):
+        base = path.rpartition("@")[0]
+        if base and is_store(base):
+            raise CkptError("takes a store directory, not DIR@REF (to see one snapshot: ckptdiff show "
+                            f"{path})", path)
+    return path
+
+
+def _parse_metrics(texts: Sequence[str]) -> dict[str, float | int | str]:
+    out: dict[str, float | int | str] = {}
+    for text in texts:
+        key, val = _parse_metric(text)
+        if key in out:
+            raise CkptError(f"--metric {key} is given twice ({out[key]!r} and {val!r}); give each metric once")
+        out[key] = val
+    return out
 
 
 def _parse_metric(text: str) -> tuple[str, float | int | str]:
     key, sep, val = text.partition("=")
     if not sep or not key.strip():
-        raise CkptError(f"--metric expects KEY=VALUE, got {text!r}")
+        raise CkptError(f"--metric expects KEY=VALUE, e.g. --metric loss=1.83; got {text!r}")
+    if not val.strip():
+        raise CkptError(f"--metric {key.strip()} has no value; expected KEY=VALUE, e.g. --metric loss=1.83")
     for conv in (int, float):
         try:
             return key.strip(), conv(val)
@@ -190,7 +265,11 @@ def run_snapshot(args: argparse.Namespace) -> int:
     from ..manifest import Manifest
     from ..store import Store, is_store
 
-    metrics = dict(_parse_metric(m) for m in args.metric)
+    from ..store.refs import check_tag
+
+    metrics = _parse_metrics(args.metric)
+    if args.tag is not None:
+        check_tag(args.tag)  # before any tensor is read or written
     manifest = Manifest.load(args.manifest) if args.manifest else None
     with open_checkpoint(args.checkpoint) as ckpt:
         if manifest is None:
@@ -212,7 +291,7 @@ def run_snapshot(args: argparse.Namespace) -> int:
 def run_log(args: argparse.Namespace) -> int:
     from ..store import Store
 
-    with Store.open(args.dir) as s:
+    with Store.open(_store_dir(args.dir)) as s:
         rows = s.log()
         usage = s.disk_usage()
     if args.format == "json":
@@ -266,7 +345,7 @@ def run_show(args: argparse.Namespace) -> int:
             ("manifest", man), ("tensors", f"{info.n_tensors} ({human_bytes(info.total_bytes)})")]
     for k, v in meta:
         if v:
-            print(f"{k:<9} {v}")
+            print(f"{k:<9} {printable(v)}")
     print()
     rows = [[n, e.dtype, "x".join(str(d) for d in e.shape) if e.shape else "()", e.hash[:16], roles[n]]
             for n, e in entries.items()]
@@ -278,7 +357,7 @@ def run_export(args: argparse.Namespace) -> int:
     from ..store import Store
 
     root, ref = split_ref(args.ref)
-    fmt = args.format or ("pt" if args.out.lower().endswith((".pt", ".pth", ".bin")) else "safetensors")
+    fmt = args.format or _export_format(args.out)
     with Store.open(root) as s:
         info = s.export(ref, args.out, fmt, overwrite=args.force, progress=True)
     print(f"exported snapshot {info.id} ({info.n_tensors} tensors, {human_bytes(info.total_bytes)}) "
@@ -286,10 +365,25 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+_OTHER_SUFFIXES = (".npz", ".npy", ".h5", ".hdf5", ".json", ".txt")
+
+
+def _export_format(out: str) -> str:
+    """The format an OUT name asks for; a name that promises another format is refused."""
+    low = out.lower()
+    if low.endswith((".pt", ".pth", ".bin")):
+        return "pt"
+    if low.endswith(_OTHER_SUFFIXES):
+        suffix = os.path.splitext(low)[1]
+        raise CkptError(f"export writes .safetensors or .pt files, not {suffix}; pick another name, or pass "
+                        "--format safetensors (or pt) to write one under this name anyway", out)
+    return "safetensors"
+
+
 def run_verify(args: argparse.Namespace) -> int:
     from ..store import Store
 
-    with Store.open(args.dir) as s:
+    with Store.open(_store_dir(args.dir)) as s:
         res = s.verify(progress=True)
     if args.format == "json":
         _dump(res.to_dict())
@@ -312,7 +406,7 @@ def run_verify(args: argparse.Namespace) -> int:
 def run_rm(args: argparse.Namespace) -> int:
     from ..store import Store
 
-    root, ref = split_ref(args.ref)
+    root, ref = split_ref(args.ref, bare_means_latest=False)
     with Store.open(root) as s:
         info = s.remove(ref)
         free = s.reclaimable_bytes()
@@ -326,7 +420,7 @@ def run_rm(args: argparse.Namespace) -> int:
 def run_gc(args: argparse.Namespace) -> int:
     from ..store import Store
 
-    with Store.open(args.dir) as s:
+    with Store.open(_store_dir(args.dir)) as s:
         res = s.gc(keep_last=args.keep_last)
         usage = s.disk_usage()
     if res.snapshots_removed:

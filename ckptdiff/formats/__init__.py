@@ -114,6 +114,25 @@ def split_store_ref(spec: str) -> tuple[str, str] | None:
     return base, ref
 
 
+def _check_not_a_bad_ref(spec: str) -> None:
+    """Explain a ``DIR@REF`` that cannot name a snapshot, instead of "no such file".
+
+    ``runs@latest`` where ``runs`` is a plain directory, or ``runs/store@``
+    with nothing after the ``@``, are almost certainly meant as store refs.
+    """
+    if "@" not in spec or os.path.lexists(spec):
+        return
+    base, _, ref = spec.rpartition("@")
+    if not base or not os.path.exists(base):
+        return
+    from ..store import is_store
+    if not is_store(base):
+        raise CkptError(f"is not a ckptdiff store, so {spec!r} names no snapshot "
+                        "(DIR@REF needs a store directory made by 'ckptdiff init' or 'ckptdiff snapshot')", base)
+    if not ref.strip():
+        raise CkptError("nothing after '@': name a snapshot, e.g. DIR@latest, DIR@step:500 or DIR@<tag>", spec)
+
+
 def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     """Open any supported checkpoint, a sharded directory, or a store ``DIR@REF``."""
     spec = os.fspath(path)
@@ -121,6 +140,7 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     if ref is not None:
         from ..store import open_snapshot
         return open_snapshot(*ref)
+    _check_not_a_bad_ref(spec)
     fmt = sniff(spec)
     if fmt == SAFETENSORS:
         from .safetensors_format import open_safetensors

@@ -13,7 +13,9 @@ and DDP's ``module.`` prefix when every model key has it. A top-level
 ``trainable_keys`` list becomes the checkpoint's embedded manifest.
 
 torch is imported only inside these functions: ``import ckptdiff`` and the
-CLI must stay cheap, and torch is an optional extra.
+CLI must stay cheap, and torch is an optional extra. Zip files made of plain
+dense tensors do not need it at all: :mod:`.torch_zip` reads them directly
+(same names, metadata and bytes) and steps aside for anything else.
 """
 
 from __future__ import annotations
@@ -46,6 +48,15 @@ def _import_torch(path: str) -> Any:
 
 def open_torch(path: str | os.PathLike[str], legacy: bool = False) -> Checkpoint:
     p = os.fspath(path)
+    if not legacy:
+        # Most zip checkpoints are plain trees of dense tensors: read those
+        # without importing torch (a second of start-up). Anything unusual
+        # raises Unsupported and torch's own weights-only loader decides.
+        from .torch_zip import Unsupported, open_torch_zip
+        try:
+            return open_torch_zip(p, _flatten_checkpoint, _finish)
+        except Unsupported:
+            pass
     torch = _import_torch(p)
     obj = _load(torch, p, legacy)
     tensors, metadata, trainable, extras = _flatten_checkpoint(torch, obj, p)

@@ -34,7 +34,7 @@ from typing import Any
 
 from ..checkpoint import Checkpoint, TensorRef, check_shape
 from ..errors import FormatError
-from ._common import numel, pread_into
+from ._common import numel, pread_into, with_path
 
 #: torch's legacy typed storage classes -> canonical dtype.
 _STORAGE_DTYPES = {
@@ -244,6 +244,8 @@ def load(path: str) -> tuple[Any, Callable[[PtTensor, str], TensorRef], Callable
         with zf:
             try:
                 _prefix, members = _member_offsets(zf, f, size)
+            except FormatError as e:
+                raise with_path(e, path) from None
             except (OSError, ValueError, struct.error) as e:
                 raise Unsupported(f"zip: {e}") from None
         if members.get("byteorder") is not None:

@@ -22,8 +22,36 @@ MIN_PREFIX = 4
 _TILDE = re.compile(r"latest~(\d+)\Z")
 _STEP = re.compile(r"step:(-?\d+)\Z")
 _HEX = re.compile(r"[0-9a-f]+\Z")
+_STEP_FORM = re.compile(r"step:")  # any tag starting like step:N is reserved, even step:x
+MAX_TAG = 200
 
 FORMS = "an id or unique id prefix, a tag, step:N, latest, latest~K or first"
+
+
+def check_tag(tag: str) -> str:
+    """Refuse a tag that no ref could ever name, before it is recorded.
+
+    Refs are tried as ``latest``, ``first``, ``latest~K``, ``step:N`` and ids
+    before tags, and ``DIR@REF`` splits at the last ``@``; a tag that looks
+    like one of those, is blank, or holds ``@`` or a control character would
+    be stored but unreachable (or reachable only by accident).
+    """
+    if not isinstance(tag, str):
+        raise CkptError(f"a tag must be a string, got {type(tag).__name__}")
+    if not tag.strip():
+        raise CkptError("a tag cannot be empty")
+    if tag != tag.strip():
+        raise CkptError(f"tag {tag!r} has leading or trailing spaces")
+    if "@" in tag:
+        raise CkptError(f"tag {tag!r} contains '@', which separates DIR from REF in DIR@REF")
+    if not tag.isprintable():
+        raise CkptError(f"tag {tag!r} contains control or invisible characters")
+    if tag in ("latest", "first") or _TILDE.match(tag) or _STEP_FORM.match(tag):
+        raise CkptError(f"tag {tag!r} would be shadowed by the ref form of the same name "
+                        "(latest, first, latest~K and step:N are reserved)")
+    if len(tag) > MAX_TAG:
+        raise CkptError(f"tag is {len(tag)} characters long; the limit is {MAX_TAG}")
+    return tag
 
 
 class RefRow(NamedTuple):
@@ -77,4 +105,4 @@ def resolve(ref: str, rows: Sequence[RefRow], where: str | None = None) -> int:
     raise CkptError(f"unknown snapshot ref {ref!r} (expected {FORMS}; latest is {rows[-1].id}{hint})", where)
 
 
-__all__ = ["resolve", "RefRow", "MIN_PREFIX", "FORMS"]
+__all__ = ["resolve", "check_tag", "RefRow", "MIN_PREFIX", "FORMS", "MAX_TAG"]

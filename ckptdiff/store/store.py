@@ -41,6 +41,9 @@ from .model import BadBlob, Entry, GcResult, Metric, SnapshotInfo, VerifyResult
 from .progress import byte_progress
 from .rows import SNAP_COLS, check_metrics, entry_from_row, info_from_row, manifest_to_json, new_id
 
+#: Steps are stored as SQLite 64-bit integers.
+MAX_STEP = 2**63
+
 #: Temp files older than this are leftovers of a killed writer; ``gc`` removes them.
 STALE_TEMP_S = 3600.0
 
@@ -83,6 +86,8 @@ class Store:
     def init(cls, path: str | os.PathLike[str], compress: bool = False) -> Store:
         """Create a store at ``path`` (a new or empty directory)."""
         root = os.fspath(path)
+        if not root.strip():
+            raise CkptError("the store directory name is empty")
         if os.path.exists(root):
             if not os.path.isdir(root):
                 raise CkptError("exists and is not a directory", root)
@@ -108,6 +113,8 @@ class Store:
     def open(cls, path: str | os.PathLike[str], create: bool = False) -> Store:
         """Open an existing store; with ``create``, make one if ``path`` is missing or empty."""
         root = os.fspath(path)
+        if not root.strip():
+            raise CkptError("the store directory name is empty")
         if not is_store(root):
             if create:
                 return cls.init(root)  # refuses files and non-empty directories itself
@@ -293,6 +300,11 @@ class Store:
                 step = operator.index(step)
             except TypeError:
                 raise CkptError(f"step must be an integer, got {step!r}") from None
+            if not 0 <= step < MAX_STEP:
+                # SQLite stores 64-bit integers; a negative step is a bug in the caller.
+                raise CkptError(f"step must be a whole number from 0 to {MAX_STEP - 1}, got {step}")
+        if tag is not None:
+            refs.check_tag(tag)
         mets = check_metrics(metrics)
         base: dict[str, Entry] = self.entries(inherit_from) if inherit_from is not None else {}
         try:

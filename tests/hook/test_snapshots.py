@@ -374,3 +374,25 @@ def test_optimizer_wrappers_are_unwrapped(net, data, store_dir):
             train_step(net, opt, *data)
         assert tracker.current_step == 2 and tracker.optimizer is opt.optimizer
     assert [i.step for i in Store.open(store_dir).list()] == [0, 2]
+
+
+def test_drift_is_still_reported_when_the_store_cannot_record_it(net, data, store_dir):
+    x, y = data
+    opt = _selective(net)
+    tracker = ckptdiff.track(net, opt, store=store_dir, every=100, on_drift="record")
+    tmp_dir = os.path.join(store_dir, TMP_DIR)
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    open(tmp_dir, "w").close()
+    with torch.no_grad():
+        net.backbone[3].weight[0, 0, 0] += 1.0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_step(net, opt, x, y)
+    (e,) = tracker.drift_events
+    assert e.name == "backbone.3.weight" and e.step == 1
+    assert e.confirmed and e.changed == 1 and e.max_abs_delta == pytest.approx(1.0, rel=1e-6)
+    assert e.snapshot is None  # measured against the baseline, but the drift snapshot could not be written
+    assert any("drift snapshot" in err for err in tracker.errors)
+    assert any(w.category is StoreWarning for w in caught)
+    os.remove(tmp_dir)
+    tracker.close()
