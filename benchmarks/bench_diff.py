@@ -220,8 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baselines", default="script,diffai",
                     help="comma-separated baselines to run beside cat and ckptdiff (script, diffai; '' for none)")
     ap.add_argument("--only", default=None, help="comma-separated pair names to run (e.g. fp32_1g,small2000)")
-    ap.add_argument("--timeout", type=float, default=300.0,
-                    help="kill a baseline (script, diffai) run after this many seconds (default 300)")
+    ap.add_argument("--timeout", type=float, default=120.0,
+                    help="kill a baseline (script, diffai) run after this many seconds (default 120)")
     ap.add_argument("--data", default=os.path.join(HERE, "data"), help="where generated pairs live")
     ap.add_argument("--out", default=None, help="also write results.json and results.md into this directory")
     args = ap.parse_args(argv)

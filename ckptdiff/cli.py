@@ -70,7 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error already printed as one line
+        return e.code if isinstance(e.code, int) else EXIT_TROUBLE
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return EXIT_TROUBLE

@@ -19,7 +19,6 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from .checkpoint import DEFAULT_CHUNK_BYTES, Checkpoint, TensorRef
@@ -269,6 +268,8 @@ def _map_tensors(fn: Callable[[str], TensorDiff], names: list[str], sizes: Mappi
     """
     if workers <= 1 or len(names) < 2:
         return [fn(n) for n in names]
+    from concurrent.futures import Future, ThreadPoolExecutor  # imports logging: not at start-up
+
     order = sorted(names, key=lambda n: -sizes[n])
     with ThreadPoolExecutor(min(workers, len(names)), thread_name_prefix="ckptdiff",
                             initializer=in_worker_thread) as pool:

@@ -62,6 +62,13 @@ from .hook_writer import BackgroundWriter
 ON_DRIFT = ("warn", "raise", "record")
 _WARN_LINES = 12
 ON_STORE_ERROR = ("warn", "raise")
+#: ``tracker.errors`` keeps this many messages (a store that fails every step must not grow a list forever).
+_MAX_ERRORS = 100
+
+#: Open trackers by the id of the model they watch (values held weakly): a second ``track()`` of the same
+#: model would double-count its steps and race its own history, so it is refused while the first is open.
+_OPEN: dict[int, weakref.ref[Any]] = {}
+_OPEN_LOCK = threading.Lock()
 
 
 def audit(model: Any = None, optimizer: Any = None, *, trainable: str | Sequence[str] | None = None,
@@ -87,6 +94,28 @@ def track(model: Any, optimizer: Any = None, store: str | os.PathLike[str] = "ru
     """Attach a :class:`Tracker` to ``model`` (and ``optimizer``); see the module docstring."""
     return Tracker(model, optimizer, store=store, every=every, trainable=trainable, on_drift=on_drift,
                    check_every=check_every, **options)
+
+
+def open_tracker(model: Any) -> Tracker | None:
+    """The open tracker watching ``model`` (or ``model`` as an optimizer), if any.
+
+    For a notebook cell re-run after its tracker handle was lost:
+    ``ckptdiff.hook.open_tracker(model).close()`` before tracking again.
+    """
+    from .hook_model import unwrap
+
+    keys = [id(model)]
+    try:
+        keys.append(id(unwrap(model)))
+    except Exception:  # noqa: BLE001 - not a module: an optimizer, or anything else
+        pass
+    with _OPEN_LOCK:
+        for key in keys:
+            ref = _OPEN.get(key)
+            tracker = ref() if ref is not None else None
+            if tracker is not None and not tracker._closed:
+                return tracker
+    return None
 
 
 def _warn(warning: Warning) -> None:
@@ -166,8 +195,12 @@ class Tracker:
         self.model = model
         self.optimizer = optimizer
         self.errors: list[str] = []
+        self.store_failures = 0  # all of them; ``errors`` keeps the first _MAX_ERRORS messages
+        self._failing = False  # in a streak of store failures: warned at its first, quiet until a success
+        self._quiet_failures = 0
         self.drift_events: list[DriftEvent] = []
         self.stale: list[str] = []
+        self._moved: set[str] = set()  # trainable tensors seen different from the baseline
         self.steps = 0
         self.start_step = 0
         self.baseline_id: str | None = None
@@ -185,11 +218,46 @@ class Tracker:
         self._hook_s = 0.0
         self._snapshots_written = 0
         self._last_snapshot_steps = 0
+        self._written_step: int | None = None  # step of the last snapshot the store accepted
 
         rank, _world = _dist_rank()
         self.active = not (rank0_only and rank != 0)
         opt_ids = optimizer_tensor_ids(optimizer) if optimizer is not None else None
         self.tensors: ModelTensors = collect(model, optimizer_ids=opt_ids, trainable=trainable)
+        self._claim()
+        try:
+            self._init_rest(audit, trainable, start_step)
+        except BaseException:
+            self._release()
+            raise
+
+    def _claim(self) -> None:
+        """Refuse a second open tracker on the same model (or the same optimizer)."""
+        keys = [id(self.tensors.module)] + ([id(self.optimizer)] if self.optimizer is not None else [])
+        with _OPEN_LOCK:
+            for key in keys:
+                other = _OPEN.get(key)
+                other = other() if other is not None else None
+                if other is not None and not other._closed:
+                    what = "model" if key == keys[0] else "optimizer"
+                    raise TrackerError(
+                        f"this {what} is already tracked by {other!r}; call close() on that tracker (or leave "
+                        "its `with` block; ckptdiff.hook.open_tracker(model) finds it) before tracking it again: "
+                        "two trackers would count every step twice")
+            ref = weakref.ref(self)
+            self._keys = keys
+            for key in keys:
+                _OPEN[key] = ref
+
+    def _release(self) -> None:
+        with _OPEN_LOCK:
+            for key in getattr(self, "_keys", ()):
+                ref = _OPEN.get(key)
+                if ref is not None and ref() in (self, None):
+                    del _OPEN[key]
+
+    def _init_rest(self, audit: bool, trainable: Any, start_step: int | None) -> None:
+        model, optimizer, on_drift = self.model, self.optimizer, self.on_drift
         self.manifest = self.tensors.manifest()
         self.audit_report = (run_audit(model, optimizer, trainable=trainable, tensors=self.tensors)
                              if audit and self.active else AuditReport())
@@ -209,11 +277,18 @@ class Tracker:
 
         from .store import Store
 
+        path = self.store_path
+
         def open_store() -> Any:
-            return Store.open(self.store_path, create=True)
+            store = Store.open(path, create=True)
+            if getattr(store, "readonly", False):
+                store.close()
+                raise CkptError("store is read-only (no write permission on the directory or its database); "
+                                "pass store= a directory you can write to", path)
+            return store
 
         try:
-            self._writer = BackgroundWriter(open_store, on_error=self._job_failed)
+            self._writer = BackgroundWriter(open_store, on_error=_weak_callback(self._job_failed))
         except CkptError as e:
             raise TrackerError(f"cannot open the snapshot store: {e.message}", e.path or self.store_path) from None
         except OSError as e:
@@ -226,6 +301,9 @@ class Tracker:
             raise
         self._atexit = _AtExit(self)
         atexit.register(self._atexit)
+        # Forgotten and unreachable (model and optimizer gone, never closed): stop the writer thread.
+        self._finalizer = weakref.finalize(self, _collected, self._writer, self._atexit, self._keys)
+        self._finalizer.atexit = False  # interpreter exit is _AtExit's job: it can still write the last snapshot
 
     def _attach(self, slots: list[Any], start_step: int | None) -> None:
         """History, baseline, fingerprints, hooks: the part of attaching that needs the store."""
@@ -340,7 +418,19 @@ class Tracker:
         return self
 
     def __exit__(self, exc_type: Any, *exc: object) -> None:
-        self._close(raise_drift=exc_type is None)
+        if exc_type is None:
+            self._close(raise_drift=True)
+            return
+        # The block failed: flush what we can, but the user's exception is the one that propagates.
+        try:
+            self._close(raise_drift=False)
+        except Exception as e:  # noqa: BLE001
+            self._record_error(f"closing after {exc_type.__name__}: {type(e).__name__}: {e}")
+            try:
+                _warn(StoreWarning(f"ckptdiff: closing the tracker after {exc_type.__name__} failed: {e} "
+                                   "(see tracker.errors)"))
+            except Exception:  # noqa: BLE001 - warnings turned into errors must not mask it either
+                pass
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"step {self.current_step}"
@@ -373,11 +463,22 @@ class Tracker:
                 self._seal_metrics()
             self._report_errors()
             if self.steps % self.check_every == 0:
-                self._check(self.current_step)
+                self._guarded(self._check, self.current_step)
             if self.steps % self.every == 0:
-                self._submit_snapshot(None, None)
+                self._guarded(self._submit_snapshot, None, None)
         finally:
             self._hook_s += time.perf_counter() - t0
+
+    def _guarded(self, fn: Any, *args: Any) -> None:
+        """Run one part of the hook; its own failure is reported, never ends the user's run."""
+        try:
+            fn(*args)
+        except (FrozenDriftError, CkptError):
+            raise  # on_drift="raise" / on_store_error="raise": the user asked for these
+        except Exception as e:  # noqa: BLE001 - a bug or device error in the hook must not end the run
+            self._pending = None
+            self._record_error(f"the hook failed at step {self.current_step}: {type(e).__name__}: {e}")
+            self._report_errors()
 
     def _check(self, step: int, *, everything: bool = False) -> None:
         suspects: list[tuple[int, int]] = []
@@ -493,6 +594,7 @@ class Tracker:
 
         try:
             self.baseline_id = self._writer.call(job, "writing the baseline")
+            self._written_step = self.current_step
             self.last_snapshot_id = self.baseline_id
             self._snapshots_written += 1
         except Exception:  # noqa: BLE001 - recorded by _job_failed
@@ -559,9 +661,8 @@ class Tracker:
         self._open_seal = seal
 
         def job(store: Any) -> str:
-            seal.ready.wait(_SEAL_TIMEOUT_S)
             sid = self._write_snapshot(store, cap, step=step, tag=tag, message=message,
-                                       metrics=self._convert_metrics(seal.metrics))
+                                       metrics=self._convert_metrics(seal.take(_SEAL_TIMEOUT_S)))
             self._find_stale(store, sid, step)
             return sid
 
@@ -573,6 +674,8 @@ class Tracker:
         cap.wait()
         sid = store.snapshot(cap.refs, step=step, tag=tag, message=message, metrics=metrics, source="hook",
                              parent="latest", inherit_from=self.last_snapshot_id)
+        self._store_ok()
+        self._written_step = step
         self.last_snapshot_id = sid
         for i, stamp in cap.stamps.items():
             self._snap_stamps[i] = stamp
@@ -583,12 +686,19 @@ class Tracker:
         """Trainable tensors still bitwise equal to the baseline after a whole interval: warn once each."""
         if not self._baseline_hashes or self.steps < self.every:
             return
+        todo = [n for n in (self.tensors.slots[i].name for i in self._trainable_idx)
+                if n not in self.stale and n not in self._moved]
+        if not todo:
+            return  # every trainable tensor has moved (once moved, never "still equal"): no store read
         entries = store.entries(sid)
         stale = []
-        for i in self._trainable_idx:
-            name = self.tensors.slots[i].name
-            if name not in self.stale and name in entries and entries[name].hash == self._baseline_hashes.get(name):
+        for name in todo:
+            if name not in entries:
+                continue
+            if entries[name].hash == self._baseline_hashes.get(name):
                 stale.append(name)
+            else:
+                self._moved.add(name)
         if stale:
             self.stale.extend(stale)
             with self._err_lock:
@@ -606,8 +716,11 @@ class Tracker:
         """
         seal, self._open_seal = self._open_seal, None
         if seal is not None:
-            seal.metrics = self._take_metrics()
-            seal.ready.set()
+            with seal.lock:
+                if seal.expired:
+                    return  # written without them (the loop paused): they go to the next snapshot instead
+                seal.metrics = self._take_metrics()
+                seal.ready.set()
 
     def _drain(self) -> None:
         self._seal_metrics()
@@ -635,9 +748,21 @@ class Tracker:
         self._record_error(f"{job.label}: {job.error}")
 
     def _record_error(self, text: str) -> None:
+        """Keep a failure; warn at the first of a streak only (a dead disk must not warn every step)."""
         with self._err_lock:
-            self.errors.append(text)
+            self.store_failures += 1
+            if len(self.errors) < _MAX_ERRORS:
+                self.errors.append(text)
+            if self._failing and self.on_store_error == "warn":
+                self._quiet_failures += 1
+                return
+            self._failing = True
             self._unreported.append(text)
+
+    def _store_ok(self) -> None:
+        """Writer thread: a snapshot was written; the next failure starts a new streak (and warns)."""
+        with self._err_lock:
+            self._failing = False
 
     def _report_errors(self) -> None:
         """Surface writer-thread problems on the training thread (warnings belong to the caller's thread)."""
@@ -651,8 +776,10 @@ class Tracker:
                 _warn(StaleWarning("ckptdiff: " + text[len("\x00stale"):]))
             else:
                 failures.append(text)
-                _warn(StoreWarning(f"ckptdiff: snapshot store {self.store_path}: {text} "
-                                           "(training continues; see tracker.errors)"))
+                where = "tracker" if text.startswith("the hook failed") else "snapshot store"
+                _warn(StoreWarning(f"ckptdiff: {where} {self.store_path}: {text} (training continues; "
+                                   "further failures are not warned about until a snapshot is written again; "
+                                   "see tracker.errors)"))
         if failures and self.on_store_error == "raise":
             raise CkptError(f"snapshot store failed: {failures[0]}", self.store_path)
 
@@ -669,6 +796,7 @@ class Tracker:
             h.remove()
         self._handles = []
         if not self.active:
+            self._release()
             return
         atexit.unregister(self._atexit)
         drift: FrozenDriftError | None = None
@@ -677,13 +805,22 @@ class Tracker:
                 self._check(self.current_step, everything=True)
             except FrozenDriftError as e:
                 drift = e
-            if self.steps > self._last_snapshot_steps and drift is None:
+            self._drain()
+            # Steps since the last snapshot, or the last one failed to write: record the final state.
+            if drift is None and (self.steps > self._last_snapshot_steps
+                                  or self._written_step != self.current_step):
                 self._submit_snapshot(None, "final snapshot at close")
         finally:
             self._closed = True
+            self._release()
+            self._finalizer.detach()
             self._seal_metrics()
             self._writer.close()
             self._report_errors_quietly()
+            if self._quiet_failures:
+                _warn(StoreWarning(f"ckptdiff: snapshot store {self.store_path}: {self.store_failures} store "
+                                   f"failure(s) in this run, {self._quiet_failures} of them not warned about "
+                                   "(tracker.errors has the first messages)"))
         if drift is not None and raise_drift:
             raise drift
 
@@ -695,14 +832,49 @@ class Tracker:
                 raise
 
 
-#: A snapshot waits at most this long for its step's metrics before it is written without them.
-_SEAL_TIMEOUT_S = 600.0
+#: A snapshot waits at most this long for its step's metrics before it is written without them, so a
+#: loop that stops stepping (a long evaluation, a hang, a pre-emption coming) still gets it on disk.
+_SEAL_TIMEOUT_S = 10.0
 
 
 class _MetricsSeal:
+    """The metrics of one snapshot, handed from the training thread to the writer exactly once."""
+
     def __init__(self) -> None:
         self.ready = threading.Event()
+        self.lock = threading.Lock()
+        self.expired = False
         self.metrics: dict[str, Any] = {}
+
+    def take(self, timeout: float) -> dict[str, Any]:
+        """Writer thread: the sealed metrics, or none after ``timeout`` (later ones then go to the next)."""
+        self.ready.wait(timeout)
+        with self.lock:
+            if not self.ready.is_set():
+                self.expired = True
+            return self.metrics
+
+
+def _weak_callback(method: Any) -> Any:
+    """``method`` called through a weak reference: the writer thread must not keep the tracker alive."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args: Any) -> None:
+        m = ref()
+        if m is not None:
+            m(*args)
+    return call
+
+
+def _collected(writer: BackgroundWriter, at_exit: _AtExit, keys: Sequence[int]) -> None:
+    """A tracker was garbage-collected unclosed: stop its thread (never blocks: gc may run on any thread)."""
+    writer.stop()
+    atexit.unregister(at_exit)
+    with _OPEN_LOCK:
+        for key in keys:
+            ref = _OPEN.get(key)
+            if ref is not None and ref() is None:
+                del _OPEN[key]
 
 
 class _AtExit:
@@ -720,5 +892,5 @@ class _AtExit:
                 pass
 
 
-__all__ = ["track", "audit", "Tracker", "FrozenDriftError", "DriftEvent", "AuditFinding", "AuditReport",
+__all__ = ["track", "audit", "open_tracker", "Tracker", "FrozenDriftError", "DriftEvent", "AuditFinding", "AuditReport",
            "DriftWarning", "AuditWarning", "StoreWarning", "StaleWarning", "TrackerError"]

@@ -6,10 +6,16 @@ out-of-memory crash. With one slot, a snapshot that comes due while the
 previous one is still writing waits (backpressure) and the time it waited is
 counted in :attr:`BackgroundWriter.stalled_s`, which the benchmark reports.
 
-The store is opened on this thread and only ever touched here, so SQLite and
-the blob files see one writer per tracker. A job's exception is kept in its
-:class:`Job` and handed to ``on_error`` (the tracker records it and warns
-on the training thread); it never kills the thread.
+The store is opened on this thread, only ever touched here and closed here,
+so SQLite and the blob files see one writer per tracker. A job's exception
+is kept in its :class:`Job` and handed to ``on_error`` (the tracker records
+it and warns on the training thread); it never kills the thread.
+
+The thread holds no reference to the tracker between jobs (the tracker
+passes ``on_error`` as a weak method): a running thread is a GC root, so a
+strong reference would keep a forgotten tracker, and its model, alive
+forever. :meth:`BackgroundWriter.stop` never blocks, so it is safe from a
+``weakref.finalize`` callback, whichever thread the collector runs on.
 """
 
 from __future__ import annotations
@@ -91,41 +97,68 @@ class BackgroundWriter:
                 self._cond.wait(0.5)
         self.stalled_s += time.perf_counter() - t0
 
-    def close(self) -> None:
-        self.drain()
+    def stop(self) -> None:
+        """Ask the thread to finish its job in flight, close the store and exit; returns at once."""
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-        self._thread.join(timeout=60)
-        close = getattr(self.store, "close", None)
-        if callable(close):
-            try:
-                close()
-            except Exception:  # noqa: BLE001 - closing a broken store must not mask the run's outcome
-                pass
+
+    @property
+    def closed(self) -> bool:
+        with self._cond:
+            return self._closing
+
+    def close(self, timeout: float | None = None) -> None:
+        """Wait for the job in flight, then stop the thread (which closes the store it owns)."""
+        if threading.current_thread() is self._thread:  # pragma: no cover - a job closing its own writer
+            self.stop()
+            return
+        self.drain()
+        self.stop()
+        self._thread.join(timeout)
 
     def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while self._slot is None and not self._closing:
-                    self._cond.wait()
-                if self._slot is None:
-                    return
-                job = self._slot
-            try:
-                job.result = job.fn(self.store)
-            except BaseException as e:  # noqa: BLE001 - reported, never kills the thread
-                job.error = e
-                if self._on_error is not None and self.store is not None:
-                    try:
-                        self._on_error(job)
-                    except Exception:  # noqa: BLE001
-                        pass
+        try:
+            while True:
+                with self._cond:
+                    while self._slot is None and not self._closing:
+                        self._cond.wait()
+                    if self._slot is None:
+                        return
+                    job = self._slot
+                self._run(job)
+                del job  # hold nothing of the tracker's while idle (see the module docstring)
+                with self._cond:
+                    self._slot = None
+                    self.jobs_done += 1
+                    self._cond.notify_all()
+        finally:
+            close = getattr(self.store, "close", None)
+            if callable(close):
+                try:
+                    close()
+                except Exception:  # noqa: BLE001 - closing a broken store must not mask the run's outcome
+                    pass
+            self.store = None
+
+    def _run(self, job: Job[Any]) -> None:
+        try:
+            job.result = job.fn(self.store)
+        except BaseException as e:  # noqa: BLE001 - reported, never kills the thread
+            job.error = e
+            on_error = self._on_error
+            if on_error is not None and self.store is not None:
+                try:
+                    on_error(job)
+                except Exception:  # noqa: BLE001
+                    pass
+        finally:
+            job.fn = _done  # drop the closure (it references the tracker and staged tensors)
             job.done.set()
-            with self._cond:
-                self._slot = None
-                self.jobs_done += 1
-                self._cond.notify_all()
+
+
+def _done(_store: Any) -> None:
+    return None
 
 
 __all__ = ["BackgroundWriter", "Job"]

@@ -292,7 +292,6 @@ def render_table(report: DiffReport, file: IO[str], *, show_all: bool = False,
                  color: bool | None = None, width: int | None = None) -> None:
     """A rich table on ``file``; colours follow the terminal and NO_COLOR unless ``color`` forces them."""
     from rich.console import Console
-    from rich.table import Table
     from rich.text import Text
 
     kwargs: dict[str, Any] = {"file": file, "highlight": False, "soft_wrap": False}
@@ -309,34 +308,69 @@ def render_table(report: DiffReport, file: IO[str], *, show_all: bool = False,
 
     rows = ordered(report, show_all)
     # Paths are Text, never markup: a file named "[red]x" must print as itself.
-    console.print(Text.assemble((printable(report.old.path), "bold"), " -> ", (printable(report.new.path), "bold")))
+    console.print(Text.assemble((printable(report.old.path), "bold"), " -> ", (printable(report.new.path), "bold")),
+                  soft_wrap=True)  # a long path is one line (the terminal may wrap it, rich does not)
     if rows:
-        table = Table(box=None, pad_edge=False, header_style="bold")
-        table.add_column("", no_wrap=True)
-        table.add_column("tensor", overflow="fold", ratio=3)
-        table.add_column("status", no_wrap=True)
-        table.add_column("role", no_wrap=True)
-        table.add_column("dtype")
-        table.add_column("shape")
-        table.add_column("max |Δ|", justify="right", no_wrap=True)
-        table.add_column("mean |Δ|", justify="right", no_wrap=True)
-        table.add_column("rel L2", justify="right", no_wrap=True)
-        table.add_column("changed", justify="right")
-        for t in rows:
-            style = "red" if t.drift else "yellow" if t.stale else "dim" if t.status == "identical" else None
-            table.add_row(
-                Text(flag(t), style="bold"), Text(printable(t.name)), _STATUS_LABEL[t.status], t.role,
-                fmt_dtype(t), fmt_shape(t), fmt_num(t.max_abs_delta), fmt_num(t.mean_abs_delta),
-                fmt_num(t.rel_l2), fmt_changed(t), style=style,
-            )
+        table, dropped = _table(rows, console.width)
         console.print(table)
+        if dropped:
+            console.print(f"(terminal too narrow for: {', '.join(dropped)}; widen it, or use --format json)",
+                          style="dim", markup=False, highlight=False)
     hidden = report.summary()["identical"] - sum(1 for t in rows if t.status == "identical")
     if hidden:
         console.print(f"({_plural(hidden, 'identical tensor')} hidden; --all shows them)", style="dim")
-    console.print(summary_line(report), highlight=False, markup=False)
+    console.print(summary_line(report), highlight=False, markup=False, soft_wrap=True)
     failed, _ = report.verdict()
     style = "bold red" if failed else "bold yellow" if report.stale else "bold green"
-    console.print(Text(verdict_line(report), style=style))
+    console.print(Text(verdict_line(report), style=style), soft_wrap=True)
+
+
+#: Table columns: (key, header, right-aligned). The first two always stay.
+_COLUMNS = (("flag", "", False), ("name", "tensor", False), ("status", "status", False), ("role", "role", False),
+            ("dtype", "dtype", False), ("shape", "shape", False), ("max", "max |Δ|", True),
+            ("mean", "mean |Δ|", True), ("rel", "rel L2", True), ("changed", "changed", True))
+#: On a narrow terminal, columns are dropped in this order until the rest fit
+#: with the names readable (a name folded three characters wide helps nobody).
+_DROP_ORDER = ("mean", "dtype", "shape", "role", "changed", "rel", "status")
+_NAME_MIN = 24
+
+
+def _cells(t: TensorDiff) -> dict[str, str]:
+    return {"flag": flag(t), "name": printable(t.name), "status": _STATUS_LABEL[t.status], "role": t.role,
+            "dtype": fmt_dtype(t), "shape": fmt_shape(t), "max": fmt_num(t.max_abs_delta),
+            "mean": fmt_num(t.mean_abs_delta), "rel": fmt_num(t.rel_l2), "changed": fmt_changed(t)}
+
+
+def _table(rows: list[TensorDiff], width: int) -> tuple[Any, list[str]]:
+    from rich.cells import cell_len
+    from rich.table import Table
+    from rich.text import Text
+
+    cells = [_cells(t) for t in rows]
+    need = {key: max([cell_len(head)] + [cell_len(c[key]) for c in cells]) for key, head, _ in _COLUMNS}
+    keys = [key for key, _, _ in _COLUMNS]
+
+    def fits(ks: list[str]) -> bool:
+        used = sum(need[k] for k in ks if k != "name") + 2 * (len(ks) - 1)
+        return used + min(need["name"], _NAME_MIN) <= width
+
+    for key in _DROP_ORDER:
+        if fits(keys):
+            break
+        keys.remove(key)
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for key, head, right in _COLUMNS:
+        if key in keys:
+            if key == "name":
+                table.add_column(head, overflow="fold", min_width=min(need["name"], _NAME_MIN))
+            else:
+                table.add_column(head, justify="right" if right else "left", no_wrap=True)
+    for t, c in zip(rows, cells):
+        style = "red" if t.drift else "yellow" if t.stale else "dim" if t.status == "identical" else None
+        # Text, never markup: names and values are shown exactly as they are.
+        table.add_row(*[Text(c[k], style="bold") if k == "flag" else Text(c[k]) for k in keys], style=style)
+    headers = dict((k, h) for k, h, _ in _COLUMNS)
+    return table, [headers[k] for k, _, _ in _COLUMNS if k not in keys]
 
 
 def render(report: DiffReport, fmt: str, file: IO[str], *, show_all: bool = False,

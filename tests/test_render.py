@@ -78,8 +78,9 @@ def test_markdown_for_pr_comments():
     assert "2/8 (25%)" in drift_row
     assert any(l.startswith("| 🔴 drift | `gone` | removed | frozen") for l in lines)
     assert any(l.startswith("| 🟡 stale | `head.b` | identical | trainable") for l in lines)
-    # a '|' in a tensor name must not break the table; backticks cannot close the code span
-    assert "`added\\|odd'name`" in md
+    # a '|' in a tensor name must not break the table; a backtick in it gets a longer
+    # fence (CommonMark) so the name is shown verbatim instead of being altered
+    assert "``added\\|odd`name``" in md
     assert "1 identical tensor not shown." in md
     assert "`enc.b`" not in md
     assert "`enc.b`" in render_markdown(make_report(), show_all=True)
@@ -95,10 +96,13 @@ def test_markdown_caps_rows():
 
 def test_github_annotations():
     out = render_github(make_report()).splitlines()
-    assert out[0] == ("::error title=ckptdiff%3A frozen tensor drifted%3A enc.w::enc.w is frozen but changed: "
-                      "max |delta| 0.0004, rel L2 0.001192, 2 of 8 elements differ")
-    assert out[1] == "::error title=ckptdiff%3A frozen tensor drifted%3A gone::gone is frozen but removed"
-    assert out[2].startswith("::warning title=ckptdiff%3A trainable tensor never updated%3A head.b::head.b is trainable")
+    # per-tensor annotations name the NEW checkpoint as their file
+    assert out[0] == ("::error file=tuned.safetensors,title=ckptdiff%3A frozen tensor drifted%3A enc.w::enc.w is "
+                      "frozen but changed: max |delta| 0.0004, rel L2 0.001192, 2 of 8 elements differ")
+    assert out[1] == ("::error file=tuned.safetensors,title=ckptdiff%3A frozen tensor drifted%3A gone::gone is "
+                      "frozen but removed")
+    assert out[2].startswith("::warning file=tuned.safetensors,title=ckptdiff%3A trainable tensor never updated%3A "
+                             "head.b::head.b is trainable")
     assert out[3].startswith("::error title=ckptdiff::FAIL: 2 frozen tensors drifted | 7 tensors")
     assert out[-1] == "FAIL: 2 frozen tensors drifted"
     assert sum(l.startswith("::error") for l in out) == 3
@@ -108,7 +112,9 @@ def test_github_escapes_workflow_command_syntax():
     td = TensorDiff(name="a:b,c%d\nx", status="removed", role="frozen", drift=True, shape_old=[1], dtype_old="int8")
     rep = DiffReport(SideInfo("o", "m", 1, 1), SideInfo("n", "m", 0, 0), [td], manifest_source="m", fail_on="drift")
     first = render_github(rep).splitlines()[0]
-    assert first == "::error title=ckptdiff%3A frozen tensor drifted%3A a%3Ab%2Cc%25d%0Ax::a:b,c%25d%0Ax is frozen but removed"
+    # the name's LF is made visible (\n) before GitHub's escaping, so it cannot start a new command
+    assert first == ("::error file=n,title=ckptdiff%3A frozen tensor drifted%3A a%3Ab%2Cc%25d\\nx::"
+                     "a:b,c%25d\\nx is frozen but removed")
 
 
 def test_github_change_policy_without_manifest_annotates_changes():

@@ -185,3 +185,59 @@ def test_malformed_pickle_steps_aside(tmp_path):
         _rewrite(good, bad, lambda n, d, pkl=pkl: (pkl if n.endswith("data.pkl") else d, zipfile.ZIP_STORED))
         with pytest.raises(Unsupported):
             fast_open(bad)
+
+
+# ---------------------------------------------------------------------------
+# the public reader: fast path wired in, torch never imported for plain files
+# ---------------------------------------------------------------------------
+
+def test_open_checkpoint_reads_plain_pt_without_importing_torch(tmp_path):
+    import subprocess
+    import sys
+
+    p = tmp_path / "plain.pt"
+    torch.save({"state_dict": {"w": torch.arange(12.0).reshape(3, 4), "b": torch.ones(3, dtype=torch.bfloat16)},
+                "epoch": 2, "trainable_keys": ["b"]}, p)
+    code = (
+        "import sys\n"
+        "from ckptdiff.formats import open_checkpoint\n"
+        f"with open_checkpoint({str(p)!r}) as ck:\n"
+        "    print(ck.format, sorted(ck), ck['w'].numpy().sum(), ck.metadata['epoch'], ck.manifest.role('b'))\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split("\n")
+    assert out[0] == "torch ['b', 'w'] 66.0 2 trainable"
+    assert out[1] == "False"
+
+
+def test_read_into_streams_the_same_bytes_as_the_view(tmp_path):
+    p = tmp_path / "r.pt"
+    base = torch.arange(1000, dtype=torch.float32)
+    torch.save({"a": base[3:700], "b": torch.randn(33, 7).to(torch.bfloat16), "c": base}, p)
+    ck = fast_open(p)
+    for name, ref in ck.items():
+        assert ref.read_into is not None
+        for chunk_bytes in (2, 6, 100, 1 << 20):
+            buf = bytearray(chunk_bytes)
+            streamed = b"".join(bytes(c) for c in ref.chunks(chunk_bytes, into=buf))
+            assert streamed == ref.read(), (name, chunk_bytes)
+    ck.close()
+
+
+def test_diff_of_pt_pair_equals_diff_of_the_same_safetensors_pair(tmp_path):
+    from safetensors.torch import save_file
+
+    from ckptdiff.engine import diff
+
+    torch.manual_seed(3)
+    a = {"emb": torch.randn(300, 64), "norm": torch.ones(64), "head": torch.randn(64, 10).to(torch.bfloat16)}
+    b = {k: v.clone() for k, v in a.items()}
+    b["emb"][7, :5] += 1e-3
+    b["head"][0, 0] = float("nan")
+    for side, sd in (("a", a), ("b", b)):
+        torch.save(sd, tmp_path / f"{side}.pt")
+        save_file(sd, str(tmp_path / f"{side}.safetensors"))
+    via_pt = diff(str(tmp_path / "a.pt"), str(tmp_path / "b.pt")).to_dict()
+    via_st = diff(str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")).to_dict()
+    assert via_pt["tensors"] == via_st["tensors"]
+    assert [t["status"] for t in via_pt["tensors"]] == ["changed", "identical", "changed"]

@@ -20,6 +20,7 @@ from textual.widgets import DataTable, Footer, Header, Sparkline, Static
 from textual.worker import Worker, WorkerState, get_current_worker
 
 from ckptdiff.report import TensorDiff
+from ckptdiff.textsafe import printable
 
 from . import fmt
 from .history import HistoryModel, SeriesPoint, first_change
@@ -64,7 +65,7 @@ class DetailScreen(Screen):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.sub_title = self.row.name
+        self.sub_title = printable(self.row.name)
         if self.model is not None:
             table = self.query_one("#points", DataTable)
             for key, label in (("mark", " "), ("index", "#"), ("step", "step"), ("tag", "tag"), ("base", "base"),
@@ -78,7 +79,7 @@ class DetailScreen(Screen):
         grid.add_column(style="bold")
         grid.add_column()
         style = row_style(r) or None
-        grid.add_row("tensor", Text(r.name, style=style or "bold"))
+        grid.add_row("tensor", Text(printable(r.name), style=style or "bold"))
         verdict = r.status + ("  ▲ DRIFT: a frozen tensor moved" if r.drift else "") + (
             "  • STALE: a trainable tensor never changed" if r.stale else "")
         grid.add_row("status", Text(verdict, style=style))

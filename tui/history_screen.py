@@ -20,6 +20,7 @@ from textual.widgets import Footer, Header
 from textual.worker import Worker, get_current_worker
 
 from ckptdiff.report import TensorDiff
+from ckptdiff.textsafe import printable
 
 from . import fmt
 from .history import HistoryModel, SnapshotSummary
@@ -66,7 +67,7 @@ class HistoryScreen(TableScreen):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.sub_title = self.store_path
+        self.sub_title = printable(self.store_path)
         self.set_status(Text("reading the store…", style="italic"))
         self.load_history()
 
@@ -243,8 +244,8 @@ class HistoryScreen(TableScreen):
             self.load_summaries()
 
     def action_mark(self) -> None:
-        if self.model is None:
-            return
+        if self.model is None or len(self.model) == 0:
+            return  # an empty store has no snapshot to mark
         index = self.history.cursor_row
         self.marked = None if self.marked == index else index
         if self.marked is None:
@@ -296,5 +297,5 @@ def _label(i: int, s: object) -> str:
     if step is not None:
         out += f" step {step}"
     if tag:
-        out += f" [{tag}]"
+        out += f" [{printable(tag)}]"
     return out

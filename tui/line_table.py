@@ -29,6 +29,8 @@ from textual.reactive import reactive
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
+from ckptdiff.textsafe import printable
+
 Cell = tuple[str, Style | None]
 NO_STYLE = Style()
 
@@ -104,6 +106,7 @@ class LineTable(ScrollView, can_focus=True):
     def set_data(self, rows: list[list[Cell]], row_styles: list[Style] | None = None, *,
                  cursor: int | None = None) -> None:
         """Replace every row; widths follow the longest text of each column."""
+        rows = [_printable_row(r) for r in rows]
         self._rows = rows
         self._row_styles = row_styles if row_styles is not None else [NO_STYLE] * len(rows)
         widths = self._header_widths()
@@ -120,9 +123,14 @@ class LineTable(ScrollView, can_focus=True):
         self.virtual_size = Size(sum(w + 2 for w in widths), len(rows) + 1)
         self.cursor_row = self.cursor_row if cursor is None else cursor
         self.refresh(layout=resized)  # height: auto follows the row count
+        if cursor is not None:
+            # The cursor was placed before the new height was laid out (on a short
+            # terminal the newest snapshot would sit below the fold): scroll again once it is.
+            self.call_after_refresh(self.scroll_to_cursor)
 
     def set_row(self, index: int, row: list[Cell], style: Style | None = None) -> None:
         """Change one row in place (widths grow if needed)."""
+        row = _printable_row(row)
         self._rows[index] = row
         if style is not None:
             self._row_styles[index] = style
@@ -150,7 +158,11 @@ class LineTable(ScrollView, can_focus=True):
         return len(self._rows)
 
     def _header_widths(self) -> list[int]:
-        return [max(cell_len(label), self.min_width.get(key, 0)) for key, label in self.columns]
+        try:
+            labels = self.header_labels()  # with a sort arrow, so an empty table shows "tensor ▲", not "tenso…"
+        except AttributeError:  # a subclass's state is not set up yet (called from __init__)
+            labels = [label for _, label in self.columns]
+        return [max(cell_len(label), self.min_width.get(key, 0)) for (key, _), label in zip(self.columns, labels)]
 
     def header_labels(self) -> list[str]:
         return [label for _, label in self.columns]
@@ -163,13 +175,18 @@ class LineTable(ScrollView, can_focus=True):
     def validate_cursor_row(self, row: int) -> int:
         return max(0, min(row, len(self._rows) - 1)) if self._rows else 0
 
-    def watch_cursor_row(self, old: int, new: int) -> None:
+    def scroll_to_cursor(self) -> None:
+        """Scroll just enough that the cursor row is on screen."""
+        new = self.cursor_row
         visible = max(1, self.scrollable_content_region.height - 1)
         top = round(self.scroll_y)
         if new < top:
             self.scroll_to(y=new, animate=False)
         elif new >= top + visible:
             self.scroll_to(y=new - visible + 1, animate=False)
+
+    def watch_cursor_row(self, old: int, new: int) -> None:
+        self.scroll_to_cursor()
         self.refresh_row(old)
         self.refresh_row(new)
         if self._rows:
@@ -276,3 +293,12 @@ class LineTable(ScrollView, can_focus=True):
                 cells = [(text, None) for text, _ in cells]  # the cursor's colours win
             segments = self._segments(cells, style)
         return Strip(segments).crop(scroll_x, scroll_x + width).adjust_cell_length(width, style)
+
+
+def _printable_row(row: list[Cell]) -> list[Cell]:
+    """Cells with control characters made visible (a tensor name holding CR, LF or
+    an ESC sequence would otherwise break the row or restyle the terminal)."""
+    if all(text.isprintable() for text, _ in row):
+        return row
+    return [(printable(text), style) for text, style in row]
+

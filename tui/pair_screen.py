@@ -16,6 +16,7 @@ from textual.worker import Worker, WorkerState, get_current_worker
 from ckptdiff.checkpoint import Checkpoint
 from ckptdiff.manifest import Manifest
 from ckptdiff.report import TensorDiff
+from ckptdiff.textsafe import printable
 
 from .measure import batches, measure
 from .rows import diff_entries
@@ -39,7 +40,7 @@ class PairScreen(TableScreen):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.sub_title = f"{self.old_spec} → {self.new_spec}"
+        self.sub_title = printable(f"{self.old_spec} → {self.new_spec}")
         self.set_status(Text("reading headers…", style="italic"))
         self.update_context()
         self.table.focus()
@@ -95,9 +96,9 @@ class PairScreen(TableScreen):
 
     def update_context(self) -> None:
         line = Text()
-        line.append(self.old_spec, style="bold magenta")
+        line.append(printable(self.old_spec), style="bold magenta")
         line.append("  →  ")
-        line.append(self.new_spec, style="bold")
+        line.append(printable(self.new_spec), style="bold")
         rows = self.table.all_rows.values()
         if rows:
             changed = sum(r.status not in ("identical", "pending") for r in rows)

@@ -160,8 +160,10 @@ class TableScreen(Screen):
 def describe_error(e: BaseException | None) -> str:
     from ckptdiff.errors import CkptError
 
+    from ckptdiff.textsafe import printable
+
     if isinstance(e, CkptError):
-        return str(e)
+        return printable(str(e))
     if isinstance(e, OSError):
-        return f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}"
-    return f"internal error: {type(e).__name__}: {e}"
+        return printable(f"{str(e.filename) + ': ' if e.filename else ''}{e.strerror or e}")
+    return printable(f"internal error: {type(e).__name__}: {e}")

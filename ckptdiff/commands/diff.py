@@ -110,7 +110,7 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..engine import diff
 
-    _check_output(args.output)  # fail before a long diff, not after it
+    _check_output(args.output, (args.old, args.new))  # fail before a long diff, not after it
     with _progress(enabled=not args.no_progress) as progress:
         report = diff(
             args.old, args.new,
@@ -219,12 +219,34 @@ def _is_special(path: str) -> bool:
         return False  # does not exist yet: a regular file will be created
 
 
-def _check_output(path: str | None) -> None:
+def _refuse_to_clobber_a_checkpoint(path: str, inputs: tuple[str, ...]) -> None:
+    """``-o model.safetensors`` (a slip for ``-o diff.json``) must not replace weights with a report."""
+    if not os.path.isfile(path):
+        return
+    for spec in inputs:
+        try:
+            if os.path.exists(spec) and os.path.samefile(path, spec):
+                raise CkptError("--output names one of the checkpoints being compared; "
+                                "refusing to overwrite it with the report", path)
+        except OSError:
+            continue
+    from ..formats import sniff
+
+    try:
+        fmt = sniff(path)
+    except CkptError:
+        return  # not a checkpoint (an earlier report, a log): replacing it is what -o means
+    raise CkptError(f"--output is an existing {fmt} checkpoint; refusing to overwrite it with the report "
+                    "(name a new file, or delete it first)", path)
+
+
+def _check_output(path: str | None, inputs: tuple[str, ...] = ()) -> None:
     if not path or path == "-":
         return
     parent = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise CkptError("--output is a directory; name a file", path)
+    _refuse_to_clobber_a_checkpoint(path, inputs)
     if not os.path.isdir(parent):
         raise CkptError("cannot write the report: its directory does not exist", path)
     if not os.access(parent, os.W_OK) and not _is_special(path):

@@ -45,10 +45,8 @@ def _keep(text: str) -> int:
         v = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if v < 1:
-        # 0 would delete every untagged snapshot: too easy to type by accident.
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {text} (use 'ckptdiff rm DIR@REF' to remove "
-                                         "snapshots one by one)")
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
     return v
 
 
@@ -148,7 +146,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "examples:\n  ckptdiff gc runs/store\n  ckptdiff gc runs/store --keep-last 10"))
     p.add_argument("dir", metavar="DIR", help="the store directory")
     p.add_argument("--keep-last", type=_keep, metavar="N",
-                   help="first remove all but the newest N snapshots (N >= 1), keeping every tagged one")
+                   help="first remove all but the newest N snapshots, keeping every tagged one "
+                        "(0: keep only the tagged ones)")
     p.set_defaults(func=run_gc)
 
 
@@ -173,6 +172,9 @@ def _metric_str(metrics: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
+_MAX_CELL = 64
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> str:
     # Names, tags and metrics come from untrusted files: one visible line per row.
     rows = [[printable(c) for c in r] for r in rows]
@@ -180,12 +182,14 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence
 
     widths = [cell_len(h) for h in header]
     for r in rows:
-        widths = [max(w, cell_len(c)) for w, c in zip(widths, r)]
+        # One 300-character name should not push every other row's columns off screen:
+        # columns fit cells up to _MAX_CELL wide, and a longer cell just runs over.
+        widths = [max(w, min(cell_len(c), _MAX_CELL)) for w, c in zip(widths, r)]
     lines = []
     for r in [list(header), *rows]:
         cells = []
         for i, (c, w) in enumerate(zip(r, widths)):
-            pad = " " * (w - cell_len(c))
+            pad = " " * max(0, w - cell_len(c))
             cells.append(pad + c if i in right else c + pad)
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)
@@ -280,6 +284,10 @@ def run_snapshot(args: argparse.Namespace) -> int:
             if isinstance(meta_step, int) and not isinstance(meta_step, bool):
                 step = meta_step
         store = Store.open(args.store) if is_store(args.store) else Store.init(args.store, compress=args.compress)
+        if args.compress and not store.compressed:
+            # Compression is chosen once per store; say so rather than silently ignore the flag.
+            print(f"ckptdiff: note: --compress ignored: {printable(args.store)} already exists as an "
+                  "uncompressed store (compression is chosen by 'ckptdiff init --compress')", file=sys.stderr)
         with store:
             src = ckpt.path if ckpt.format == "store" else os.path.abspath(args.checkpoint)
             sid = store.snapshot(ckpt, step=step, tag=args.tag, message=args.message, metrics=metrics,
@@ -395,11 +403,13 @@ def run_verify(args: argparse.Namespace) -> int:
         for sid, name in b.affected:
             print(f"    snapshot {sid}  tensor {name}")
     status = "ok" if res.ok else "FAILED"
-    print(f"{status}: re-hashed {res.blobs_checked} blobs ({human_bytes(res.bytes_checked)}) referenced by "
-          f"{res.snapshots} snapshots; {len(res.bad)} damaged, {res.unreferenced} unreferenced "
-          f"(run 'ckptdiff gc' to free those)" if res.unreferenced else
-          f"{status}: re-hashed {res.blobs_checked} blobs ({human_bytes(res.bytes_checked)}) referenced by "
-          f"{res.snapshots} snapshots; {len(res.bad)} damaged")
+    line = (f"{status}: re-hashed {res.blobs_checked} blobs ({human_bytes(res.bytes_checked)}) referenced by "
+            f"{res.snapshots} snapshots; {len(res.bad)} damaged")
+    if res.errors:
+        line += f", {len(res.errors)} other problem{'s' if len(res.errors) != 1 else ''} (ERROR lines above)"
+    if res.unreferenced:
+        line += f", {res.unreferenced} unreferenced (run 'ckptdiff gc' to free those)"
+    print(line)
     return 0 if res.ok else 1
 
 

@@ -43,6 +43,12 @@ examples:
   ckptdiff tui runs/store@first runs/store@latest
   ckptdiff tui base.safetensors tuned.safetensors --manifest manifest.json
 
+exit codes:
+  0  you quit the app (q)
+  2  trouble before it starts: no such store or file, a bad manifest or ref,
+     bad flags, Textual not installed (one line on stderr). Problems found
+     while it runs are shown on its status line instead.
+
 Needs the 'tui' extra:  pip install 'ckptdiff[tui]'
 """
 
@@ -120,7 +126,8 @@ def _check_store(path: str) -> None:
             raise CkptError("no such store directory", path)
         raise CkptError("not a ckptdiff store (record snapshots with the training hook or "
                         "'ckptdiff snapshot' first)", path)
-    Store.open(path).close()
+    with Store.open(path) as s:
+        s.list()  # reads every snapshot row: a damaged one fails here, not inside the app
 
 
 def _check_checkpoints(old: str, new: str, manifest: str | None) -> None:

@@ -175,7 +175,7 @@ def test_snapshot_creates_store_and_reads_embedded_step(tmp_path, capsys):
 def test_help_teaches_and_entry_point_runs(tmp_path):
     r = subprocess.run([sys.executable, "-m", "ckptdiff.cli", "snapshot", "--help"], capture_output=True, text=True,
                        env=dict(os.environ, PYTHONPATH=os.getcwd()))
-    assert r.returncode == 0 and "example:" in r.stdout and "--metric K=V" in r.stdout
+    assert r.returncode == 0 and "examples:" in r.stdout and "--metric K=V" in r.stdout and "exit codes:" in r.stdout
     r = subprocess.run([sys.executable, "-m", "ckptdiff.cli", "log", "--help"], capture_output=True, text=True,
                        env=dict(os.environ, PYTHONPATH=os.getcwd()))
     assert "frozen tensors" in r.stdout
