@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # a command not written yet
             raise
         mod.register(sub)
+    for cmd_parser in sub.choices.values():
+        # `ckptdiff diff a b --debug` should work as well as `ckptdiff --debug diff a b`;
+        # SUPPRESS keeps a subcommand from resetting a --debug given before it.
+        cmd_parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                                help="show the Python traceback on errors")
     return parser
 
 

@@ -61,6 +61,10 @@ def diff(
     the tolerance. ``include``/``exclude`` are fnmatch globs on full tensor
     names. ``fail_on`` (``drift``/``change``/``never``) defaults to ``drift``
     when a manifest is known, else ``change``.
+
+    ``workers``: threads comparing tensors side by side (default: one per
+    core, up to 4, and one when the tensors are small; see _worker_count).
+    The report is the same for any value.
     """
     _check_tolerance("atol", atol)
     _check_tolerance("rtol", rtol)
@@ -80,9 +84,9 @@ def diff(
         b = _open(new, opened)
         man = _resolve_manifest(manifest, a, b)
         names = _select(_union(a, b), include_pats, exclude_pats)
-        total = sum((a[n].nbytes if n in a else 0) + (b[n].nbytes if n in b else 0) for n in names)
-        meter = _Meter(progress, total)
         sizes = {n: (a[n].nbytes if n in a else 0) + (b[n].nbytes if n in b else 0) for n in names}
+        total = sum(sizes.values())
+        meter = _Meter(progress, total)
 
         def one(n: str) -> TensorDiff:
             return _diff_one(n, a.get(n), b.get(n), man, float(atol), float(rtol), chunk_bytes, meter)

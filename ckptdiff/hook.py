@@ -62,13 +62,15 @@ from .hook_writer import BackgroundWriter
 ON_DRIFT = ("warn", "raise", "record")
 _WARN_LINES = 12
 ON_STORE_ERROR = ("warn", "raise")
+#: Trainable tensors are called stale only after this many updates (and at least one ``every`` interval).
+_STALE_MIN_STEPS = 5
 #: ``tracker.errors`` keeps this many messages (a store that fails every step must not grow a list forever).
 _MAX_ERRORS = 100
 
 #: Open trackers by the id of the model they watch (values held weakly): a second ``track()`` of the same
 #: model would double-count its steps and race its own history, so it is refused while the first is open.
 _OPEN: dict[int, weakref.ref[Any]] = {}
-_OPEN_LOCK = threading.Lock()
+_OPEN_LOCK = threading.RLock()  # re-entrant: a finalizer run by gc may need it while this thread holds it
 
 
 def audit(model: Any = None, optimizer: Any = None, *, trainable: str | Sequence[str] | None = None,
@@ -346,7 +348,7 @@ class Tracker:
             "writer_stall_seconds": self._writer.stalled_s,
             "checksummed_bytes": self._watch.checksummed_bytes,
             "snapshots_written": self._snapshots_written,
-            "staging_bytes": self._staging.held_bytes,
+            "staging_bytes": self._staging.peak_bytes,
             "frozen_tensors": len(self._frozen_idx),
             "trainable_tensors": len(self._trainable_idx),
         }
@@ -683,8 +685,12 @@ class Tracker:
         return sid
 
     def _find_stale(self, store: Any, sid: str, step: int) -> None:
-        """Trainable tensors still bitwise equal to the baseline after a whole interval: warn once each."""
-        if not self._baseline_hashes or self.steps < self.every:
+        """Trainable tensors still bitwise equal to the baseline after a whole interval: warn once each.
+
+        Not before ``_STALE_MIN_STEPS`` updates, even with ``every=1``: zero-initialised chains get their
+        first gradient only after a step (LoRA's ``A`` while ``B`` is still zero), which is not staleness.
+        """
+        if not self._baseline_hashes or step - self.start_step < max(self.every, _STALE_MIN_STEPS):
             return
         todo = [n for n in (self.tensors.slots[i].name for i in self._trainable_idx)
                 if n not in self.stale and n not in self._moved]
@@ -816,6 +822,9 @@ class Tracker:
             self._finalizer.detach()
             self._seal_metrics()
             self._writer.close()
+            self._staging.release()
+            self._pending = None
+            self._param_wait = []
             self._report_errors_quietly()
             if self._quiet_failures:
                 _warn(StoreWarning(f"ckptdiff: snapshot store {self.store_path}: {self.store_failures} store "
@@ -892,5 +901,5 @@ class _AtExit:
                 pass
 
 
-__all__ = ["track", "audit", "open_tracker", "Tracker", "FrozenDriftError", "DriftEvent", "AuditFinding", "AuditReport",
-           "DriftWarning", "AuditWarning", "StoreWarning", "StaleWarning", "TrackerError"]
+__all__ = ["track", "audit", "open_tracker", "Tracker", "FrozenDriftError", "DriftEvent", "AuditFinding",
+           "AuditReport", "DriftWarning", "AuditWarning", "StoreWarning", "StaleWarning", "TrackerError"]

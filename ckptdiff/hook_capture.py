@@ -55,10 +55,17 @@ class HostStaging:
     def __init__(self) -> None:
         self._bufs: dict[int, Any] = {}
         self._streams: dict[Any, Any] = {}
+        #: The most host memory ever staged at once (what ``stats["staging_bytes"]`` reports).
+        self.peak_bytes = 0
 
     @property
     def held_bytes(self) -> int:
         return sum(b.numel() for b in self._bufs.values())
+
+    def release(self) -> None:
+        """Free the buffers (at close: a tracker kept around for its drift_events must not pin host memory)."""
+        self._bufs.clear()
+        self._streams.clear()
 
     def _buffer(self, key: int, nbytes: int, pinned: bool) -> Any:
         import torch
@@ -106,6 +113,7 @@ class HostStaging:
             for name in slot.names:
                 refs[name] = TensorRef(name, dt, tuple(t.shape), view=ref_view, source="hook")
         cap = Capture(refs, stamps, total)
+        self.peak_bytes = max(self.peak_bytes, self.held_bytes)
         for device, pairs in current.items():
             for dst, src in pairs:
                 dst.copy_(src, non_blocking=True)

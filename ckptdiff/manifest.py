@@ -130,8 +130,12 @@ class Manifest:
             raise CkptError("manifest is larger than 16 MiB", p)
         try:
             data = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CkptError(f"manifest is not valid JSON ({e})", p) from None
+        except UnicodeDecodeError:
+            raise CkptError("manifest is not valid JSON (not UTF-8 text: is it a checkpoint?)", p) from None
+        except ValueError as e:  # JSONDecodeError, and ints too long to convert
+            raise CkptError(f"manifest is not valid JSON ({str(e)[:200]})", p) from None
+        except RecursionError:
+            raise CkptError("manifest is not valid JSON (nested too deeply)", p) from None
         return cls.from_dict(data, source=p)
 
     @classmethod

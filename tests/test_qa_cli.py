@@ -427,3 +427,100 @@ def test_verify_reports_damaged_snapshot_metadata_and_tui_refuses_early(files, t
     assert rc == 2 and "manifest in the store database is damaged" in one_error(err)
     rc, out, err = cli(capsys, "tui", st)  # refused before the screen switches
     assert rc == 2 and "manifest in the store database is damaged" in one_error(err)
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_flag_works_before_or_after_the_command(files, capsys, where):
+    args = ["diff", os.fspath(files["x"]) + ".missing", os.fspath(files["x"])]
+    argv = ["--debug", *args] if where == "before" else [*args, "--debug"]
+    with pytest.raises(CkptError, match="no such file"):
+        main(argv)
+    rc, _, err = cli(capsys, *args)
+    assert rc == 2 and "no such file" in one_error(err)
+
+
+@pytest.mark.parametrize("content,why", [
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ('{"trainable": [' + "1" * 5000 + "]}", "Exceeds the limit"),
+    (b"\x89HDF\r\n\x1a\n\x00\x00", "not UTF-8 text: is it a checkpoint?"),
+])
+def test_hostile_manifest_json_is_one_clear_error(files, tmp_path, capsys, content, why):
+    man = tmp_path / "m.json"
+    if isinstance(content, bytes):
+        man.write_bytes(content)
+    else:
+        man.write_text(content)
+    for args in (["diff", files["x"], files["x"], "-m", man], ["snapshot", files["x"], "--store", tmp_path / "s",
+                                                              "--manifest", man]):
+        rc, _, err = cli(capsys, *args)
+        line = one_error(err)
+        assert rc == 2 and why in line and "internal error" not in line
+
+
+def test_hostile_json_inside_a_store_database(files, tmp_path, capsys):
+    import sqlite3
+
+    st = tmp_path / "st"
+    assert cli(capsys, "snapshot", files["x"], "--store", st, "--manifest", files["man"], "--metric", "a=1")[0] == 0
+    deep = "[" * 100_000 + "]" * 100_000
+    with sqlite3.connect(st / "ckptdiff.db") as c:
+        c.execute("UPDATE snapshots SET manifest = ?, metrics = ?", (deep, deep))
+    for args in (["log", st], ["show", f"{st}@latest"], ["diff", f"{st}@latest", files["x"]]):
+        rc, _, err = cli(capsys, *args)
+        assert rc == 2 and "manifest in the store database is damaged" in one_error(err)
+    rc, out, _ = cli(capsys, "verify", st)
+    assert rc == 1 and "manifest in the database is damaged" in out and "metrics in the database are damaged" in out
+    with sqlite3.connect(st / "ckptdiff.db") as c:
+        c.execute("UPDATE snapshots SET manifest = NULL")
+        c.execute("UPDATE entries SET shape = ?", (deep,))
+    rc, _, err = cli(capsys, "show", f"{st}@latest")
+    assert rc == 2 and "damaged shape in the store database" in one_error(err)
+
+
+def test_unwritable_destinations_are_one_line_and_leave_nothing(files, tmp_path):
+    """Export, -o, init and snapshot into a read-only directory (root runs without the bypass capabilities)."""
+    import shutil
+    import subprocess
+    import sys
+
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root without setpriv: cannot make file modes bind")
+        prefix = [setpriv, "--bounding-set", "-dac_override,-dac_read_search,-fowner"]
+    st = tmp_path / "st"
+    assert main(["snapshot", os.fspath(files["x"]), "--store", os.fspath(st)]) == 0
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    env.pop("CKPTDIFF_DEBUG", None)
+    cases = [
+        (["export", f"{st}@latest", f"{ro}/x.safetensors"], "cannot write the export: Permission denied"),
+        (["diff", os.fspath(files["x"]), os.fspath(files["x"]), "-o", f"{ro}/r.json"],
+         "cannot write the report: directory is not writable"),
+        (["init", f"{ro}/new"], "cannot create the store here (Permission denied)"),
+        (["snapshot", os.fspath(files["x"]), "--store", f"{ro}/new"], "cannot create the store here"),
+    ]
+    try:
+        for args, why in cases:
+            r = subprocess.run([*prefix, sys.executable, "-m", "ckptdiff.cli", *args], capture_output=True,
+                               text=True, env=env, timeout=60)
+            assert r.returncode == 2 and r.stdout == "", (args, r.stderr)
+            assert why in one_error(r.stderr), r.stderr
+        assert os.listdir(ro) == []
+    finally:
+        ro.chmod(0o755)
+
+
+def test_github_caps_change_annotations_and_says_how_many_more():
+    old = {f"t{i:03d}": np.zeros(2, np.float32) for i in range(60)}
+    rep = diff(Checkpoint.from_arrays(old, path="a.safetensors"),
+               Checkpoint.from_arrays({k: v + 1 for k, v in old.items()}, path="b.safetensors"))
+    lines = render_github(rep).splitlines()
+    changed = [line for line in lines if line.startswith("::error file=b.safetensors,title=ckptdiff%3A tensor changed::")]
+    assert len(changed) == 51
+    assert changed[0].endswith("tensor t000 changed (max |Δ| 1, 2 of 2 elements)")
+    assert changed[-1].endswith("…and 10 more changed tensors (run with --format json for all)")
+    assert lines[-1] == "FAIL: 60 tensors differ (--fail-on change)"

@@ -123,10 +123,6 @@ class LineTable(ScrollView, can_focus=True):
         self.virtual_size = Size(sum(w + 2 for w in widths), len(rows) + 1)
         self.cursor_row = self.cursor_row if cursor is None else cursor
         self.refresh(layout=resized)  # height: auto follows the row count
-        if cursor is not None:
-            # The cursor was placed before the new height was laid out (on a short
-            # terminal the newest snapshot would sit below the fold): scroll again once it is.
-            self.call_after_refresh(self.scroll_to_cursor)
 
     def set_row(self, index: int, row: list[Cell], style: Style | None = None) -> None:
         """Change one row in place (widths grow if needed)."""
@@ -184,6 +180,12 @@ class LineTable(ScrollView, can_focus=True):
             self.scroll_to(y=new, animate=False)
         elif new >= top + visible:
             self.scroll_to(y=new - visible + 1, animate=False)
+
+    def on_resize(self) -> None:
+        # The cursor is often placed before the table's height is laid out (the
+        # newest snapshot, on a short terminal, would sit below the fold): once the
+        # real height is known, bring it into view.
+        self.scroll_to_cursor()
 
     def watch_cursor_row(self, old: int, new: int) -> None:
         self.scroll_to_cursor()

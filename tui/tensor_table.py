@@ -120,6 +120,7 @@ class TensorTable(LineTable):
     def __init__(self, **kwargs: object) -> None:
         super().__init__(**kwargs)
         self.query_state = TableQuery()
+        self._widths = self._header_widths()  # now with the sort arrow: "tensor ▲" even with no rows
         self.all_rows: dict[str, TensorDiff] = {}
         self.shown: list[TensorDiff] = []
 

@@ -45,7 +45,13 @@ def store_os_error(e: OSError, root: str, action: str) -> CkptError:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return CkptError(f"disk full while {action}; the store was left unchanged", root)
     if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        if action == "create the store":
+            # There is no store yet, so "the store is read-only" would mislead: the place is.
+            return CkptError(f"cannot create the store here ({e.strerror}): choose a directory you can write to",
+                             root)
         return CkptError(f"store is read-only ({e.strerror}); cannot {action}", root)
+    if action == "create the store":
+        return CkptError(f"cannot create the store here: {e.strerror or e}", root)
     return CkptError(f"{action} failed: {e.strerror or e}", root)
 
 

@@ -62,7 +62,7 @@ def manifest_from_json(raw: str | None, where: str) -> Manifest | None:
         d = json.loads(raw)
         return Manifest(tuple(d.get("trainable", ())), tuple(d.get("frozen", ())), tuple(d.get("buffers", ())),
                         source=str(d.get("source", "")))
-    except (ValueError, TypeError, AttributeError):
+    except (ValueError, TypeError, AttributeError, RecursionError):
         raise FormatError("a snapshot's manifest in the store database is damaged", where) from None
 
 
@@ -71,7 +71,7 @@ def entry_from_row(name: str, dt: str, shape: str, h: str, nbytes: int, where: s
     info = dtypes.get(dt) if isinstance(dt, str) else dtypes.get(repr(dt))
     try:
         dims = json.loads(shape)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):
         raise FormatError(f"tensor {name!r} has a damaged shape in the store database", where) from None
     if not isinstance(dims, list):
         raise FormatError(f"tensor {name!r} has a damaged shape in the store database", where)
@@ -90,7 +90,7 @@ def info_from_row(row: tuple[Any, ...], root: str) -> SnapshotInfo:
     where = f"{root}@{sid}"
     try:
         m = json.loads(metrics) if metrics else {}
-    except ValueError:
+    except (ValueError, TypeError, RecursionError):
         m = {}
     return SnapshotInfo(sid, parent, float(created), step, tag, message, m if isinstance(m, dict) else {},
                         manifest_from_json(manifest, where), source, int(n), int(total))

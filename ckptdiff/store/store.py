@@ -567,12 +567,12 @@ def _metadata_problems(sid: str, manifest: Any, metrics: Any) -> list[str]:
             if not isinstance(d, dict):
                 raise ValueError
             Manifest(tuple(d.get("trainable", ())), tuple(d.get("frozen", ())), tuple(d.get("buffers", ())))
-        except (ValueError, TypeError, AttributeError):
+        except (ValueError, TypeError, AttributeError, RecursionError):
             out.append(f"snapshot {sid}: its manifest in the database is damaged (not the JSON ckptdiff wrote)")
     if metrics:
         try:
             ok = isinstance(json.loads(metrics), dict)
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, RecursionError):
             ok = False
         if not ok:
             out.append(f"snapshot {sid}: its metrics in the database are damaged (not a JSON object)")

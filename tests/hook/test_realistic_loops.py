@@ -7,6 +7,8 @@ from __future__ import annotations
 import gc
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -356,6 +358,7 @@ def test_every_step_snapshots_apply_backpressure_and_stay_exact(store_dir):
     stats = tracker.stats
     assert stats["snapshots_written"] == 31  # baseline + one per step: none dropped, none queued
     assert stats["staging_bytes"] == (16 * 4 + 4) * 4  # host memory: one snapshot of the trainable tensors
+    assert tracker._staging.held_bytes == 0  # and freed at close, though the tracker object lives on
     assert stats["writer_stall_seconds"] >= 0.0
     store = Store.open(store_dir)
     infos = store.list()
@@ -467,3 +470,104 @@ def test_a_failure_inside_the_hook_is_reported_and_training_goes_on(net, data, s
     [w] = [str(w.message) for w in caught if w.category is StoreWarning]
     assert w.startswith("ckptdiff: tracker ") and "training continues" in w
     assert [i.step for i in Store.open(store_dir).list()] == [0, 2, 4]
+
+
+def test_close_waits_for_a_slow_snapshot_in_flight_and_never_runs_two(net, data, store_dir, monkeypatch):
+    freeze(net.backbone)
+    net.backbone.eval()
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2)
+    real_snapshot = Store.snapshot
+    state = {"running": 0, "most": 0}
+    lock = threading.Lock()
+
+    def slow_snapshot(self, *a, **k):  # a slow disk: the real write, 50 ms late
+        with lock:
+            state["running"] += 1
+            state["most"] = max(state["most"], state["running"])
+        try:
+            time.sleep(0.05)
+            return real_snapshot(self, *a, **k)
+        finally:
+            with lock:
+                state["running"] -= 1
+
+    monkeypatch.setattr(Store, "snapshot", slow_snapshot)
+    tracker = ckptdiff.track(net, opt, store=store_dir, every=1)
+    for _ in range(4):
+        train_step(net, opt, *data)
+    expected = {k: raw(v) for k, v in net.state_dict().items()}
+    tracker.close()  # step 4's snapshot is still being written: close must wait for it, not race it
+    assert state["most"] == 1 and state["running"] == 0
+    assert tracker.stats["writer_stall_seconds"] >= 0.1  # steps 2-4 each waited for the previous write
+    assert tracker._writer.store is None  # closed by the thread that owned it
+    monkeypatch.undo()
+    store = Store.open(store_dir)
+    assert [i.step for i in store.list()] == [0, 1, 2, 3, 4]
+    snap = store.open_snapshot("latest")
+    assert all(snap[k].read() == v for k, v in expected.items())
+
+
+def test_a_script_that_never_closes_still_gets_its_final_snapshot_at_exit(store_dir):
+    script = (
+        "import sys, torch, ckptdiff\n"
+        "torch.manual_seed(0)\n"
+        "m = torch.nn.Linear(4, 2)\n"
+        "opt = torch.optim.SGD(m.parameters(), lr=0.1)\n"
+        "ckptdiff.track(m, opt, store=sys.argv[1], every=10)  # no with, no close, result not kept\n"
+        "for _ in range(3):\n"
+        "    opt.zero_grad(); m(torch.ones(8, 4)).sum().backward(); opt.step()\n"
+        "torch.save(m.state_dict(), sys.argv[1] + '.pt')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, store_dir], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    store = Store.open(store_dir)
+    assert [(i.step, i.tag) for i in store.list()] == [(0, "baseline"), (3, None)]
+    saved = torch.load(store_dir + ".pt", weights_only=True)
+    snap = store.open_snapshot("latest")
+    assert all(snap[k].read() == raw(v) for k, v in saved.items())
+
+
+def test_steps_skipped_by_grad_scaler_are_not_counted(net, data, store_dir, no_warnings):
+    freeze(net.backbone)
+    net.backbone.eval()
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    x, y = data
+    with ckptdiff.track(net, opt, store=store_dir, every=2) as tracker:
+        for i in range(5):
+            opt.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(net(x), y)
+            if i == 2:
+                loss = loss * float("inf")  # an overflow: the scaler skips this optimizer.step()
+            before = raw(net.head.weight)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            assert (raw(net.head.weight) == before) == (i == 2)
+    assert tracker.current_step == 4
+    assert [i.step for i in Store.open(store_dir).list()] == [0, 2, 4]
+    assert tracker.drift_events == [] and tracker.errors == []
+
+
+def test_lora_adapters_that_start_moving_at_step_two_are_not_called_stale(store_dir, no_warnings):
+    enc = _lora_encoder()
+    enc.train()
+    opt = torch.optim.Adam([p for p in enc.parameters() if p.requires_grad], lr=1e-3)
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(0))
+    a_names = [n for n, _ in enc.named_parameters() if n.endswith(".A")]
+    with ckptdiff.track(enc, opt, store=store_dir, every=1) as tracker:
+        opt.zero_grad()
+        enc(x).pow(2).mean().backward()
+        # B is zero, so A's first gradient is exactly zero and Adam leaves it bitwise unchanged at step 1.
+        assert all(not p.grad.any() for n, p in enc.named_parameters() if n.endswith(".A"))
+        opt.step()
+        for _ in range(5):
+            opt.zero_grad()
+            enc(x).pow(2).mean().backward()
+            opt.step()
+    assert tracker.stale == []
+    store = Store.open(store_dir)
+    step1, base = store.entries("step:1"), store.entries("baseline")
+    assert all(step1[n].hash == base[n].hash for n in a_names)  # unchanged after step 1 indeed
+    assert all(store.entries("latest")[n].hash != base[n].hash for n in a_names)

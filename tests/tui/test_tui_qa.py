@@ -53,6 +53,7 @@ async def test_mark_on_an_empty_store_does_nothing(tmp_path) -> None:
         await pilot.press("m", "b", "d")
         await settle(pilot)
         assert app.screen.marked is None
+        assert "tensor ▲" in app.screen.table.render_line(0).text  # the header is whole, not "tenso…"
         assert "no snapshots yet" in str(app.screen.query_one("#status").render()) or \
             app.screen.table.row_count == 0
 
