@@ -183,14 +183,14 @@ def _md_escape(s: str) -> str:
             .replace("*", "\\*").replace("_", "\\_").replace("<", "&lt;"))
 
 
-def _md_code(s: str) -> str:
+def _md_code(s: str, in_table: bool = True) -> str:
     """``s`` as a code span that shows it verbatim, even with backticks or pipes in it.
 
     Backslash escapes do not work inside a code span, so a backtick in the
     name is handled by a longer fence (CommonMark), and ``|`` by GFM's table
     rule (``\\|`` is unescaped before the cell is parsed, even inside code).
     """
-    text = printable(s).replace("|", "\\|")
+    text = printable(s).replace("|", "\\|") if in_table else printable(s)
     run = longest = 0
     for ch in text:
         run = run + 1 if ch == "`" else 0
@@ -205,9 +205,9 @@ def render_markdown(report: DiffReport, show_all: bool = False, max_rows: int = 
     s = report.summary()
     icon = "❌" if failed else "⚠️" if s["stale"] else "✅"
     out = [f"### ckptdiff {icon} {_md_escape(verdict_line(report))}", ""]
-    man = _md_code(report.manifest_source) if report.manifest_source else "none"
+    man = _md_code(report.manifest_source, in_table=False) if report.manifest_source else "none"
     out.append(
-        f"{_md_code(report.old.path)} → {_md_code(report.new.path)} · manifest: {man} · "
+        f"{_md_code(report.old.path, False)} → {_md_code(report.new.path, False)} · manifest: {man} · "
         f"atol {report.atol:g} · rtol {report.rtol:g} · fail on {report.fail_on}"
     )
     out.append("")

@@ -382,7 +382,10 @@ def test_export_refuses_a_name_promising_another_format(files, tmp_path, capsys)
 def test_output_never_replaces_a_checkpoint(files, tmp_path, capsys):
     before = files["a"].read_bytes()
     rc, out, err = cli(capsys, "diff", files["a"], files["b"], "-o", files["a"])
-    assert rc == 2 and "names one of the checkpoints being compared" in one_error(err)
+    assert rc == 2 and "names one of the inputs (OLD, NEW or --manifest)" in one_error(err)
+    man_before = files["man"].read_text()
+    rc, out, err = cli(capsys, "diff", files["a"], files["b"], "-m", files["man"], "-f", "json", "-o", files["man"])
+    assert rc == 2 and "names one of the inputs" in one_error(err) and files["man"].read_text() == man_before
     other = tmp_path / "other.bin"
     other.write_bytes(files["x"].read_bytes())
     rc, out, err = cli(capsys, "diff", files["a"], files["b"], "-f", "json", "-o", other)
@@ -524,3 +527,42 @@ def test_github_caps_change_annotations_and_says_how_many_more():
     assert changed[0].endswith("tensor t000 changed (max |Δ| 1, 2 of 2 elements)")
     assert changed[-1].endswith("…and 10 more changed tensors (run with --format json for all)")
     assert lines[-1] == "FAIL: 60 tensors differ (--fail-on change)"
+
+
+def test_reports_and_exports_never_land_in_a_stores_own_files(files, tmp_path, capsys):
+    st = tmp_path / "st"
+    assert cli(capsys, "snapshot", files["x"], "--store", st)[0] == 0
+    blob = next((st / "blobs").iterdir())
+    db_before, blob_before = (st / "ckptdiff.db").read_bytes(), blob.read_bytes()
+    for target in (st / "ckptdiff.db", blob, st / "blobs" / "new.json", st / "tmp" / "r.json", st / "gc.lock"):
+        rc, _, err = cli(capsys, "diff", files["x"], files["x"], "-f", "json", "-o", target)
+        assert rc == 2 and "refusing to write the report there" in one_error(err), target
+        rc, _, err = cli(capsys, "export", f"{st}@latest", target, "--force", "--format", "safetensors")
+        assert rc == 2 and "is one of the store's own files" in one_error(err), target
+    assert (st / "ckptdiff.db").read_bytes() == db_before and blob.read_bytes() == blob_before
+    assert not (st / "blobs" / "new.json").exists() and not (st / "tmp" / "r.json").exists()
+    rc, out, _ = cli(capsys, "verify", st)
+    assert rc == 0 and out.startswith("ok: ")
+    # beside the store's files is fine
+    rc, _, _ = cli(capsys, "export", f"{st}@latest", st / "model.safetensors")
+    assert rc == 0
+
+
+def test_a_snapshot_with_no_tensors(files, tmp_path, capsys):
+    st = tmp_path / "st"
+    assert cli(capsys, "snapshot", files["empty"], "--store", st)[0] == 0
+    rc, out, _ = cli(capsys, "show", f"{st}@latest")
+    assert rc == 0 and "tensors   0 (0 B)" in out and out.rstrip().endswith("(no tensors)")
+    for name in ("e.safetensors", "e.pt"):
+        assert cli(capsys, "export", f"{st}@latest", tmp_path / name)[0] == 0
+    rc, out, _ = cli(capsys, "diff", tmp_path / "e.pt", tmp_path / "e.safetensors")
+    assert rc == 0 and out.splitlines()[-1] == "PASS: no tensors to compare"
+
+
+def test_dash_m_means_manifest_in_snapshot_as_in_diff(files, tmp_path, capsys):
+    st = tmp_path / "st"
+    rc, _, err = cli(capsys, "snapshot", files["x"], "--store", st, "-m", files["man"])
+    assert rc == 0, err
+    rc, out, _ = cli(capsys, "show", f"{st}@latest", "--format", "json")
+    shown = json.loads(out)
+    assert shown["manifest"]["trainable"] == ["nothing"] and shown["message"] is None

@@ -172,7 +172,7 @@ class LineTable(ScrollView, can_focus=True):
         return max(0, min(row, len(self._rows) - 1)) if self._rows else 0
 
     def scroll_to_cursor(self) -> None:
-        """Scroll just enough that the cursor row is on screen."""
+        """Scroll just enough that the cursor row is on screen (and no further than needed)."""
         new = self.cursor_row
         visible = max(1, self.scrollable_content_region.height - 1)
         top = round(self.scroll_y)
@@ -180,12 +180,15 @@ class LineTable(ScrollView, can_focus=True):
             self.scroll_to(y=new, animate=False)
         elif new >= top + visible:
             self.scroll_to(y=new - visible + 1, animate=False)
+        elif top > 0 and top + visible > len(self._rows):
+            # Grown taller since we scrolled: show as many rows as fit, the cursor still on screen.
+            self.scroll_to(y=max(0, len(self._rows) - visible), animate=False)
 
     def on_resize(self) -> None:
         # The cursor is often placed before the table's height is laid out (the
         # newest snapshot, on a short terminal, would sit below the fold): once the
         # real height is known, bring it into view.
-        self.scroll_to_cursor()
+        self.call_after_refresh(self.scroll_to_cursor)
 
     def watch_cursor_row(self, old: int, new: int) -> None:
         self.scroll_to_cursor()

@@ -110,7 +110,8 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..engine import diff
 
-    _check_output(args.output, (args.old, args.new))  # fail before a long diff, not after it
+    inputs = (args.old, args.new) + ((args.manifest,) if args.manifest else ())
+    _check_output(args.output, inputs)  # fail before a long diff, not after it
     with _progress(enabled=not args.no_progress) as progress:
         report = diff(
             args.old, args.new,
@@ -221,12 +222,18 @@ def _is_special(path: str) -> bool:
 
 def _refuse_to_clobber_a_checkpoint(path: str, inputs: tuple[str, ...]) -> None:
     """``-o model.safetensors`` (a slip for ``-o diff.json``) must not replace weights with a report."""
+    from ..store.store import owning_store
+
+    store = owning_store(path)
+    if store is not None:
+        raise CkptError(f"--output is inside the store {store} (its database, blobs/ or tmp/); "
+                        "refusing to write the report there", path)
     if not os.path.isfile(path):
         return
     for spec in inputs:
         try:
             if os.path.exists(spec) and os.path.samefile(path, spec):
-                raise CkptError("--output names one of the checkpoints being compared; "
+                raise CkptError("--output names one of the inputs (OLD, NEW or --manifest); "
                                 "refusing to overwrite it with the report", path)
         except OSError:
             continue

@@ -77,8 +77,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="training step, a whole number >= 0 (default: the checkpoint's own 'step', if any)")
     p.add_argument("--tag", help="a name for this snapshot, usable as a REF (the newest with a tag wins); "
                                  "not latest, first, latest~K or step:N, and no '@'")
-    p.add_argument("--message", "-m", help="a free-text note")
-    p.add_argument("--manifest", metavar="FILE",
+    p.add_argument("--message", help="a free-text note")
+    # -m is --manifest, as in 'ckptdiff diff': the same letter must not mean two things
+    p.add_argument("--manifest", "-m", metavar="FILE",
                    help="trainable/frozen manifest JSON (default: one embedded in the checkpoint; "
                         "otherwise the nearest earlier snapshot's)")
     p.add_argument("--metric", action="append", default=[], metavar="K=V",
@@ -357,7 +358,7 @@ def run_show(args: argparse.Namespace) -> int:
     print()
     rows = [[n, e.dtype, "x".join(str(d) for d in e.shape) if e.shape else "()", e.hash[:16], roles[n]]
             for n, e in entries.items()]
-    print(_table(["NAME", "DTYPE", "SHAPE", "HASH", "ROLE"], rows))
+    print(_table(["NAME", "DTYPE", "SHAPE", "HASH", "ROLE"], rows) if rows else "(no tensors)")
     return 0
 
 

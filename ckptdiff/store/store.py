@@ -517,6 +517,9 @@ class Store:
         res.unreferenced = sum(1 for h, _ in self.blobs.scan() if h not in need)
         return res
 
+    def _owns(self, path: str) -> bool:
+        return _owned_by(path, self.root)
+
     def export(self, ref: str, out_path: str | os.PathLike[str], format: str = "safetensors", *,
                overwrite: bool = False, progress: bool = False) -> SnapshotInfo:
         """Write a snapshot as a plain .safetensors or .pt file, bit-identical to what was stored."""
@@ -527,6 +530,9 @@ class Store:
             raise CkptError(f"unknown export format {format!r} (choose {' or '.join(FORMATS)})")
         if os.path.isdir(out):
             raise CkptError("is a directory; give a file name to export to", out)
+        if self._owns(out):
+            raise CkptError("is one of the store's own files; export outside the store's database, blobs/ "
+                            "and tmp/", out)
         if os.path.exists(out) and not overwrite:
             raise CkptError("already exists (pass --force to overwrite)", out)
         parent_dir = os.path.dirname(os.path.abspath(out))
@@ -579,6 +585,35 @@ def _metadata_problems(sid: str, manifest: Any, metrics: Any) -> list[str]:
     return out
 
 
+def _owned_by(path: str, root: str) -> bool:
+    """True for ``root``'s database (and its -wal/-shm), lock file, and anything under blobs/ or tmp/."""
+    real = os.path.realpath(path)
+    top = os.path.realpath(root)
+    own = {os.path.join(top, n) for n in (db.DB_NAME, db.DB_NAME + "-wal", db.DB_NAME + "-shm", LOCK_NAME)}
+    return real in own or any(_under(real, os.path.join(top, d)) for d in ("blobs", "tmp"))
+
+
+def owning_store(path: str | os.PathLike[str]) -> str | None:
+    """The store whose own files ``path`` is one of, or None.
+
+    Writers of user files (``export``, ``diff -o``) check this first: replacing
+    ``ckptdiff.db`` or a blob with a report would destroy the history.
+    """
+    real = os.path.realpath(os.fspath(path))
+    parent = os.path.dirname(real)
+    for cand in (parent, os.path.dirname(parent)):
+        if is_store(cand) and _owned_by(real, cand):
+            return cand
+    return None
+
+
+def _under(path: str, folder: str) -> bool:
+    try:
+        return os.path.commonpath([path, folder]) == folder
+    except ValueError:
+        return False
+
+
 class _Missing(Exception):
     def __init__(self, hashes: list[str]) -> None:
         super().__init__(f"{len(hashes)} blobs missing")
@@ -610,4 +645,4 @@ def open_snapshot(store_dir: str | os.PathLike[str], ref: str) -> Checkpoint:
         return s.open_snapshot(ref)
 
 
-__all__ = ["Store", "is_store", "open_snapshot"]
+__all__ = ["Store", "is_store", "open_snapshot", "owning_store"]
