@@ -54,6 +54,11 @@ def check_tag(tag: str) -> str:
     return tag
 
 
+def looks_like_full_id(ref: str) -> bool:
+    """Could ``ref`` be an exact snapshot id (worth one indexed lookup before the full resolver)?"""
+    return len(ref) >= MIN_PREFIX and _HEX.match(ref) is not None
+
+
 class RefRow(NamedTuple):
     id: str
     tag: str | None

@@ -202,6 +202,19 @@ class Store:
         return [(r[0], refs.RefRow(r[1], r[2], r[3])) for r in rows]
 
     def _resolve_seq(self, ref: str, conn: sqlite3.Connection | None = None) -> tuple[int, str]:
+        # The two forms the hook uses on every snapshot (``latest`` and exact
+        # ids) are answered by the index, so writing stays O(1) in history
+        # length; every other form goes through the full resolver.
+        key = str(ref).strip()
+        fast = None
+        if key == "latest":
+            fast = "SELECT seq, id FROM snapshots ORDER BY seq DESC LIMIT 1", ()
+        elif refs.looks_like_full_id(key):
+            fast = "SELECT seq, id FROM snapshots WHERE id = ?", (key,)
+        if fast is not None:
+            hit = conn.execute(*fast).fetchall() if conn is not None else self._query(*fast)
+            if hit:
+                return int(hit[0][0]), str(hit[0][1])
         rows = self._ref_rows(conn)
         i = refs.resolve(str(ref), [r for _, r in rows], f"{self.root}@{ref}")
         return rows[i][0], rows[i][1].id
