@@ -23,7 +23,9 @@ def load(path: str):  # -> dict[str, torch.Tensor]
 
 
 def sha256(t) -> str:  # noqa: ANN001
-    return hashlib.sha256(t.contiguous().view(-1).view(dtype=__import__("torch").uint8).numpy()).hexdigest()
+    import torch
+
+    return hashlib.sha256(t.contiguous().view(-1).view(dtype=torch.uint8).numpy()).hexdigest()
 
 
 def main(old: str, new: str) -> int:
