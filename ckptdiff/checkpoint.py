@@ -200,6 +200,11 @@ class Checkpoint(Mapping[str, TensorRef]):
     tensors: dict[str, TensorRef]
     metadata: dict[str, Any] = field(default_factory=dict)
     manifest: Manifest | None = None
+    #: Top-level names of training state that is not model weights (a .pt
+    #: checkpoint's ``optimizer``, ``scheduler``, ``ema``...): tensors under
+    #: them are expected to change, so the engine treats them as buffers
+    #: unless the manifest itself names them.
+    auxiliary: tuple[str, ...] = ()
     _closers: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
     def __getitem__(self, name: str) -> TensorRef:

@@ -137,7 +137,7 @@ def hash_ref(ref: TensorRef, chunk_bytes: int = DEFAULT_CHUNK_BYTES, progress: P
             progress(ref.nbytes)
         return ref.hash
     h = new_hasher(ref.nbytes)
-    into = _io_buffers(chunk_bytes).a if ref.read_into is not None else None
+    into = _io_buffers(chunk_bytes).mva if ref.read_into is not None else None
     for chunk in ref.chunks(chunk_bytes, into):
         h.update(chunk)
         release_pages(chunk)
@@ -229,10 +229,12 @@ class _IOBuffers:
     __slots__ = ("a", "b", "mva", "mvb", "addr_a", "addr_b")
 
     def __init__(self, size: int) -> None:
-        self.a, self.b = bytearray(size), bytearray(size)
+        # np.empty, not bytearray: a bytearray is zero-filled, which faults in
+        # all 2 x 4 MiB per thread up front even when the largest tensor is a
+        # few KiB; untouched pages of an empty array cost nothing.
+        self.a, self.b = np.empty(size, np.uint8), np.empty(size, np.uint8)
         self.mva, self.mvb = memoryview(self.a), memoryview(self.b)
-        self.addr_a = np.frombuffer(self.a, dtype=np.uint8).ctypes.data
-        self.addr_b = np.frombuffer(self.b, dtype=np.uint8).ctypes.data
+        self.addr_a, self.addr_b = self.a.ctypes.data, self.b.ctypes.data
 
 
 def _io_buffers(chunk_bytes: int) -> _IOBuffers:
@@ -445,7 +447,7 @@ def compare_pair(
     if io is not None and old.nbytes <= chunk_bytes and old.read_into and new.read_into \
             and old.hash is None and new.hash is None:
         return _compare_small(old, new, io, atol, rtol, progress)
-    into_a, into_b = (io.a, io.b) if io is not None else (None, None)
+    into_a, into_b = (io.mva, io.mvb) if io is not None else (None, None)
     h_old = new_hasher(old.nbytes) if old.hash is None else None
     shared = h_old is not None and new.hash is None  # one state for both sides, so far
     h_new = new_hasher(new.nbytes) if new.hash is None and not shared else None

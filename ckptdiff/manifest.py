@@ -85,6 +85,17 @@ class Manifest:
             return "frozen"  # only trainable (and buffers) listed: the rest is frozen
         return "unknown"
 
+    def with_buffers(self, patterns: Iterable[str]) -> Manifest:
+        """This manifest plus buffer patterns, e.g. a checkpoint's auxiliary state (``optimizer.*``).
+
+        The added globs take part in the usual specificity rule, so a
+        pattern the user wrote that is at least as specific still wins.
+        """
+        extra = tuple(p for p in patterns if p not in self.buffers)
+        if not extra:
+            return self
+        return Manifest(self.trainable, self.frozen, self.buffers + extra, source=self.source)
+
     def to_dict(self) -> dict[str, list[str]]:
         out = {"trainable": list(self.trainable), "frozen": list(self.frozen)}
         if self.buffers:

@@ -256,11 +256,11 @@ def _dict(d: dict[Any, Any], out: list[str], nl: str) -> None:
             _PREFIXES[(keys, nl)] = pre
     scalar = _SCALAR
     for p, v in zip(pre, d.values()):
-        out.append(p)
         enc = scalar.get(type(v))
         if enc is not None:
-            out.append(enc(v))
+            out.append(p + enc(v))
         else:
+            out.append(p)
             _value(v, out, inner)
     out.append(nl + "}")
 
@@ -270,6 +270,9 @@ def _list(items: list[Any] | tuple[Any, ...], out: list[str], nl: str) -> None:
         out.append("[]")
         return
     inner = nl + "  "
+    if all(type(v) is int for v in items):  # shapes: the only lists in a report, one join
+        out.append(f"[{inner}{(',' + inner).join(map(int.__repr__, items))}{nl}]")
+        return
     sep = "[" + inner
     scalar = _SCALAR
     for v in items:

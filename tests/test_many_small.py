@@ -159,3 +159,19 @@ def test_json_cli_output_equals_to_json(tmp_path):
     rep = diff(pa, pb)
     render(rep, "json", buf)
     assert buf.getvalue() == rep.to_json() + "\n"
+
+
+def test_worker_count_threads_small_tensor_models_only_when_bytes_dominate(monkeypatch):
+    from ckptdiff import engine
+
+    monkeypatch.setattr(engine.os, "cpu_count", lambda: 2)
+    mib = 1 << 20
+    # The benchmark's small2000 pair: 2,000 pairs averaging ~244 KiB (both sides).
+    assert engine._worker_count(None, 2000 * 244 * 1024, 2000) == 2
+    # 5,000 pairs of 32 KiB: Python per tensor dominates, one thread.
+    assert engine._worker_count(None, 5000 * 32 * 1024, 5000) == 1
+    assert engine._worker_count(None, 4 * mib, 2) == 1          # too little to bother
+    assert engine._worker_count(None, 2000 * mib, 60) == 2      # big tensors: one per core
+    assert engine._worker_count(3, 10, 1) == 3                  # asked for: given
+    monkeypatch.setattr(engine.os, "cpu_count", lambda: 64)
+    assert engine._worker_count(None, 2000 * mib, 60) == engine.MAX_WORKERS

@@ -91,7 +91,7 @@ def _finish(path: str, refs: dict[str, TensorRef], metadata: dict[str, Any], tra
     if trainable is not None:
         buffers = [pat for key in extras for pat in (key, f"{key}.*")]
         manifest = Manifest.from_keys(trainable, buffers=buffers, source="embedded trainable_keys")
-    return Checkpoint(path, fmt, refs, metadata, manifest)
+    return Checkpoint(path, fmt, refs, metadata, manifest, auxiliary=tuple(extras))
 
 
 def _load(torch: Any, path: str, legacy: bool) -> Any:
@@ -188,7 +188,11 @@ def _flatten_checkpoint(
         tensors.update(model_tensors)
         others: dict[str, Any] = {}
         _walk(torch, top, "", others, metadata, path)
-        extras = [k for k, v in top.items() if isinstance(v, torch.Tensor) or _has_tensor(torch, v)]
+        # Containers beside an identified model part are training state
+        # (optimizer, scheduler, ...). Without a model part, nested containers
+        # may be the model itself, so nothing is set aside.
+        if wrapper is not None or model_tensors:
+            extras = [k for k, v in top.items() if isinstance(v, torch.Tensor) or _has_tensor(torch, v)]
         for n, t in others.items():
             if n in tensors:
                 how = f"after unwrapping {wrapper!r}" if wrapper else "after stripping 'module.'"
