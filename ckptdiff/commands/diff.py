@@ -63,7 +63,8 @@ exit codes (as diff(1)):
 """
 
 
-def _tolerance(text: str) -> float:
+def tolerance(text: str) -> float:
+    """argparse type for --atol/--rtol: a finite number >= 0 (shared by `diff` and `tui`)."""
     try:
         v = float(text)
     except ValueError:
@@ -85,9 +86,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("new", metavar="NEW", help="the checkpoint to check against OLD")
     p.add_argument("--manifest", "-m", metavar="FILE",
                    help="trainable-key manifest JSON (default: the one embedded in NEW, else in OLD, else none)")
-    p.add_argument("--atol", type=_tolerance, default=0.0, metavar="A",
+    p.add_argument("--atol", type=tolerance, default=0.0, metavar="A",
                    help="absolute tolerance for drift (default 0: any change of a frozen tensor is drift)")
-    p.add_argument("--rtol", type=_tolerance, default=0.0, metavar="R",
+    p.add_argument("--rtol", type=tolerance, default=0.0, metavar="R",
                    help="relative tolerance for drift, times |old| (default 0)")
     p.add_argument("--include", action="append", metavar="GLOB", default=None,
                    help="only compare tensors whose name matches GLOB (repeatable)")

@@ -9,10 +9,11 @@ usual one-line error and exit 2, not a crash inside the app.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from typing import Any
+
+from .diff import tolerance
 
 DESCRIPTION = """\
 Browse a snapshot store's history, or one diff, in the terminal.
@@ -55,16 +56,6 @@ Needs the 'tui' extra:  pip install 'ckptdiff[tui]'
 INSTALL_HINT = "the TUI needs Textual, which is not installed: pip install 'ckptdiff[tui]'"
 
 
-def _tolerance(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (v >= 0.0) or math.isinf(v):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
-    return v
-
-
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "tui",
@@ -79,9 +70,9 @@ def register(subparsers: Any) -> None:
                    help="the new checkpoint: with it, two-checkpoint mode")
     p.add_argument("--manifest", metavar="FILE",
                    help="trainable-key manifest JSON for two-checkpoint mode (a store records its own)")
-    p.add_argument("--atol", type=_tolerance, default=0.0, metavar="X",
+    p.add_argument("--atol", type=tolerance, default=0.0, metavar="X",
                    help="absolute tolerance before a frozen tensor's change counts as drift (default 0)")
-    p.add_argument("--rtol", type=_tolerance, default=0.0, metavar="X",
+    p.add_argument("--rtol", type=tolerance, default=0.0, metavar="X",
                    help="relative tolerance, as in ckptdiff diff (default 0)")
     p.set_defaults(func=run)
 
