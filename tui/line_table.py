@@ -35,6 +35,18 @@ Cell = tuple[str, Style | None]
 NO_STYLE = Style()
 
 
+class _RowMessage(Message):
+    """A message about one row of a :class:`LineTable` (by index)."""
+
+    def __init__(self, table: LineTable, index: int) -> None:
+        super().__init__()
+        self.table, self.index = table, index
+
+    @property
+    def control(self) -> LineTable:
+        return self.table
+
+
 class LineTable(ScrollView, can_focus=True):
     """Columns of plain text with a header row, a row cursor, and mouse support."""
 
@@ -60,27 +72,11 @@ class LineTable(ScrollView, can_focus=True):
 
     cursor_row: reactive[int] = reactive(0, always_update=True)
 
-    class Highlighted(Message):
+    class Highlighted(_RowMessage):
         """The cursor moved to ``index``."""
 
-        def __init__(self, table: LineTable, index: int) -> None:
-            super().__init__()
-            self.table, self.index = table, index
-
-        @property
-        def control(self) -> LineTable:
-            return self.table
-
-    class Selected(Message):
+    class Selected(_RowMessage):
         """Enter, or a click on the highlighted row."""
-
-        def __init__(self, table: LineTable, index: int) -> None:
-            super().__init__()
-            self.table, self.index = table, index
-
-        @property
-        def control(self) -> LineTable:
-            return self.table
 
     class HeaderClicked(Message):
         def __init__(self, table: LineTable, key: str) -> None:
