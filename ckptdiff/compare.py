@@ -17,7 +17,7 @@ kernel remembers which chunks were identical and, only for a tensor that did
 change, revisits those chunks once at the end (usually none: a fine-tune
 changes a tensor everywhere or nowhere).
 
-NaN/Inf convention (documented in docs/readme/diff.md): ``max_abs_delta``,
+NaN/Inf convention (documented in the README, "What the numbers mean"): ``max_abs_delta``,
 ``mean_abs_delta`` and ``rel_l2`` are computed over the positions that are
 finite on *both* sides; ``nan_new``/``inf_new`` count positions that became
 NaN/Inf; ``changed_elements`` counts every bitwise-different element.

@@ -1,6 +1,6 @@
 """Cheap, on-device detection of frozen tensors that moved.
 
-Two layers, chosen by measuring (see docs/readme/hook.md):
+Two layers, chosen by measuring (see the README, "How the drift check stays cheap"):
 
 1. **Version filter, every check.** PyTorch bumps a tensor's ``_version`` on
    every in-place write made through autograd-visible tensors (optimizer
