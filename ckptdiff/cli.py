@@ -1,7 +1,7 @@
 """The ``ckptdiff`` command line.
 
 Each subcommand lives in ``ckptdiff/commands/<name>.py`` with
-``register(subparsers)`` (adds its parser and sets ``func``) so this file only
+``register(subparsers)`` (adds its parser and sets ``func``), so this file only
 wires them together and owns the error contract shared by all of them:
 
 * exit 0: success / the policy passed; 1: differences that fail the policy;
@@ -58,13 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the Python traceback on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for mod_name in COMMANDS:
-        try:
-            mod = importlib.import_module(f".commands.{mod_name}", __package__)
-        except ModuleNotFoundError as e:
-            if e.name and e.name.startswith(f"{__package__}.commands"):
-                continue  # a command not written yet
-            raise
-        mod.register(sub)
+        importlib.import_module(f".commands.{mod_name}", __package__).register(sub)
     for cmd_parser in sub.choices.values():
         # `ckptdiff diff a b --debug` should work as well as `ckptdiff --debug diff a b`;
         # SUPPRESS keeps a subcommand from resetting a --debug given before it.
