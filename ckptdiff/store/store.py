@@ -23,7 +23,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -353,13 +353,20 @@ class Store:
                     new_entries[name] = Entry(name, t.dtype, tuple(t.shape), h, t.nbytes)
             if written:
                 self.blobs.sync()
-        except OSError as e:
-            self._discard(written)
-            raise store_os_error(e, self.root, "writing a snapshot") from None
+            return self._commit(base, new_entries, by_hash, put, step=step, tag=tag, message=message,
+                                metrics=metrics, manifest=manifest, source=source, parent=parent,
+                                inherit_from=inherit_from)
         except BaseException:
+            # Whatever went wrong (OSError becomes one line in snapshot()), the
+            # blobs this call created and nothing references are removed.
             self._discard(written)
             raise
 
+    def _commit(self, base: dict[str, Entry], new_entries: dict[str, Entry], by_hash: dict[str, TensorRef],
+                put: Callable[[TensorRef, Any], str], *, step: int | None, tag: str | None,
+                message: str | None, metrics: dict[str, Metric], manifest: Manifest | None,
+                source: str | None, parent: str | None, inherit_from: str | None) -> str:
+        """Make the snapshot visible in one transaction, rewriting blobs a concurrent gc took."""
         final: list[Entry] = [new_entries.get(n, e) for n, e in base.items()]
         final += [e for n, e in new_entries.items() if n not in base]
         n_bytes = sum(e.nbytes for e in final)
@@ -397,20 +404,11 @@ class Store:
                 # A concurrent gc removed a blob between our write and our commit: write it again.
                 lost = [h for h in m.hashes if h not in by_hash]
                 if lost:
-                    self._discard(written)
                     raise CkptError(f"{len(lost)} blob(s) of snapshot {inherit_from!r} vanished while "
                                     "writing (was it removed and garbage-collected meanwhile?)", self.root) from None
-                try:
-                    for h in m.hashes:
-                        put(by_hash[h], lambda _n: None)
-                    self.blobs.sync()
-                except OSError as e:
-                    self._discard(written)
-                    raise store_os_error(e, self.root, "writing a snapshot") from None
-            except BaseException:
-                self._discard(written)
-                raise
-        self._discard(written)
+                for h in m.hashes:
+                    put(by_hash[h], lambda _n: None)
+                self.blobs.sync()
         raise CkptError("could not commit the snapshot: its blobs kept being garbage-collected", self.root)
 
     def _discard(self, written: list[str]) -> None:
