@@ -77,6 +77,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_TROUBLE
     debug = args.debug or bool(os.environ.get("CKPTDIFF_DEBUG"))
+    if "numpy" not in sys.modules:
+        # ckptdiff's own threads keep every core busy; multithreaded BLAS on
+        # top only spins (see compare._DOT_OK). A user's explicit setting wins.
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     try:
         return int(args.func(args) or 0)
     except CkptError as e:

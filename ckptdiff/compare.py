@@ -28,6 +28,7 @@ from __future__ import annotations
 import ctypes
 import math
 import mmap
+import os
 import sys
 import threading
 from collections.abc import Callable
@@ -150,10 +151,22 @@ def hash_ref(ref: TensorRef, chunk_bytes: int = DEFAULT_CHUNK_BYTES, progress: P
 # statistics
 # ---------------------------------------------------------------------------
 
+def _blas_single_threaded() -> bool:
+    # OpenBLAS reads these once, when numpy loads it (just before this module ran).
+    v = os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
+    return v is not None and v.strip() == "1"
+
+
+#: np.dot is BLAS: 2.5x faster than einsum single-threaded (14 vs 35 us per
+#: 128 Ki float64), but multithreaded BLAS spins its threads while the
+#: engine's workers and BLAKE3 want the same cores (37 us per dot then, and
+#: once 50x slower). The CLI sets OPENBLAS_NUM_THREADS=1 before numpy loads;
+#: a library caller gets dot only if it did the same.
+_DOT_OK = _blas_single_threaded()
+
+
 def _sumsq(x: np.ndarray) -> float:
-    # einsum, not np.dot: BLAS threads spin while BLAKE3's workers want the
-    # same cores, which made dot 50x slower here than its uncontended speed.
-    return float(np.einsum("i,i->", x, x))
+    return float(np.dot(x, x)) if _DOT_OK else float(np.einsum("i,i->", x, x))
 
 
 @dataclass
@@ -286,10 +299,28 @@ class DeltaStats:
         for s in range(0, x.size, STATS_BLOCK):
             self._old_only(x[s:s + STATS_BLOCK])
 
+    @property
+    def _optimistic(self) -> bool:
+        """Narrow floats: measure first, look for NaN/Inf only if a sum came out non-finite.
+
+        Squares and sums of float32/16/bf16/fp8 values cannot overflow float64,
+        so the three block sums are finite exactly when every input is; the
+        finiteness masks (four more passes) are then only built for the rare
+        block that needs them. float64 can overflow and ints have no NaN, so
+        they keep the plain paths.
+        """
+        return self.is_float and self.dtype.itemsize < 8
+
     def _old_only(self, xa: np.ndarray) -> None:
         a, _ = self._buffers(xa.size)
         with np.errstate(all="ignore"):
             a[...] = xa
+            if self._optimistic:
+                ssq = _sumsq(a)
+                if math.isfinite(ssq):
+                    self.finite_both += a.size
+                    self.old_norm._merge(1.0, ssq)
+                    return
             n = a.size
             if self.is_float:
                 fin = np.isfinite(a)
@@ -320,6 +351,8 @@ class DeltaStats:
 
     def _changed_block(self, neq: np.ndarray, changed: int, xa: np.ndarray, xb: np.ndarray) -> None:
         self.changed_elements += changed
+        if self._optimistic and self._changed_block_finite(changed, xa, xb):
+            return
         a, d = self._buffers(xa.size)
         with np.errstate(all="ignore"):
             a[...] = xa
@@ -357,6 +390,33 @@ class DeltaStats:
                 if both is not None:
                     beyond &= both
                 self.out_of_tolerance += int(np.count_nonzero(beyond)) + nonfinite_moves
+
+    def _changed_block_finite(self, changed: int, xa: np.ndarray, xb: np.ndarray) -> bool:
+        """The common block: every value finite on both sides. Same float64 arithmetic as
+        the general path (so the same numbers), without its masks. Returns False, having
+        recorded nothing, when a sum shows a NaN/Inf somewhere; the caller then measures
+        the block the careful way."""
+        a, d = self._buffers(xa.size)
+        with np.errstate(all="ignore"):
+            a[...] = xa
+            d[...] = xb
+            ssq_old = _sumsq(a)
+            np.subtract(d, a, out=d)
+            np.abs(d, out=d)
+            total = float(d.sum())
+            if not (math.isfinite(ssq_old) and math.isfinite(total)):
+                return False
+            self.finite_both += a.size
+            self.old_norm._merge(1.0, ssq_old)
+            self.max_abs_delta = max(self.max_abs_delta, float(d.max()))
+            self.sum_abs_delta += total
+            self.delta_norm._merge(1.0, _sumsq(d))
+            if self.atol == 0.0 and self.rtol == 0.0:
+                self.out_of_tolerance += changed
+            else:
+                np.abs(a, out=a)
+                self.out_of_tolerance += int(np.count_nonzero(d > self.atol + self.rtol * a))
+        return True
 
     @property
     def mean_abs_delta(self) -> float | None:
