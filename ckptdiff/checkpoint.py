@@ -19,12 +19,12 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from . import dtypes
 from .errors import CkptError, FormatError
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from .manifest import Manifest
 
 #: Default chunk size for streaming tensor bytes: big enough to amortise
@@ -70,6 +70,11 @@ class TensorRef:
     #: tensor into ``buf`` and returns how many (fewer only at the end of the
     #: data; 0 means the source ended). See the class docstring.
     read_into: Callable[[int, memoryview], int] | None = None
+    #: Optional: ``(fd, offset)`` when the bytes lie contiguously at ``offset``
+    #: of an open file descriptor (valid while the checkpoint is open). Lets
+    #: the engine read a run of neighbouring small tensors with one ``pread``
+    #: instead of one per tensor. Set together with ``read_into``.
+    file_span: tuple[int, int] | None = None
     #: ``numel * itemsize``, fixed at construction: the engine asks for it
     #: several times per tensor, and a 2,000-tensor model makes that add up.
     _nbytes: int = field(init=False, repr=False, default=0)
@@ -158,6 +163,8 @@ class TensorRef:
 
     def numpy(self) -> np.ndarray:
         """The tensor as a numpy array (bf16/fp8 through ml_dtypes). Reads it whole."""
+        import numpy as np
+
         whole = self.buffer()
         data: Buffer = whole if whole is not None else self.read()
         return np.frombuffer(data, dtype=self.dtype_info.np_dtype).reshape(self.shape)
@@ -250,6 +257,8 @@ class Checkpoint(Mapping[str, TensorRef]):
         manifest: Manifest | None = None,
     ) -> Checkpoint:
         """Wrap in-memory numpy arrays (any dtype in the table) as a Checkpoint."""
+        import numpy as np
+
         tensors: dict[str, TensorRef] = {}
         for name, arr in arrays.items():
             arr = np.asarray(arr)
@@ -261,6 +270,8 @@ class Checkpoint(Mapping[str, TensorRef]):
 
 
 def _array_view(arr: np.ndarray) -> Callable[[], memoryview]:
+    import numpy as np
+
     def view() -> memoryview:
         return memoryview(arr.reshape(-1).view(np.uint8))
     return view

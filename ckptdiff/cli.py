@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = args.debug or bool(os.environ.get("CKPTDIFF_DEBUG"))
     if "numpy" not in sys.modules:
         # ckptdiff's own threads keep every core busy; multithreaded BLAS on
-        # top only spins (see compare._DOT_OK). A user's explicit setting wins.
+        # top only spins (see stats._DOT_OK). A user's explicit setting wins.
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     try:
         return int(args.func(args) or 0)

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from .checkpoint import DEFAULT_CHUNK_BYTES, Checkpoint, TensorRef
-from .compare import compare_pair, hash_ref, in_worker_thread
+from .compare import PairResult, compare_pair, compare_run, hash_ref, in_worker_thread
 from .errors import CkptError
 from .manifest import Manifest
 from .report import FAIL_ON, DiffReport, SideInfo, TensorDiff
@@ -98,10 +98,17 @@ def diff(
         atol_f, rtol_f = float(atol), float(rtol)
         advance = meter.advance if progress is not None else None  # no lock per tensor when nobody watches
 
-        def one(n: str) -> TensorDiff:
-            return _diff_one(n, ta.get(n), tb.get(n), man, atol_f, rtol_f, chunk_bytes, advance)
+        def one(item: list[str]) -> list[TensorDiff]:
+            if len(item) == 1:
+                n = item[0]
+                return [_diff_one(n, ta.get(n), tb.get(n), man, atol_f, rtol_f, chunk_bytes, advance)]
+            pairs = [(ta[n], tb[n]) for n in item]
+            results = compare_run(pairs, atol=atol_f, rtol=rtol_f, chunk_bytes=chunk_bytes, progress=advance)
+            return [_from_result(_start(n, old, new, man), res) for n, (old, new), res in zip(item, pairs, results)]
 
-        tensors = _map_tensors(one, names, sizes, _worker_count(workers, total, len(names)))
+        items = _plan(names, ta, tb, chunk_bytes)
+        by_name = {td.name: td for td in _map_items(one, items, sizes, _worker_count(workers, total, len(items)))}
+        tensors = [by_name[n] for n in names]
         meter.finish()
         report = DiffReport(
             old=_side(a),
@@ -136,13 +143,7 @@ def _diff_one(
     chunk_bytes: int,
     advance: Callable[[int], None] | None,
 ) -> TensorDiff:
-    role = manifest.role(name) if manifest is not None else "unknown"
-    td = TensorDiff(name=name, status="identical", role=role)
-    if old is not None:
-        td.dtype_old, td.shape_old = old.dtype, list(old.shape)
-    if new is not None:
-        td.dtype_new, td.shape_new = new.dtype, list(new.shape)
-
+    td = _start(name, old, new, manifest)
     if old is None or new is None:
         side = new if new is not None else old
         assert side is not None
@@ -159,22 +160,46 @@ def _diff_one(
         td.hash_old = hash_ref(old, chunk_bytes, advance)
         td.hash_new = hash_ref(new, chunk_bytes, advance)
     else:
-        td.numel = new.numel
         res = compare_pair(old, new, atol=atol, rtol=rtol, chunk_bytes=chunk_bytes, progress=advance)
-        td.hash_old, td.hash_new = res.hash_old, res.hash_new
-        if res.stats is not None:
-            s = res.stats
-            td.status = "changed"
-            td.changed_elements = s.changed_elements
-            td.out_of_tolerance = s.out_of_tolerance
-            td.nan_new = s.nan_new
-            td.inf_new = s.inf_new
-            td.max_abs_delta = s.max_abs_delta if s.finite_both else None
-            td.mean_abs_delta = s.mean_abs_delta
-            td.rel_l2 = s.rel_l2
+        return _from_result(td, res)
 
     _apply_role(td)
     return td
+
+
+def _start(name: str, old: TensorRef | None, new: TensorRef | None, manifest: Manifest | None) -> TensorDiff:
+    role = manifest.role(name) if manifest is not None else "unknown"
+    td = TensorDiff(name=name, status="identical", role=role)
+    if old is not None:
+        td.dtype_old, td.shape_old = old.dtype, list(old.shape)
+    if new is not None:
+        td.dtype_new, td.shape_new = new.dtype, list(new.shape)
+    return td
+
+
+def _from_result(td: TensorDiff, res: PairResult) -> TensorDiff:
+    """Fill a same-layout pair's TensorDiff from the kernel's answer."""
+    td.numel = _numel(td.shape_new)
+    td.hash_old, td.hash_new = res.hash_old, res.hash_new
+    if res.stats is not None:
+        s = res.stats
+        td.status = "changed"
+        td.changed_elements = s.changed_elements
+        td.out_of_tolerance = s.out_of_tolerance
+        td.nan_new = s.nan_new
+        td.inf_new = s.inf_new
+        td.max_abs_delta = s.max_abs_delta if s.finite_both else None
+        td.mean_abs_delta = s.mean_abs_delta
+        td.rel_l2 = s.rel_l2
+    _apply_role(td)
+    return td
+
+
+def _numel(shape: list[int] | None) -> int:
+    n = 1
+    for d in shape or ():
+        n *= d
+    return n
 
 
 def _apply_role(td: TensorDiff) -> None:
@@ -275,8 +300,68 @@ def _worker_count(requested: int | None, total_bytes: int, count: int) -> int:
     return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
 
 
-def _map_tensors(fn: Callable[[str], TensorDiff], names: list[str], sizes: Mapping[str, int],
-                 workers: int) -> list[TensorDiff]:
+#: Tensors up to this size may be batched into runs (compare.compare_run);
+#: bigger ones gain nothing from sharing a read and go one by one.
+RUN_TENSOR_MAX = 1 << 20
+#: Padding allowed between neighbours of a run (alignment); a bigger gap
+#: means another tensor lies between them, and reading it would be waste.
+RUN_MAX_GAP = 4096
+
+
+def _plan(names: list[str], ta: Mapping[str, TensorRef], tb: Mapping[str, TensorRef],
+          chunk_bytes: int) -> list[list[str]]:
+    """Group the work: runs of small neighbouring same-layout pairs, every other name alone.
+
+    A run needs, for each pair: the same dtype and shape on both sides (so
+    status identical or changed), a ``file_span`` on both sides and no known
+    hash; and along the run: one descriptor per side, new's tensors at the
+    same distances from the run's start as old's (true whenever both files
+    were written by the same code), gaps of at most RUN_MAX_GAP, and at most
+    ``chunk_bytes`` spanned. Order inside the plan does not matter: results
+    are put back in ``names`` order.
+    """
+    cand: list[tuple[int, int, int, str]] = []
+    items: list[list[str]] = []
+    for n in names:
+        x, y = ta.get(n), tb.get(n)
+        if (x is not None and y is not None and x.file_span is not None and y.file_span is not None
+                and x.hash is None and y.hash is None and 0 < x.nbytes <= RUN_TENSOR_MAX
+                and x.dtype == y.dtype and x.shape == y.shape):
+            cand.append((x.file_span[0], x.file_span[1], y.file_span[0], n))
+        else:
+            items.append([n])
+    cand.sort()
+    run: list[str] = []
+    key: tuple[int, int, int] = (0, 0, 0)  # fd_a, fd_b, offset_b - offset_a
+    start = end = 0
+    for fd_a, off_a, fd_b, n in cand:
+        nb = ta[n].nbytes
+        off_b = tb[n].file_span[1]  # type: ignore[index]  # checked above
+        k = (fd_a, fd_b, off_b - off_a)
+        if run and k == key and off_a - end <= RUN_MAX_GAP and max(end, off_a + nb) - start <= chunk_bytes:
+            run.append(n)
+            end = max(end, off_a + nb)
+            continue
+        if run:
+            items.append(run)
+        run, key, start, end = [n], k, off_a, off_a + nb
+    if run:
+        items.append(run)
+    return items
+
+
+def _map_items(fn: Callable[[list[str]], list[TensorDiff]], items: list[list[str]], sizes: Mapping[str, int],
+               workers: int) -> list[TensorDiff]:
+    """``fn`` over every work item, spread over threads; the TensorDiffs in plan order."""
+    if workers <= 1 or len(items) < 2:
+        return [td for item in items for td in fn(item)]
+    weight = [sum(sizes[n] for n in item) for item in items]
+    parts = _map_tensors(lambda i: fn(items[i]), list(range(len(items))), weight, workers)
+    return [td for part in parts for td in part]
+
+
+def _map_tensors(fn: Callable[[Any], Any], names: list[Any], sizes: Any,
+                 workers: int) -> list[Any]:
     """``[fn(n) for n in names]``, spread over threads, results in ``names`` order.
 
     Threads are enough for both cores: BLAKE3, memcmp (ctypes), pread and

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ckptdiff
-from ckptdiff import Checkpoint, CkptError, Manifest, TensorRef, compare  # compare: the kernel module
+from ckptdiff import Checkpoint, CkptError, Manifest, TensorRef, compare, stats  # the kernel modules
 from ckptdiff.engine import diff
 
 UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
@@ -135,14 +135,14 @@ shapes = st.one_of(
     frac=st.sampled_from([0.0, 0.01, 0.3, 1.0]),
     chunk_items=st.sampled_from([1, 3, 16, 1 << 20]),
     tol=st.sampled_from([(0.0, 0.0), (1e-3, 0.0), (0.0, 1e-2), (0.5, 0.1)]),
-    block=st.sampled_from([compare.STATS_BLOCK, 5, 64]),
+    block=st.sampled_from([stats.STATS_BLOCK, 5, 64]),
 )
 def test_statistics_match_numpy_float64(dtype, shape, seed, frac, chunk_items, tol, block):
     rng = np.random.default_rng(seed)
     a = random_array(rng, dtype, shape)
     b = perturb(rng, a, frac)
     atol, rtol = tol
-    with mock.patch.object(compare, "STATS_BLOCK", block):
+    with mock.patch.object(stats, "STATS_BLOCK", block):
         rep = diff(ck(t=a), ck(t=b), atol=atol, rtol=rtol, chunk_bytes=chunk_items * np.dtype(dtype).itemsize)
     t = one(rep)
     assert t.hash_old == blake3.blake3(a.tobytes()).hexdigest()

@@ -10,11 +10,13 @@ import math
 import mmap
 import os
 from collections.abc import Callable, Iterator
-from typing import Any
-
-import numpy as np
+import sys
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CkptError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 #: Target size of one slab when a reader has to copy (HDF5, byte-swapped or
 #: Fortran-ordered arrays, compressed .npz members): bounded memory per read.
@@ -88,6 +90,8 @@ def slabs(shape: tuple[int, ...], itemsize: int, target: int | None = None) -> I
 
 def le_bytes(arr: np.ndarray, target: np.dtype) -> memoryview:
     """``arr`` as C-ordered little-endian bytes of ``target`` (copies only when needed)."""
+    import numpy as np
+
     out = np.ascontiguousarray(arr, dtype=target)
     return memoryview(out.reshape(-1).view(np.uint8))
 
@@ -109,9 +113,10 @@ def json_safe(value: Any, depth: int = 0) -> Any:
             return bytes(value).decode("utf-8")
         except UnicodeDecodeError:
             return f"<{len(value)} bytes>"
-    if isinstance(value, np.generic):
+    np = sys.modules.get("numpy")  # no numpy loaded: no value can be a numpy object
+    if np is not None and isinstance(value, np.generic):
         return json_safe(value.item(), depth + 1)
-    if isinstance(value, np.ndarray):
+    if np is not None and isinstance(value, np.ndarray):
         if value.size > 1024:
             return f"<array {value.dtype} {tuple(value.shape)}>"
         return json_safe(value.tolist(), depth + 1)

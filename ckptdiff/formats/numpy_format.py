@@ -141,7 +141,8 @@ def _ref(name: str, hdr: _Header, mm: mmap.mmap | None, offset: int, source: str
         def view() -> memoryview:
             return memoryview(mm)[offset:end]
         reader = pread_into(fd, offset, end) if fd is not None else None
-        return TensorRef(name, hdr.dtype.name, hdr.shape, view=view, source=source, read_into=reader)
+        return TensorRef(name, hdr.dtype.name, hdr.shape, view=view, source=source, read_into=reader,
+                         file_span=(fd, offset) if fd is not None else None)
 
     def pieces() -> Iterator[memoryview]:
         stored = hdr.dtype.np_dtype.newbyteorder(">" if hdr.swap else "<")

@@ -43,9 +43,10 @@ def open_safetensors(path: str | os.PathLike[str]) -> Checkpoint:
     whole = memoryview(mm)
 
     refs: dict[str, TensorRef] = {}
+    base = os.path.basename(p)
     for name, (dtype, shape, begin, end) in tensors.items():
-        refs[name] = TensorRef(name, dtype, shape, view=_slicer(whole, begin, end), source=os.path.basename(p),
-                               read_into=pread_into(fd, begin, end))
+        refs[name] = TensorRef(name, dtype, shape, view=_slicer(whole, begin, end), source=base,
+                               read_into=pread_into(fd, begin, end), file_span=(fd, begin))
 
     ckpt = Checkpoint(p, FORMAT, refs, metadata)
 

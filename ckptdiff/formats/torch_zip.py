@@ -289,7 +289,7 @@ def load(path: str) -> tuple[Any, Callable[[PtTensor, str], TensorRef], Callable
                               f"which holds {length}", path)
         lo, hi = start + begin, start + end
         return TensorRef(name, t.dtype, t.shape, view=lambda: whole[lo:hi], source=base,
-                         read_into=pread_into(fd, lo, hi))
+                         read_into=pread_into(fd, lo, hi), file_span=(fd, lo))
 
     def close() -> None:
         whole.release()
