@@ -87,6 +87,19 @@ class TensorRef:
         if (self.view is None) == (self.pieces is None):
             raise ValueError("TensorRef needs exactly one of view= or pieces=")
 
+    @classmethod
+    def checked(cls, name: str, dtype: str, shape: tuple[int, ...], nbytes: int, *,
+                view: Callable[[], memoryview], source: str | None,
+                read_into: Callable[[int, memoryview], int] | None, file_span: tuple[int, int] | None) -> TensorRef:
+        """Build a ref whose fields the reader has already validated (a tuple of
+        non-negative ints, a dtype from the table, ``nbytes`` computed from
+        them): skips ``__post_init__``, which is a third of opening a
+        2,000-tensor safetensors file."""
+        ref = cls.__new__(cls)
+        ref.__dict__.update(name=name, dtype=dtype, shape=shape, view=view, pieces=None, hash=None, source=source,
+                            read_into=read_into, file_span=file_span, _nbytes=nbytes)
+        return ref
+
     @property
     def dtype_info(self) -> dtypes.DType:
         return dtypes.DTYPES[self.dtype]

@@ -44,9 +44,11 @@ def open_safetensors(path: str | os.PathLike[str]) -> Checkpoint:
 
     refs: dict[str, TensorRef] = {}
     base = os.path.basename(p)
+    checked = TensorRef.checked
     for name, (dtype, shape, begin, end) in tensors.items():
-        refs[name] = TensorRef(name, dtype, shape, view=_slicer(whole, begin, end), source=base,
-                               read_into=pread_into(fd, begin, end), file_span=(fd, begin))
+        # _parse checked the shape, the dtype and that end - begin is numel * itemsize.
+        refs[name] = checked(name, dtype, shape, end - begin, view=_slicer(whole, begin, end), source=base,
+                             read_into=pread_into(fd, begin, end), file_span=(fd, begin))
 
     ckpt = Checkpoint(p, FORMAT, refs, metadata)
 
