@@ -43,6 +43,12 @@ TARGET_VS_FLOOR = 3.0
 TARGET_SPEEDUP = 10.0
 TARGET_RSS_MB = 400.0
 TARGET_PT_VS_ST = 1.5
+#: Which pairs each target of issue 6 is stated for: "the 1 GB pair within 3x
+#: the floor; >= 10x faster than the script and diffai" and "the
+#: many-small-tensors case within 3x its floor". Every other ratio is printed
+#: for information (met: "-"). The quick pairs stand in for them in --quick.
+FLOOR_TARGET_PAIRS = {"fp32_1g", "small2000", "fp32_quick", "small_quick"}
+SPEEDUP_TARGET_PAIRS = {"fp32_1g", "fp32_quick"}
 
 
 def ckptdiff_cmd() -> list[str]:
@@ -194,13 +200,18 @@ def verdicts(cases: list[Case], big: Case | None) -> list[tuple[str, float | Non
 
     for c in cases:
         lbl = c.pair.label
+        judged = c.pair.fmt == "safetensors" and c.pair.name in FLOOR_TARGET_PAIRS
         r = _div(c.t("ckptdiff"), c.t("cat"))
-        add(f"{lbl}: ckptdiff / cat floor", r, f"<= {TARGET_VS_FLOOR}", None if r is None else r <= TARGET_VS_FLOOR)
+        add(f"{lbl}: ckptdiff / cat floor", r, f"<= {TARGET_VS_FLOOR}" if judged else "(info)",
+            None if r is None or not judged else r <= TARGET_VS_FLOOR)
         for other in ("script", "diffai"):
             s = _div(c.t(other), c.t("ckptdiff"))
             if s is not None:
                 killed = c.timings[other].timed_out
                 note = " (baseline killed at the time limit: at least)" if killed else ""
+                if c.pair.name not in SPEEDUP_TARGET_PAIRS:
+                    add(f"{lbl}: {other} / ckptdiff{note}", s, "(info)", None)
+                    continue
                 # A lower bound that already meets the target is a pass; one below it proves nothing.
                 ok = True if s >= TARGET_SPEEDUP else (None if killed else False)
                 add(f"{lbl}: {other} / ckptdiff{note}", s, f">= {TARGET_SPEEDUP}", ok)
@@ -217,8 +228,7 @@ def verdicts(cases: list[Case], big: Case | None) -> list[tuple[str, float | Non
         add(f"{big.pair.label}: ckptdiff peak RSS MB (2 GB a side)", tm.peak_rss_mb, f"< {TARGET_RSS_MB:.0f}",
             None if tm.peak_rss_mb is None else tm.peak_rss_mb < TARGET_RSS_MB)
         r = _div(big.t("ckptdiff"), big.t("cat"))
-        add(f"{big.pair.label}: ckptdiff / cat floor", r, f"<= {TARGET_VS_FLOOR}",
-            None if r is None else r <= TARGET_VS_FLOOR)
+        add(f"{big.pair.label}: ckptdiff / cat floor", r, "(info)", None)
     return out
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Iterator
 
-import numpy as np
 from blake3 import blake3
 
 from ..errors import FormatError
@@ -58,6 +57,8 @@ def group_for(dtype_kind: str, itemsize: int, nbytes: int) -> int:
 def split_planes(chunk: memoryview | bytes, group: int) -> bytes | memoryview:
     if group == 1:
         return chunk
+    import numpy as np  # here, not at the top: ``ckptdiff diff -o`` imports the store and should not pay for numpy
+
     a = np.frombuffer(chunk, dtype=np.uint8).reshape(-1, group)
     return a.T.tobytes()
 
@@ -65,6 +66,8 @@ def split_planes(chunk: memoryview | bytes, group: int) -> bytes | memoryview:
 def join_planes(data: bytes, group: int) -> bytes:
     if group == 1:
         return data
+    import numpy as np
+
     a = np.frombuffer(data, dtype=np.uint8).reshape(group, -1)
     return a.T.tobytes()
 
