@@ -16,6 +16,7 @@ they run.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import os
 import sys
@@ -77,6 +78,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_TROUBLE
     debug = args.debug or bool(os.environ.get("CKPTDIFF_DEBUG"))
+    if args.command == "diff":
+        # A one-shot diff makes almost no reference cycles, but the cyclic
+        # collector still walks every object the imports created, several
+        # times (~3% of a 1 GB diff's CPU, measured with perf).
+        gc.disable()
     if "numpy" not in sys.modules:
         # ckptdiff's own threads keep every core busy; multithreaded BLAS on
         # top only spins (see stats._DOT_OK). A user's explicit setting wins.
