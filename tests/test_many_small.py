@@ -166,7 +166,7 @@ def test_worker_count_threads_small_tensor_models_only_when_bytes_dominate(monke
 
     monkeypatch.setattr(engine.os, "cpu_count", lambda: 2)
     mib = 1 << 20
-    # The benchmark's small2000 pair: 2,000 pairs averaging ~244 KiB (both sides).
+    # The benchmark's small2000_lite pair: 2,000 pairs averaging ~244 KiB (both sides).
     assert engine._worker_count(None, 2000 * 244 * 1024, 2000) == 2
     # 5,000 pairs of 32 KiB: Python per tensor dominates, one thread.
     assert engine._worker_count(None, 5000 * 32 * 1024, 5000) == 1
