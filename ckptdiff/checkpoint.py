@@ -159,12 +159,7 @@ class TensorRef:
         total = self.nbytes
         for start in range(0, total, step):
             mv = buf[:min(step, total - start)]
-            got = 0
-            while got < mv.nbytes:
-                n = self.read_into(start + got, mv[got:])
-                if n <= 0:
-                    raise FormatError(f"tensor {self.name!r}: source ended after {start + got} of {total} bytes")
-                got += n
+            fill_exact(self.read_into, mv, start, total, f"tensor {self.name!r}")
             yield mv
 
     def read(self) -> bytes:
@@ -181,6 +176,19 @@ class TensorRef:
         whole = self.buffer()
         data: Buffer = whole if whole is not None else self.read()
         return np.frombuffer(data, dtype=self.dtype_info.np_dtype).reshape(self.shape)
+
+
+def fill_exact(read_into: Callable[[int, memoryview], int], buf: memoryview, offset: int, total: int,
+               what: str) -> None:
+    """Fill all of ``buf`` with bytes ``offset..`` through a ``read_into``-style reader
+    (which may return fewer bytes than asked); FormatError if the source ends first.
+    ``total`` is the source's expected size, for the message."""
+    got = 0
+    while got < buf.nbytes:
+        n = read_into(offset + got, buf[got:])
+        if n <= 0:
+            raise FormatError(f"{what}: source ended after {offset + got} of {total} bytes")
+        got += n
 
 
 def _rechunk(pieces: Iterable[Buffer], step: int, expected: int, name: str) -> Iterator[memoryview]:

@@ -35,8 +35,7 @@ from typing import TYPE_CHECKING
 
 import blake3
 
-from .checkpoint import DEFAULT_CHUNK_BYTES, TensorRef
-from .errors import FormatError
+from .checkpoint import DEFAULT_CHUNK_BYTES, TensorRef, fill_exact
 
 if TYPE_CHECKING:
     from .dtypes import DType
@@ -211,14 +210,27 @@ class PairResult:
         return self.stats is None
 
 
-def _fill(ref: TensorRef, buf: memoryview) -> None:
-    got, total = 0, buf.nbytes
-    assert ref.read_into is not None
-    while got < total:
-        n = ref.read_into(got, buf[got:])
-        if n <= 0:
-            raise FormatError(f"tensor {ref.name!r}: source ended after {got} of {total} bytes")
-        got += n
+def _buffers_equal(io: _IOBuffers, start: int, n: int) -> bool:
+    if n == 0:
+        return True
+    if _MEMCMP is not None:
+        return _MEMCMP(io.addr_a + start, io.addr_b + start, n) == 0
+    return io.mva[start:start + n] == io.mvb[start:start + n]  # pragma: no cover - no libc
+
+
+def _result(info: DType, ca: memoryview, cb: memoryview, same: bool, atol: float, rtol: float) -> PairResult:
+    """Hashes, and statistics if the bytes differ, of one pair already in memory."""
+    n = ca.nbytes
+    h = new_hasher(n)
+    h.update(ca)
+    hash_old = h.hexdigest()
+    if same:
+        return PairResult(hash_old, hash_old, None)
+    h = new_hasher(n)
+    h.update(cb)
+    stats = _new_stats(info, atol, rtol)
+    stats.add_changed(ca, cb)
+    return PairResult(hash_old, h.hexdigest(), stats)
 
 
 def _compare_small(old: TensorRef, new: TensorRef, io: _IOBuffers, atol: float, rtol: float,
@@ -231,42 +243,13 @@ def _compare_small(old: TensorRef, new: TensorRef, io: _IOBuffers, atol: float, 
     """
     n = old.nbytes
     va, vb = io.mva[:n], io.mvb[:n]
-    _fill(old, va)
-    _fill(new, vb)
-    same = n == 0 or (_MEMCMP(io.addr_a, io.addr_b, n) == 0 if _MEMCMP is not None else va == vb)
-    h = new_hasher(n)
-    h.update(va)
-    hash_old = h.hexdigest()
-    stats: DeltaStats | None = None
-    if same:
-        hash_new = hash_old
-    else:
-        h = new_hasher(n)
-        h.update(vb)
-        hash_new = h.hexdigest()
-        info = old.dtype_info
-        stats = _new_stats(info, atol, rtol)
-        stats.add_changed(va, vb)
+    assert old.read_into is not None and new.read_into is not None
+    fill_exact(old.read_into, va, 0, n, f"tensor {old.name!r}")
+    fill_exact(new.read_into, vb, 0, n, f"tensor {new.name!r}")
+    res = _result(old.dtype_info, va, vb, _buffers_equal(io, 0, n), atol, rtol)
     if progress:
         progress(2 * n)
-    return PairResult(hash_old, hash_new, stats)
-
-
-def _pread_exact(fd: int, buf: memoryview, offset: int, what: str) -> None:
-    got, total = 0, buf.nbytes
-    while got < total:
-        n = os.preadv(fd, [buf[got:]], offset + got)
-        if n <= 0:
-            raise FormatError(f"{what}: file ended after {got} of {total} bytes (truncated while open?)")
-        got += n
-
-
-def _buffers_equal(io: _IOBuffers, start: int, n: int) -> bool:
-    if n == 0:
-        return True
-    if _MEMCMP is not None:
-        return _MEMCMP(io.addr_a + start, io.addr_b + start, n) == 0
-    return io.mva[start:start + n] == io.mvb[start:start + n]  # pragma: no cover - no libc
+    return res
 
 
 def compare_run(
@@ -300,8 +283,9 @@ def compare_run(
         span = max(span, old.file_span[1] - lo_a + old.nbytes)
     assert span <= chunk_bytes
     va, vb = io.mva[:span], io.mvb[:span]
-    _pread_exact(fd_a, va, lo_a, f"tensor {first_old.name!r}")
-    _pread_exact(fd_b, vb, lo_b, f"tensor {first_new.name!r}")
+    what = f"the {len(pairs)} tensors from {first_old.name!r} on"
+    fill_exact(lambda off, b: os.preadv(fd_a, [b], lo_a + off), va, 0, span, f"OLD: {what}")
+    fill_exact(lambda off, b: os.preadv(fd_b, [b], lo_b + off), vb, 0, span, f"NEW: {what}")
     whole_same = _buffers_equal(io, 0, span)
     out: list[PairResult] = []
     done = 0
@@ -310,20 +294,8 @@ def compare_run(
         start = old.file_span[1] - lo_a
         assert new.file_span is not None and new.file_span[1] - lo_b == start, "not a run"
         n = old.nbytes
-        ca = va[start:start + n]
-        h = new_hasher(n)
-        h.update(ca)
-        hash_old = h.hexdigest()
-        if whole_same or _buffers_equal(io, start, n):
-            out.append(PairResult(hash_old, hash_old, None))
-        else:
-            cb = vb[start:start + n]
-            h = new_hasher(n)
-            h.update(cb)
-            info = old.dtype_info
-            stats = _new_stats(info, atol, rtol)
-            stats.add_changed(ca, cb)
-            out.append(PairResult(hash_old, h.hexdigest(), stats))
+        same = whole_same or _buffers_equal(io, start, n)
+        out.append(_result(old.dtype_info, va[start:start + n], vb[start:start + n], same, atol, rtol))
         done += 2 * n
     if progress:
         progress(done)
@@ -366,8 +338,8 @@ def compare_pair(
     same_chunks: list[int] = []
     chunks = zip(old.chunks(chunk_bytes, into_a), new.chunks(chunk_bytes, into_b), strict=True)
     for i, (ca, cb) in enumerate(chunks):
-        if io is not None and _MEMCMP is not None and io.holds(ca, cb):
-            same = ca.nbytes == cb.nbytes and (ca.nbytes == 0 or _MEMCMP(io.addr_a, io.addr_b, ca.nbytes) == 0)
+        if io is not None and io.holds(ca, cb):
+            same = ca.nbytes == cb.nbytes and _buffers_equal(io, 0, ca.nbytes)
         else:
             same = bytes_equal(ca, cb)
         if shared and not same:

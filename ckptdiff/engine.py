@@ -148,7 +148,6 @@ def _diff_one(
         side = new if new is not None else old
         assert side is not None
         td.status = "added" if old is None else "removed"
-        td.numel = side.numel
         h = hash_ref(side, chunk_bytes, advance)
         if old is None:
             td.hash_new = h
@@ -156,7 +155,6 @@ def _diff_one(
             td.hash_old = h
     elif old.shape != new.shape or old.dtype != new.dtype:
         td.status = "shape_changed" if old.shape != new.shape else "dtype_changed"
-        td.numel = new.numel
         td.hash_old = hash_ref(old, chunk_bytes, advance)
         td.hash_new = hash_ref(new, chunk_bytes, advance)
     else:
@@ -170,6 +168,7 @@ def _diff_one(
 def _start(name: str, old: TensorRef | None, new: TensorRef | None, manifest: Manifest | None) -> TensorDiff:
     role = manifest.role(name) if manifest is not None else "unknown"
     td = TensorDiff(name=name, status="identical", role=role)
+    td.numel = new.numel if new is not None else old.numel if old is not None else None  # NEW's count when shapes differ
     if old is not None:
         td.dtype_old, td.shape_old = old.dtype, list(old.shape)
     if new is not None:
@@ -179,7 +178,6 @@ def _start(name: str, old: TensorRef | None, new: TensorRef | None, manifest: Ma
 
 def _from_result(td: TensorDiff, res: PairResult) -> TensorDiff:
     """Fill a same-layout pair's TensorDiff from the kernel's answer."""
-    td.numel = _numel(td.shape_new)
     td.hash_old, td.hash_new = res.hash_old, res.hash_new
     if res.stats is not None:
         s = res.stats
@@ -193,13 +191,6 @@ def _from_result(td: TensorDiff, res: PairResult) -> TensorDiff:
         td.rel_l2 = s.rel_l2
     _apply_role(td)
     return td
-
-
-def _numel(shape: list[int] | None) -> int:
-    n = 1
-    for d in shape or ():
-        n *= d
-    return n
 
 
 def _apply_role(td: TensorDiff) -> None:
