@@ -480,18 +480,12 @@ def test_hostile_json_inside_a_store_database(files, tmp_path, capsys):
     assert rc == 2 and "damaged shape in the store database" in one_error(err)
 
 
-def test_unwritable_destinations_are_one_line_and_leave_nothing(files, tmp_path):
+def test_unwritable_destinations_are_one_line_and_leave_nothing(files, tmp_path, unprivileged):
     """Export, -o, init and snapshot into a read-only directory (root runs without the bypass capabilities)."""
-    import shutil
     import subprocess
     import sys
 
-    prefix: list[str] = []
-    if os.geteuid() == 0:
-        setpriv = shutil.which("setpriv")
-        if setpriv is None:
-            pytest.skip("running as root without setpriv: cannot make file modes bind")
-        prefix = [setpriv, "--bounding-set", "-dac_override,-dac_read_search,-fowner"]
+    prefix = unprivileged
     st = tmp_path / "st"
     assert main(["snapshot", os.fspath(files["x"]), "--store", os.fspath(st)]) == 0
     ro = tmp_path / "ro"

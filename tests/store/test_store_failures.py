@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -86,18 +85,13 @@ def _chmod_tree(root: str, dirs: int, files: int) -> None:
             os.chmod(os.path.join(d, n), files)
 
 
-def test_read_only_store(tmp_path):
+def test_read_only_store(tmp_path, unprivileged):
     """chmod a-w: writes fail with one clear line, reads still work, nothing changes.
 
     Root ignores file modes, so as root the commands run with the capabilities
     that bypass them (dac_override, dac_read_search, fowner) dropped.
     """
-    prefix: list[str] = []
-    if os.geteuid() == 0:
-        setpriv = shutil.which("setpriv")
-        if setpriv is None:
-            pytest.skip("running as root without setpriv: cannot make file modes bind")
-        prefix = [setpriv, "--bounding-set", "-dac_override,-dac_read_search,-fowner"]
+    prefix = unprivileged
     base = os.fspath(tmp_path)
     root = os.path.join(base, "st")
     src = _snapshot_file(base)

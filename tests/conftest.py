@@ -1,0 +1,21 @@
+"""Fixtures shared by every test directory."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+
+@pytest.fixture
+def unprivileged() -> list[str]:
+    """A command prefix under which file modes bind: empty for a normal user; as
+    root, ``setpriv`` dropping the capabilities that bypass them (dac_override,
+    dac_read_search, fowner). Skips the test when root has no ``setpriv``."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv: cannot make file modes bind")
+    return [setpriv, "--bounding-set", "-dac_override,-dac_read_search,-fowner"]
