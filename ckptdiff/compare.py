@@ -17,9 +17,10 @@ kernel remembers which chunks were identical and, only for a tensor that did
 change, revisits those chunks once at the end (usually none: a fine-tune
 changes a tensor everywhere or nowhere).
 
-Statistics live in :mod:`ckptdiff.stats`, loaded (with numpy) only when a
-tensor differs: identical bytes need BLAKE3 and ``memcmp`` alone, so a diff
-of unchanged checkpoints never pays numpy's ~50 ms import.
+Statistics live in :mod:`ckptdiff.stats`, loaded only when a tensor
+differs, and measured by a small C module (numpy only as the fallback):
+identical bytes need BLAKE3 and ``memcmp`` alone, and no diff of the
+common dtypes pays numpy's ~50 ms import.
 """
 
 from __future__ import annotations
@@ -194,9 +195,9 @@ def _io_buffers(chunk_bytes: int) -> _IOBuffers:
 
 
 def _new_stats(info: DType, atol: float, rtol: float) -> DeltaStats:
-    from .stats import DeltaStats  # numpy loads here, at the first tensor that differs
+    from .stats import DeltaStats
 
-    return DeltaStats(info.np_dtype, info.is_float, atol, rtol)
+    return DeltaStats(info, atol, rtol)
 
 
 @dataclass

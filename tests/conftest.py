@@ -19,3 +19,15 @@ def unprivileged() -> list[str]:
     if setpriv is None:
         pytest.skip("running as root without setpriv: cannot make file modes bind")
     return [setpriv, "--bounding-set", "-dac_override,-dac_read_search,-fowner"]
+
+
+@pytest.fixture(params=["c", "numpy"])
+def stats_backend(request, monkeypatch) -> str:
+    """Run a statistics test once per implementation: the C module, then numpy."""
+    from ckptdiff import stats
+
+    if request.param == "c" and stats.backend() != "c":
+        pytest.skip("the C module ckptdiff._cstats was not built")
+    if request.param == "numpy":
+        monkeypatch.setattr(stats, "_C_KIND", {})
+    return request.param

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ckptdiff
-from ckptdiff import Checkpoint, CkptError, Manifest, TensorRef, compare, stats  # the kernel modules
+from ckptdiff import Checkpoint, CkptError, Manifest, TensorRef, compare, stats, stats_numpy  # the kernel modules
 from ckptdiff.engine import diff
 
 UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
@@ -135,14 +135,19 @@ shapes = st.one_of(
     frac=st.sampled_from([0.0, 0.01, 0.3, 1.0]),
     chunk_items=st.sampled_from([1, 3, 16, 1 << 20]),
     tol=st.sampled_from([(0.0, 0.0), (1e-3, 0.0), (0.0, 1e-2), (0.5, 0.1)]),
-    block=st.sampled_from([stats.STATS_BLOCK, 5, 64]),
+    block=st.sampled_from([stats_numpy.STATS_BLOCK, 5, 64]),
+    backend=st.sampled_from(["c", "numpy"]),
 )
-def test_statistics_match_numpy_float64(dtype, shape, seed, frac, chunk_items, tol, block):
+def test_statistics_match_numpy_float64(dtype, shape, seed, frac, chunk_items, tol, block, backend):
+    """Both implementations (the C module, numpy) against an independent float64 reference."""
+    if backend == "c" and stats.backend() != "c":
+        pytest.skip("the C module ckptdiff._cstats was not built")
     rng = np.random.default_rng(seed)
     a = random_array(rng, dtype, shape)
     b = perturb(rng, a, frac)
     atol, rtol = tol
-    with mock.patch.object(stats, "STATS_BLOCK", block):
+    kinds = stats._C_KIND if backend == "c" else {}
+    with mock.patch.object(stats_numpy, "STATS_BLOCK", block), mock.patch.object(stats, "_C_KIND", kinds):
         rep = diff(ck(t=a), ck(t=b), atol=atol, rtol=rtol, chunk_bytes=chunk_items * np.dtype(dtype).itemsize)
     t = one(rep)
     assert t.hash_old == blake3.blake3(a.tobytes()).hexdigest()

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from ckptdiff import engine, stats
+from ckptdiff import dtypes, engine, stats, stats_numpy
 from ckptdiff.engine import diff
 from ckptdiff.errors import CkptError
 from ckptdiff.formats import open_checkpoint
@@ -188,12 +188,13 @@ print(code, "numpy" in sys.modules, "ml_dtypes" in sys.modules)
 """
 
 
-def _probe(pa: str, pb: str, out: str) -> tuple[str, str, str]:
-    r = subprocess.run([sys.executable, "-c", _PROBE, pa, pb, out], capture_output=True, text=True, check=True)
+def _probe(pa: str, pb: str, out: str, **env: str) -> tuple[str, str, str]:
+    r = subprocess.run([sys.executable, "-c", _PROBE, pa, pb, out], capture_output=True, text=True, check=True,
+                       env={**os.environ, **env})
     return tuple(r.stdout.split())  # type: ignore[return-value]
 
 
-def test_identical_safetensors_diff_never_imports_numpy(tmp_path):
+def test_safetensors_diff_never_imports_numpy(tmp_path):
     rng = np.random.default_rng(7)
     a = {"w": rng.standard_normal((64, 64)).astype(ml_dtypes.bfloat16),
          "b": rng.standard_normal(64).astype(np.float32)}
@@ -203,15 +204,27 @@ def test_identical_safetensors_diff_never_imports_numpy(tmp_path):
     rep = json.loads((tmp_path / "same.json").read_text())
     w = {t["name"]: t for t in rep["tensors"]}["w"]
     assert w["status"] == "identical" and w["hash_old"] == blake3.blake3(a["w"].tobytes()).hexdigest()
-    # one differing tensor: numpy loads, and the numbers are there
+    # differing tensors (bf16 too): the C module measures them, still no numpy;
+    # with the numpy fallback forced, numpy loads, and the numbers are the same
     b = {k: v.copy() for k, v in a.items()}
     b["b"][0] += 1
+    b["w"][3, 5] = 2.5
     pa, pb = write_pair(tmp_path, a, b, name="moved")
-    code, has_np, _ = _probe(pa, pb, str(tmp_path / "moved.json"))
-    assert (code, has_np) == ("1", "True")
-    moved = {t["name"]: t for t in json.loads((tmp_path / "moved.json").read_text())["tensors"]}["b"]
-    assert moved["changed_elements"] == 1
-    assert moved["max_abs_delta"] == pytest.approx(1.0, rel=1e-6)
+    reports = {}
+    for backend, loads in (("auto", "False"), ("numpy", "True")):
+        if backend == "auto" and stats.backend() != "c":
+            continue  # no C module in this install: the numpy run below still checks the numbers
+        out = tmp_path / f"moved-{backend}.json"
+        code, has_np, has_ml = _probe(pa, pb, str(out), CKPTDIFF_STATS=backend)
+        assert (code, has_np, has_ml) == ("1", loads, loads)
+        reports[backend] = {t["name"]: t for t in json.loads(out.read_text())["tensors"]}
+    for rep in reports.values():
+        assert rep["b"]["changed_elements"] == 1
+        assert rep["b"]["max_abs_delta"] == pytest.approx(1.0, rel=1e-6)
+        assert rep["w"]["changed_elements"] == 1
+        assert rep["w"]["max_abs_delta"] == pytest.approx(abs(2.5 - float(a["w"][3, 5])), rel=1e-12)
+    if len(reports) == 2:
+        assert reports["auto"]["w"]["rel_l2"] == pytest.approx(reports["numpy"]["w"]["rel_l2"], rel=1e-12)
 
 
 # ---------------------------------------------------------------------------
@@ -228,20 +241,20 @@ def reference(a: np.ndarray, b: np.ndarray) -> dict:
 
 
 def measure(a: np.ndarray, b: np.ndarray, block: int) -> stats.DeltaStats:
-    s = stats.DeltaStats(a.dtype, True)
-    old = stats.STATS_BLOCK
-    stats.STATS_BLOCK = block
+    s = stats.DeltaStats(dtypes.from_numpy(a.dtype))
+    old = stats_numpy.STATS_BLOCK
+    stats_numpy.STATS_BLOCK = block
     try:
         s.add_changed(memoryview(a.view(np.uint8)), memoryview(b.view(np.uint8)))
     finally:
-        stats.STATS_BLOCK = old
+        stats_numpy.STATS_BLOCK = old
     return s
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn])
 @pytest.mark.parametrize("dot", [False, True])
-def test_finite_fast_path_and_dot_match_the_reference(monkeypatch, dtype, dot):
-    monkeypatch.setattr(stats, "_DOT_OK", dot)
+def test_finite_fast_path_and_dot_match_the_reference(monkeypatch, stats_backend, dtype, dot):
+    monkeypatch.setattr(stats_numpy, "_DOT_OK", dot)
     rng = np.random.default_rng(11)
     a = (rng.standard_normal(5000) * 0.5).astype(dtype)
     b = (a.astype(np.float32) + rng.standard_normal(5000).astype(np.float32) * 0.01).astype(dtype)
@@ -257,7 +270,7 @@ def test_finite_fast_path_and_dot_match_the_reference(monkeypatch, dtype, dot):
 
 
 @pytest.mark.parametrize("where", [0, 1500, 4999])
-def test_a_nan_in_one_block_falls_back_for_that_block_only(where):
+def test_a_nan_in_one_block_falls_back_for_that_block_only(stats_backend, where):
     rng = np.random.default_rng(12)
     a = rng.standard_normal(5000).astype(np.float32)
     b = a + np.float32(0.25)
@@ -279,7 +292,7 @@ def test_the_cli_pins_openblas_to_one_thread_only_before_numpy_loads(tmp_path):
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env).stdout
     assert out.strip().splitlines()[-1] in ("1", "None")  # --version exits in argparse before the pin
     probe = ("import os, sys\nfrom ckptdiff.cli import main\nmain(['diff', sys.argv[1], sys.argv[1], '-q'])\n"
-             "print(os.environ.get('OPENBLAS_NUM_THREADS'))\nimport ckptdiff.stats as s\nprint(s._DOT_OK)")
+             "print(os.environ.get('OPENBLAS_NUM_THREADS'))\nimport ckptdiff.stats_numpy as s\nprint(s._DOT_OK)")
     a = {"w": np.ones(3, np.float32)}
     pa, _ = write_pair(tmp_path, a, a)
     out = subprocess.run([sys.executable, "-c", probe, pa], capture_output=True, text=True, env=env).stdout.split()

@@ -1,0 +1,519 @@
+/*
+ * ckptdiff._cstats: statistics of a changed chunk pair in one pass, in C.
+ *
+ * The same numbers as ckptdiff/stats_numpy.py (float64 arithmetic, the same
+ * NaN/Inf convention), for the cost of reading the bytes once: numpy needs
+ * ~10 passes over a float64 copy of each block, and ~50 ms just to import,
+ * which is a fifth of a whole 1 GB diff. This module is optional: when it
+ * was not built (no C compiler at install time) ckptdiff uses numpy.
+ *
+ *   measure(kind, old, new, atol, rtol) -> tuple of 11 numbers
+ *   measure(kind, old, None, 0, 0)      -> the same, for a chunk known to be
+ *                                          identical (only ||old|| grows)
+ *
+ * kind indexes KINDS (canonical dtype names); old/new are buffers of raw
+ * little-endian elements of that kind, of equal length. The tuple is
+ *   (changed, out_of_tolerance, finite_both, max_abs, sum_abs, nan_new,
+ *    inf_new, delta_scale, delta_ssq, old_scale, old_ssq)
+ * where a norm is scale * sqrt(ssq) (see stats._Norm). The GIL is released
+ * while the bytes are read, so the engine's worker threads measure in
+ * parallel.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+/* Four float64 lanes: GCC and clang turn these into SSE2 pairs, or AVX2
+ * registers in the avx2 clone of measure_all (see CLONES); other compilers
+ * get the plain loops. */
+#if defined(__GNUC__) || defined(__clang__)
+#define HAVE_VEC 1
+typedef double v4d __attribute__((vector_size(32)));
+typedef long long v4l __attribute__((vector_size(32)));
+#define INLINE static inline __attribute__((always_inline))
+#else
+#define INLINE static inline
+#endif
+
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__)
+#define CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define CLONES
+#endif
+
+enum {
+    K_F64, K_F32, K_F16, K_BF16, K_F8E4M3FN, K_F8E5M2,
+    K_I64, K_I32, K_I16, K_I8, K_U64, K_U32, K_U16, K_U8, K_BOOL, K_COUNT
+};
+
+static const char *const KIND_NAMES[K_COUNT] = {
+    "float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2",
+    "int64", "int32", "int16", "int8", "uint64", "uint32", "uint16", "uint8", "bool",
+};
+static const int ITEMSIZE[K_COUNT] = {8, 4, 2, 2, 1, 1, 8, 4, 2, 1, 8, 4, 2, 1, 1};
+
+/* Elements per block: two float64 blocks and the inequality mask stay in L1. */
+#define BLOCK 1024
+
+/* Decoding tables for the types without a C equivalent, built at import. */
+static float F16_TABLE[65536];
+static float E4M3FN_TABLE[256];
+static float E5M2_TABLE[256];
+
+static double minifloat(unsigned bits, int ebits, int mbits, int bias, int ieee_specials)
+{
+    unsigned sign = bits >> (ebits + mbits);
+    unsigned e = (bits >> mbits) & ((1u << ebits) - 1);
+    unsigned m = bits & ((1u << mbits) - 1);
+    double v;
+    if (ieee_specials && e == (1u << ebits) - 1) {
+        v = m ? NAN : INFINITY;
+    } else if (!ieee_specials && e == (1u << ebits) - 1 && m == (1u << mbits) - 1) {
+        v = NAN;  /* e4m3fn: only S.1111.111 is NaN, no infinities */
+    } else if (e == 0) {
+        v = ldexp((double)m, 1 - bias - mbits);  /* zero and subnormals */
+    } else {
+        v = ldexp((double)((1u << mbits) | m), (int)e - bias - mbits);
+    }
+    return sign ? -v : v;
+}
+
+static void build_tables(void)
+{
+    for (unsigned i = 0; i < 65536; i++)
+        F16_TABLE[i] = (float)minifloat(i, 5, 10, 15, 1);
+    for (unsigned i = 0; i < 256; i++) {
+        E4M3FN_TABLE[i] = (float)minifloat(i, 4, 3, 7, 0);
+        E5M2_TABLE[i] = (float)minifloat(i, 5, 2, 15, 1);
+    }
+}
+
+/* Loads through memcpy: tensors in a file start at any byte offset (compilers
+ * turn these into plain loads). */
+#define DEFINE_LOAD(NAME, T) \
+    static inline T NAME(const unsigned char *p, Py_ssize_t i) \
+    { T v; memcpy(&v, p + (size_t)i * sizeof(T), sizeof(T)); return v; }
+DEFINE_LOAD(ld_f32, float)
+DEFINE_LOAD(ld_u16, uint16_t)
+DEFINE_LOAD(ld_u32, uint32_t)
+DEFINE_LOAD(ld_u64, uint64_t)
+DEFINE_LOAD(ld_i16, int16_t)
+DEFINE_LOAD(ld_i32, int32_t)
+DEFINE_LOAD(ld_i64, int64_t)
+
+INLINE void decode(int kind, const unsigned char *p, Py_ssize_t n, double *out)
+{
+    Py_ssize_t i;
+    switch (kind) {
+    case K_F64: memcpy(out, p, (size_t)n * 8); break;
+    case K_F32: for (i = 0; i < n; i++) out[i] = ld_f32(p, i); break;
+    case K_F16: for (i = 0; i < n; i++) out[i] = F16_TABLE[ld_u16(p, i)]; break;
+    case K_BF16:
+        for (i = 0; i < n; i++) {
+            uint32_t w = (uint32_t)ld_u16(p, i) << 16;
+            float f;
+            memcpy(&f, &w, 4);
+            out[i] = f;
+        }
+        break;
+    case K_F8E4M3FN: for (i = 0; i < n; i++) out[i] = E4M3FN_TABLE[p[i]]; break;
+    case K_F8E5M2: for (i = 0; i < n; i++) out[i] = E5M2_TABLE[p[i]]; break;
+    case K_I64: for (i = 0; i < n; i++) out[i] = (double)ld_i64(p, i); break;
+    case K_I32: for (i = 0; i < n; i++) out[i] = ld_i32(p, i); break;
+    case K_I16: for (i = 0; i < n; i++) out[i] = ld_i16(p, i); break;
+    case K_I8: for (i = 0; i < n; i++) out[i] = (int8_t)p[i]; break;
+    case K_U64: for (i = 0; i < n; i++) out[i] = (double)ld_u64(p, i); break;
+    case K_U32: for (i = 0; i < n; i++) out[i] = ld_u32(p, i); break;
+    case K_U16: for (i = 0; i < n; i++) out[i] = ld_u16(p, i); break;
+    case K_U8: for (i = 0; i < n; i++) out[i] = p[i]; break;
+    case K_BOOL: for (i = 0; i < n; i++) out[i] = p[i] != 0; break;
+    }
+}
+
+/* How many elements differ in any bit. */
+INLINE Py_ssize_t count_unequal(int size, const unsigned char *a, const unsigned char *b, Py_ssize_t n)
+{
+    Py_ssize_t i, count = 0;
+    switch (size) {
+    case 8: for (i = 0; i < n; i++) count += ld_u64(a, i) != ld_u64(b, i); break;
+    case 4: for (i = 0; i < n; i++) count += ld_u32(a, i) != ld_u32(b, i); break;
+    case 2: for (i = 0; i < n; i++) count += ld_u16(a, i) != ld_u16(b, i); break;
+    default: for (i = 0; i < n; i++) count += a[i] != b[i]; break;
+    }
+    return count;
+}
+
+INLINE int unequal_at(int size, const unsigned char *a, const unsigned char *b, Py_ssize_t i)
+{
+    return memcmp(a + (size_t)i * size, b + (size_t)i * size, (size_t)size) != 0;
+}
+
+typedef struct { double scale, ssq; } norm_t;
+
+/* Add scale * sqrt(ssq) to a norm without overflowing: stats._Norm._merge. */
+INLINE void norm_merge(norm_t *nm, double scale, double ssq)
+{
+    if (ssq == 0.0)
+        return;
+    if (nm->ssq == 0.0) {
+        nm->scale = scale;
+        nm->ssq = ssq;
+    } else if (scale > nm->scale) {
+        double r = nm->scale / scale;
+        nm->ssq = nm->ssq * r * r + ssq;
+        nm->scale = scale;
+    } else if (scale == nm->scale) {
+        nm->ssq += ssq;  /* also inf == inf, where the ratio would be NaN */
+    } else {
+        double r = scale / nm->scale;
+        nm->ssq += ssq * r * r;
+    }
+}
+
+/* Add a float64 block's sum of squares; values that could overflow or
+ * underflow when squared are scaled by the largest magnitude, as in
+ * stats_numpy._Norm.add (only float64 can hold such values). */
+INLINE void norm_add_careful(norm_t *nm, const double *x, const unsigned char *use, Py_ssize_t n)
+{
+    double m = 0.0, ssq = 0.0;
+    Py_ssize_t i;
+    for (i = 0; i < n; i++)
+        if (!use || use[i]) {
+            double v = fabs(x[i]);
+            if (v > m) m = v;
+        }
+    if (m == 0.0)
+        return;
+    if (m == INFINITY) {  /* a delta that overflowed float64 itself */
+        norm_merge(nm, INFINITY, 1.0);
+        return;
+    }
+    if (m > 1e-140 && m < 1e140) {
+        for (i = 0; i < n; i++)
+            if (!use || use[i]) ssq += x[i] * x[i];
+        norm_merge(nm, 1.0, ssq);
+    } else {
+        for (i = 0; i < n; i++)
+            if (!use || use[i]) { double s = x[i] / m; ssq += s * s; }
+        norm_merge(nm, m, ssq);
+    }
+}
+
+typedef struct {
+    long long changed, beyond, moves, finite_both, nan_new, inf_new;
+    double max_abs, sum_abs;
+    norm_t dn, on;
+} acc_t;
+
+INLINE double sumsq(const double *x, Py_ssize_t n)
+{
+    Py_ssize_t i = 0;
+    double r = 0.0;
+#ifdef HAVE_VEC
+    v4d s0 = {0, 0, 0, 0}, s1 = {0, 0, 0, 0};
+    for (; i + 8 <= n; i += 8) {
+        v4d a, b;
+        memcpy(&a, x + i, sizeof a);
+        memcpy(&b, x + i + 4, sizeof b);
+        s0 += a * a;
+        s1 += b * b;
+    }
+    s0 += s1;
+    r = (s0[0] + s0[1]) + (s0[2] + s0[3]);
+#endif
+    for (; i < n; i++) r += x[i] * x[i];
+    return r;
+}
+
+/* A block of an identical chunk: only ||old|| and the finite count grow. */
+/* Largest |x| of a block (NaN compares false, so NaNs are skipped). */
+INLINE double maxabs(const double *x, Py_ssize_t n)
+{
+    double m = 0.0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        double v = fabs(x[i]);
+        m = v > m ? v : m;
+    }
+    return m;
+}
+
+/* A plain sum of squares is exact enough when the block's largest magnitude
+ * is in this range: nothing overflows, and what underflows is negligible
+ * beside it (the test norm_add_careful applies to float64). */
+INLINE int plain_ok(double m)
+{
+    return m == 0.0 || (m > 1e-140 && m < 1e140);
+}
+
+INLINE void old_only(acc_t *acc, int is_float, int careful, const double *xa, Py_ssize_t n, unsigned char *use)
+{
+    Py_ssize_t i, fin = 0;
+    double ssq = sumsq(xa, n);
+    /* Narrow floats and ints cannot overflow float64: a finite sum means
+     * every value was finite. float64 also needs a magnitude in range. */
+    if (!is_float || (isfinite(ssq) && (!careful || plain_ok(maxabs(xa, n))))) {
+        acc->finite_both += n;
+        norm_merge(&acc->on, 1.0, ssq);
+        return;
+    }
+    for (i = 0; i < n; i++)
+        fin += use[i] = isfinite(xa[i]) != 0;
+    acc->finite_both += fin;
+    norm_add_careful(&acc->on, xa, use, n);
+}
+
+/* The common changed block: every value finite (ints always are) and, for
+ * float64, of a magnitude whose square is safe. Returns 0, having recorded
+ * nothing, when a sum shows a NaN/Inf somewhere or a float64 magnitude is out
+ * of range; the caller then measures the block position by position. */
+INLINE int changed_fast(acc_t *acc, int is_float, int careful, const double *xa, const double *xb,
+                        Py_ssize_t n, double atol, double rtol, int tol)
+{
+    double o = 0, s = 0, s2 = 0, m = 0;
+    Py_ssize_t i = 0;
+#ifdef HAVE_VEC
+    const v4l absmask = {INT64_MAX, INT64_MAX, INT64_MAX, INT64_MAX};
+    v4d so = {0, 0, 0, 0}, sd = so, sd2 = so, mx = so;
+    v4d so1 = so, sd1 = so, sd21 = so, mx1 = so;
+    for (; i + 8 <= n; i += 8) {
+        v4d x, y, x1, y1;
+        memcpy(&x, xa + i, sizeof x);
+        memcpy(&y, xb + i, sizeof y);
+        memcpy(&x1, xa + i + 4, sizeof x1);
+        memcpy(&y1, xb + i + 4, sizeof y1);
+        v4d d = (v4d)((v4l)(y - x) & absmask);
+        v4d d1 = (v4d)((v4l)(y1 - x1) & absmask);
+        so += x * x;
+        so1 += x1 * x1;
+        sd += d;
+        sd1 += d1;
+        sd2 += d * d;
+        sd21 += d1 * d1;
+        v4l gt = d > mx, gt1 = d1 > mx1;
+        mx = (v4d)(((v4l)d & gt) | ((v4l)mx & ~gt));
+        mx1 = (v4d)(((v4l)d1 & gt1) | ((v4l)mx1 & ~gt1));
+    }
+    so += so1;
+    sd += sd1;
+    sd2 += sd21;
+    {
+        v4l gt = mx1 > mx;
+        mx = (v4d)(((v4l)mx1 & gt) | ((v4l)mx & ~gt));
+    }
+    o = (so[0] + so[1]) + (so[2] + so[3]);
+    s = (sd[0] + sd[1]) + (sd[2] + sd[3]);
+    s2 = (sd2[0] + sd2[1]) + (sd2[2] + sd2[3]);
+    m = fmax(fmax(mx[0], mx[1]), fmax(mx[2], mx[3]));
+#endif
+    for (; i < n; i++) {
+        double x = xa[i], d = fabs(xb[i] - x);
+        o += x * x; s += d; s2 += d * d;
+        if (d > m) m = d;
+    }
+    if (is_float && !(isfinite(o) && isfinite(s)))
+        return 0;
+    if (careful && !(plain_ok(m) && plain_ok(maxabs(xa, n))))
+        return 0;  /* float64 values whose squares could overflow or underflow */
+    acc->finite_both += n;
+    norm_merge(&acc->on, 1.0, o);
+    if (m > acc->max_abs) acc->max_abs = m;
+    acc->sum_abs += s;
+    norm_merge(&acc->dn, 1.0, s2);
+    if (tol) {
+        long long beyond = 0;
+        for (i = 0; i < n; i++)
+            beyond += fabs(xb[i] - xa[i]) > atol + rtol * fabs(xa[i]);
+        acc->beyond += beyond;
+    }
+    return 1;
+}
+
+/* Any changed block, position by position: NaN/Inf on either side, and
+ * float64 (whose squares can overflow). Statistics cover the positions
+ * finite on both sides; nan_new/inf_new count what became NaN/Inf. */
+INLINE void changed_careful(acc_t *acc, int careful, const double *xa, double *xb, int size,
+                            const unsigned char *pa, const unsigned char *pb, unsigned char *use, Py_ssize_t n,
+                            double atol, double rtol, int tol)
+{
+    Py_ssize_t i, fin = 0;
+    double s = 0, m = 0;
+    long long beyond = 0;
+    for (i = 0; i < n; i++) {
+        double x = xa[i], y = xb[i];
+        if (isfinite(x) && isfinite(y)) {
+            double d = fabs(y - x);
+            use[i] = 1;
+            fin++;
+            s += d;
+            if (d > m) m = d;
+            if (tol) beyond += d > atol + rtol * fabs(x);
+            xb[i] = d;  /* xb becomes |delta| for the norm below */
+        } else {
+            int nx = isnan(x) != 0, ny = isnan(y) != 0;
+            use[i] = 0;
+            acc->nan_new += ny && !nx;
+            acc->inf_new += isinf(y) && !isinf(x);
+            acc->moves += !(nx && ny) && unequal_at(size, pa, pb, i);
+        }
+    }
+    acc->finite_both += fin;
+    if (m > acc->max_abs) acc->max_abs = m;
+    acc->sum_abs += s;
+    acc->beyond += beyond;
+    if (careful) {
+        norm_add_careful(&acc->on, xa, use, n);
+        norm_add_careful(&acc->dn, xb, use, n);
+    } else {
+        double o = 0, d2 = 0;
+        for (i = 0; i < n; i++)
+            if (use[i]) { o += xa[i] * xa[i]; d2 += xb[i] * xb[i]; }
+        norm_merge(&acc->on, 1.0, o);
+        norm_merge(&acc->dn, 1.0, d2);
+    }
+}
+
+CLONES static void measure_all(int kind, const unsigned char *a, const unsigned char *b, Py_ssize_t count,
+                        double atol, double rtol, acc_t *acc)
+{
+    double xa[BLOCK], xb[BLOCK];
+    unsigned char use[BLOCK];
+    int size = ITEMSIZE[kind];
+    int is_float = kind <= K_F8E5M2;
+    int careful = kind == K_F64;
+    int tol = atol != 0.0 || rtol != 0.0;
+    for (Py_ssize_t off = 0; off < count; off += BLOCK) {
+        Py_ssize_t n = count - off < BLOCK ? count - off : BLOCK;
+        const unsigned char *pa = a + (size_t)off * size;
+        const unsigned char *pb = b ? b + (size_t)off * size : NULL;
+        Py_ssize_t changed = 0;
+        if (pb && memcmp(pa, pb, (size_t)n * size) != 0)
+            changed = count_unequal(size, pa, pb, n);
+        decode(kind, pa, n, xa);
+        if (!changed) {
+            old_only(acc, is_float, careful, xa, n, use);
+            continue;
+        }
+        acc->changed += changed;
+        decode(kind, pb, n, xb);
+        if (changed_fast(acc, is_float, careful, xa, xb, n, atol, rtol, tol))
+            continue;
+        changed_careful(acc, careful, xa, xb, size, pa, pb, use, n, atol, rtol, tol);
+    }
+}
+
+static PyObject *measure(PyObject *self, PyObject *args)
+{
+    int kind;
+    Py_buffer a, b = {0};
+    PyObject *new_obj;
+    double atol, rtol;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "iy*Odd:measure", &kind, &a, &new_obj, &atol, &rtol))
+        return NULL;
+    if (kind < 0 || kind >= K_COUNT) {
+        PyBuffer_Release(&a);
+        return PyErr_Format(PyExc_ValueError, "unknown kind %d", kind);
+    }
+    if (new_obj != Py_None) {
+        if (PyObject_GetBuffer(new_obj, &b, PyBUF_SIMPLE) < 0) {
+            PyBuffer_Release(&a);
+            return NULL;
+        }
+        if (b.len != a.len) {
+            PyBuffer_Release(&a);
+            PyBuffer_Release(&b);
+            return PyErr_Format(PyExc_ValueError, "buffers differ in length (%zd vs %zd bytes)", a.len, b.len);
+        }
+    }
+    if (a.len % ITEMSIZE[kind]) {
+        PyBuffer_Release(&a);
+        if (b.obj) PyBuffer_Release(&b);
+        return PyErr_Format(PyExc_ValueError, "%zd bytes is not a whole number of %s elements",
+                            a.len, KIND_NAMES[kind]);
+    }
+    acc_t acc;
+    memset(&acc, 0, sizeof acc);
+    acc.dn.scale = acc.on.scale = 1.0;
+    Py_BEGIN_ALLOW_THREADS
+    measure_all(kind, a.buf, b.obj ? b.buf : NULL, a.len / ITEMSIZE[kind], atol, rtol, &acc);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&a);
+    if (b.obj) PyBuffer_Release(&b);
+    long long out_of_tol = (atol != 0.0 || rtol != 0.0) ? acc.beyond + acc.moves : acc.changed;
+    return Py_BuildValue("(LLLddLLdddd)", acc.changed, out_of_tol, acc.finite_both, acc.max_abs, acc.sum_abs,
+                         acc.nan_new, acc.inf_new, acc.dn.scale, acc.dn.ssq, acc.on.scale, acc.on.ssq);
+}
+
+static PyObject *decode_py(PyObject *self, PyObject *args)
+{
+    /* decode(kind, buffer) -> list of floats: the tables, for the tests. */
+    int kind;
+    Py_buffer a;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "iy*:decode", &kind, &a))
+        return NULL;
+    if (kind < 0 || kind >= K_COUNT || a.len % ITEMSIZE[kind] || a.len / ITEMSIZE[kind] > BLOCK) {
+        PyBuffer_Release(&a);
+        return PyErr_Format(PyExc_ValueError, "bad kind or length");
+    }
+    Py_ssize_t n = a.len / ITEMSIZE[kind];
+    double out[BLOCK];
+    decode(kind, a.buf, n, out);
+    PyBuffer_Release(&a);
+    PyObject *list = PyList_New(n);
+    if (!list)
+        return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *f = PyFloat_FromDouble(out[i]);
+        if (!f) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, i, f);
+    }
+    return list;
+}
+
+static PyMethodDef methods[] = {
+    {"measure", measure, METH_VARARGS,
+     "measure(kind, old, new_or_None, atol, rtol) -> (changed, out_of_tolerance, finite_both, max_abs, "
+     "sum_abs, nan_new, inf_new, delta_scale, delta_ssq, old_scale, old_ssq)"},
+    {"decode", decode_py, METH_VARARGS, "decode(kind, buffer) -> list of float (at most 1024 elements)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_cstats", "Statistics of changed tensor chunks (see ckptdiff.stats).", -1, methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__cstats(void)
+{
+    build_tables();
+    PyObject *m = PyModule_Create(&module);
+    if (!m)
+        return NULL;
+    PyObject *kinds = PyTuple_New(K_COUNT);
+    if (!kinds) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    for (int i = 0; i < K_COUNT; i++) {
+        PyObject *s = PyUnicode_FromString(KIND_NAMES[i]);
+        if (!s) {
+            Py_DECREF(kinds);
+            Py_DECREF(m);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(kinds, i, s);
+    }
+    if (PyModule_AddObject(m, "KINDS", kinds) < 0) {
+        Py_DECREF(kinds);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
