@@ -28,8 +28,12 @@ if TYPE_CHECKING:
     from .manifest import Manifest
 
 #: Default chunk size for streaming tensor bytes: big enough to amortise
-#: per-call overhead, small enough to stay in L2/L3 for the fused diff pass.
-DEFAULT_CHUNK_BYTES = 4 << 20
+#: per-call overhead, small enough that a worker's two chunks stay in cache
+#: between the read, the memcmp and BLAKE3. Measured in-process on the 1 GB
+#: benchmark pair (best of 8, two threads): 1 MiB 0.144 s, 2 MiB 0.144 s,
+#: 4 MiB 0.154 s, 8 MiB 0.186 s; 2 MiB also ties or wins on the 2,000-tensor
+#: pairs, whose runs of neighbours are capped at this size.
+DEFAULT_CHUNK_BYTES = 2 << 20
 
 Buffer = bytes | bytearray | memoryview
 
