@@ -315,3 +315,30 @@ def test_npz_with_zip64_or_compression_still_diffs(tmp_path):
     for k in a:
         assert by[k].hash_old == blake3.blake3(a[k].tobytes()).hexdigest()
         assert (by[k].status == "identical") == (a[k].tobytes() == b[k].tobytes())
+
+
+def test_pt_diff_imports_neither_numpy_nor_torch(tmp_path):
+    """A zip .pt pair with changed fp32 and bf16 tensors: ckptdiff's own zip reader
+    and the C statistics module, so neither numpy nor torch loads."""
+    if stats.backend() != "c":
+        pytest.skip("the C module ckptdiff._cstats was not built (numpy measures instead)")
+    torch = pytest.importorskip("torch")
+    g = torch.Generator().manual_seed(3)
+    a = {"w": torch.randn(64, 64, generator=g), "h": torch.randn(32, generator=g).to(torch.bfloat16)}
+    b = {"w": a["w"].clone(), "h": a["h"].clone()}
+    b["w"][1, 2] += 0.5
+    b["h"][4] = 7.0
+    torch.save(a, tmp_path / "a.pt")
+    torch.save(b, tmp_path / "b.pt")
+    probe = ("import sys\nfrom ckptdiff.cli import main\n"
+             "code = main(['diff', sys.argv[1], sys.argv[2], '--format', 'json', '-o', sys.argv[3]])\n"
+             "print(code, 'numpy' in sys.modules, 'torch' in sys.modules)")
+    out = tmp_path / "r.json"
+    r = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), str(out)],
+                       capture_output=True, text=True, check=True)
+    assert r.stdout.split() == ["1", "False", "False"]
+    rep = {t["name"]: t for t in json.loads(out.read_text())["tensors"]}
+    assert rep["w"]["changed_elements"] == 1
+    assert rep["w"]["max_abs_delta"] == pytest.approx(0.5, rel=1e-6)
+    assert rep["h"]["changed_elements"] == 1
+    assert rep["h"]["max_abs_delta"] == pytest.approx(abs(7.0 - float(a["h"][4])), rel=1e-12)
