@@ -228,7 +228,6 @@ INLINE double sumsq(const double *x, Py_ssize_t n)
     return r;
 }
 
-/* A block of an identical chunk: only ||old|| and the finite count grow. */
 /* Largest |x| of a block (NaN compares false, so NaNs are skipped). */
 INLINE double maxabs(const double *x, Py_ssize_t n)
 {
@@ -242,12 +241,13 @@ INLINE double maxabs(const double *x, Py_ssize_t n)
 
 /* A plain sum of squares is exact enough when the block's largest magnitude
  * is in this range: nothing overflows, and what underflows is negligible
- * beside it (the test norm_add_careful applies to float64). */
+ * beside it (the same test as norm_add_careful; only float64 can fail it). */
 INLINE int plain_ok(double m)
 {
     return m == 0.0 || (m > 1e-140 && m < 1e140);
 }
 
+/* A block of an identical chunk: only ||old|| and the finite count grow. */
 INLINE void old_only(acc_t *acc, int is_float, int careful, const double *xa, Py_ssize_t n, unsigned char *use)
 {
     Py_ssize_t i, fin = 0;
@@ -407,7 +407,8 @@ CLONES static void measure_all(int kind, const unsigned char *a, const unsigned 
 static PyObject *measure(PyObject *self, PyObject *args)
 {
     int kind;
-    Py_buffer a, b = {0};
+    Py_buffer a, b;
+    int has_b = 0;
     PyObject *new_obj;
     double atol, rtol;
     (void)self;
@@ -422,6 +423,7 @@ static PyObject *measure(PyObject *self, PyObject *args)
             PyBuffer_Release(&a);
             return NULL;
         }
+        has_b = 1;
         if (b.len != a.len) {
             PyBuffer_Release(&a);
             PyBuffer_Release(&b);
@@ -430,7 +432,7 @@ static PyObject *measure(PyObject *self, PyObject *args)
     }
     if (a.len % ITEMSIZE[kind]) {
         PyBuffer_Release(&a);
-        if (b.obj) PyBuffer_Release(&b);
+        if (has_b) PyBuffer_Release(&b);
         return PyErr_Format(PyExc_ValueError, "%zd bytes is not a whole number of %s elements",
                             a.len, KIND_NAMES[kind]);
     }
@@ -438,10 +440,10 @@ static PyObject *measure(PyObject *self, PyObject *args)
     memset(&acc, 0, sizeof acc);
     acc.dn.scale = acc.on.scale = 1.0;
     Py_BEGIN_ALLOW_THREADS
-    measure_all(kind, a.buf, b.obj ? b.buf : NULL, a.len / ITEMSIZE[kind], atol, rtol, &acc);
+    measure_all(kind, a.buf, has_b ? b.buf : NULL, a.len / ITEMSIZE[kind], atol, rtol, &acc);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&a);
-    if (b.obj) PyBuffer_Release(&b);
+    if (has_b) PyBuffer_Release(&b);
     long long out_of_tol = (atol != 0.0 || rtol != 0.0) ? acc.beyond + acc.moves : acc.changed;
     return Py_BuildValue("(LLLddLLdddd)", acc.changed, out_of_tol, acc.finite_both, acc.max_abs, acc.sum_abs,
                          acc.nan_new, acc.inf_new, acc.dn.scale, acc.dn.ssq, acc.on.scale, acc.on.ssq);
