@@ -15,6 +15,8 @@ from unittest import mock
 import ml_dtypes
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ckptdiff import dtypes, stats, stats_numpy
 
@@ -207,3 +209,35 @@ def test_the_c_module_lets_other_threads_run():
         t.join()
     assert r[0] == 1 << 24 and r[3] == 1.0
     assert during >= 2  # the ticker ran while a 128 MiB pair was measured
+
+
+@needs_c
+@settings(max_examples=400, deadline=None)
+@given(
+    dt=st.sampled_from(ALL),
+    data=st.data(),
+    tol=st.sampled_from([(0.0, 0.0), (1e-3, 0.0), (0.0, 0.25)]),
+)
+def test_arbitrary_bit_patterns_measure_the_same_in_c_and_numpy(dt, data, tol):
+    """Raw random bytes: every NaN payload, subnormal, infinity and 1e±308 float64
+    the formats can hold, in blocks that straddle the C module's 1,024 elements."""
+    size = np.dtype(dt).itemsize
+    n = data.draw(st.integers(0, 2100), label="elements")
+    raw_a = data.draw(st.binary(min_size=n * size, max_size=n * size), label="old")
+    flips = data.draw(st.lists(st.tuples(st.integers(0, max(n * size - 1, 0)), st.integers(1, 255)),
+                               max_size=20), label="flips")
+    b = bytearray(raw_a)
+    for pos, bit in flips:
+        if b:
+            b[pos] ^= bit
+    a_arr = np.frombuffer(raw_a, dtype=dt)
+    b_arr = np.frombuffer(bytes(b), dtype=dt)
+    with np.errstate(all="ignore"):
+        same_numbers(measured("c", a_arr, b_arr, *tol), measured("numpy", a_arr, b_arr, *tol))
+        c, nump = measured("c", a_arr, None), measured("numpy", a_arr, None)
+    assert c.finite_both == nump.finite_both
+    on_c, on_n = c.old_norm, nump.old_norm
+    assert on_c.is_zero == on_n.is_zero
+    if not on_c.is_zero:
+        ratio = (on_c.scale / on_n.scale) * math.sqrt(on_c.ssq / on_n.ssq)
+        assert math.isclose(ratio, 1.0, rel_tol=1e-12)
