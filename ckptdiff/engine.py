@@ -86,8 +86,7 @@ def diff(
         if man is not None:
             # Training state saved beside the model (a .pt's optimizer, ...) is
             # expected to change; patterns the manifest itself has still win.
-            aux = dict.fromkeys(a.auxiliary + b.auxiliary)
-            man = man.with_buffers([p for key in aux for p in (key, f"{key}.*")])
+            man = man.with_auxiliary(a.auxiliary + b.auxiliary)
         # Plain dicts, read once: every Mapping lookup on a Checkpoint is a
         # Python call, and a 2,000-tensor diff made 14,000 of them.
         ta, tb = dict(a.items()), dict(b.items())

@@ -96,6 +96,10 @@ class Manifest:
             return self
         return Manifest(self.trainable, self.frozen, self.buffers + extra, source=self.source)
 
+    def with_auxiliary(self, names: Iterable[str]) -> Manifest:
+        """Buffers for top-level training state (``Checkpoint.auxiliary``): each name and everything under it."""
+        return self.with_buffers([p for key in dict.fromkeys(names) for p in (key, f"{key}.*")])
+
     def to_dict(self) -> dict[str, list[str]]:
         out = {"trainable": list(self.trainable), "frozen": list(self.frozen)}
         if self.buffers:

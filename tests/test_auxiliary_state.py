@@ -74,3 +74,100 @@ def test_with_buffers_keeps_explicit_patterns_first():
     assert m2.role("optimizer.state.0.exp_avg") == "frozen"  # the user's more specific glob
     assert m2.role("backbone.w") == "unknown"  # frozen listed: unlisted names stay unknown
     assert m.with_buffers([]) is m
+
+
+# ---------------------------------------------------------------------------
+# snapshots remember it
+# ---------------------------------------------------------------------------
+
+def _snapshot_pair(tmp_path: Path):  # noqa: ANN202
+    from ckptdiff.store import Store
+
+    store = Store.init(tmp_path / "runs")
+    with store, ckptdiff.open_checkpoint(SAMPLES / "base.pt") as a, \
+            ckptdiff.open_checkpoint(SAMPLES / "finetune_clean.pt") as b:
+        assert a.auxiliary == ("optimizer",)
+        s1 = store.snapshot(a, step=0)
+        s2 = store.snapshot(b, step=1)
+    return tmp_path / "runs", s1, s2
+
+
+def test_snapshots_of_training_checkpoints_keep_optimizer_state_out_of_drift(tmp_path):
+    root, s1, s2 = _snapshot_pair(tmp_path)
+    from ckptdiff.store import Store
+
+    with Store.open(root) as st:
+        assert st.resolve(s2).auxiliary == ("optimizer",)
+        assert st.resolve(s2).to_dict()["auxiliary"] == ["optimizer"]
+        with st.open_snapshot(s2) as ck:
+            assert ck.auxiliary == ("optimizer",)
+    m = _manifest(tmp_path, {"trainable": ["head.*"]})
+    report = ckptdiff.diff(f"{root}@{s1}", f"{root}@{s2}", manifest=m)
+    opt = [t for t in report.tensors if t.name.startswith("optimizer.")]
+    assert len(opt) == 24 and {t.role for t in opt} == {"buffer"}
+    assert sum(t.status == "changed" for t in opt) > 0  # the moments did move
+    assert report.drifted == [] and not report.failed
+    # the same answer as diffing the original files
+    direct = ckptdiff.diff(SAMPLES / "base.pt", SAMPLES / "finetune_clean.pt", manifest=m)
+    assert [(t.name, t.status, t.role) for t in report.tensors] == [(t.name, t.status, t.role) for t in direct.tensors]
+
+
+def test_show_reports_training_state_roles(tmp_path, capsys):
+    from ckptdiff.cli import main
+
+    root, _s1, s2 = _snapshot_pair(tmp_path)
+    m = _manifest(tmp_path, {"trainable": ["head.*"]})
+    assert main(["snapshot", str(SAMPLES / "finetune_clean.pt"), "--store", str(root), "--manifest", str(m)]) == 0
+    capsys.readouterr()
+    assert main(["show", f"{root}@latest", "--format", "json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["auxiliary"] == ["optimizer"]
+    roles = {t["name"]: t["role"] for t in d["tensors"]}
+    assert roles["optimizer.state.0.exp_avg"] == "buffer" and roles["backbone.0.weight"] == "frozen"
+    assert main(["show", f"{root}@latest"]) == 0
+    assert "training  optimizer (state beside the model" in capsys.readouterr().out
+
+
+def test_a_store_made_before_the_auxiliary_column_reads_and_upgrades(tmp_path):
+    import sqlite3
+
+    from ckptdiff.store import Store
+
+    root, s1, _s2 = _snapshot_pair(tmp_path)
+    db = root / "ckptdiff.db"
+    con = sqlite3.connect(db)
+    con.execute("ALTER TABLE snapshots DROP COLUMN auxiliary")  # what an older ckptdiff wrote
+    con.commit()
+    con.close()
+    with Store.open(root) as st:  # reading never migrates: the column is read as NULL
+        assert [i.auxiliary for i in st.list()] == [(), ()]
+        with st.open_snapshot(s1) as ck:
+            assert ck.auxiliary == ()
+    con = sqlite3.connect(db)
+    assert "auxiliary" not in [r[1] for r in con.execute("PRAGMA table_info(snapshots)")]
+    con.close()
+    with Store.open(root) as st, ckptdiff.open_checkpoint(SAMPLES / "finetune_drifted.pt") as c:
+        s3 = st.snapshot(c, step=2)  # the writer adds the column in its transaction
+        assert st.resolve(s3).auxiliary == ("optimizer",)
+        assert st.resolve(s1).auxiliary == ()
+
+
+def test_log_and_the_tui_history_do_not_count_optimizer_state_as_drift(tmp_path):
+    from ckptdiff.store import Store
+    from ckptdiff.store.history import effective_manifest
+
+    root = tmp_path / "runs"
+    m = Manifest.load(_manifest(tmp_path, {"trainable": ["head.*"]}))
+    with Store.init(root) as st, ckptdiff.open_checkpoint(SAMPLES / "base.pt") as a, \
+            ckptdiff.open_checkpoint(SAMPLES / "finetune_clean.pt") as b, \
+            ckptdiff.open_checkpoint(SAMPLES / "finetune_drifted.pt") as c:
+        st.snapshot(a, step=0, manifest=m)
+        st.snapshot(b, step=1)
+        st.snapshot(c, step=2)
+        infos = st.list()
+        man = effective_manifest(infos[1].id, {i.id: i for i in infos})
+        assert man is not None and man.role("optimizer.state.0.exp_avg") == "buffer"
+        assert man.role("backbone.0.weight") == "frozen"
+        log = st.log()
+    # clean fine-tune: nothing drifted although 24 optimizer tensors moved; drifted run: the 9 model tensors
+    assert [row.drift for row in log] == [0, 0, 9]

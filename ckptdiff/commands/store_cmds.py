@@ -334,7 +334,7 @@ def run_show(args: argparse.Namespace) -> int:
     with Store.open(root) as s:
         info = s.resolve(ref)
         entries = s.entries(info.id)
-        manifest = s.effective_manifest(info.id)
+        manifest = s.effective_manifest(info.id)  # with training state as buffers, as a diff treats it
     roles = {n: (manifest.role(n) if manifest is not None else "unknown") for n in entries}
     if args.format == "json":
         d = info.to_dict()
@@ -351,7 +351,9 @@ def run_show(args: argparse.Namespace) -> int:
     meta = [("snapshot", info.id), ("parent", info.parent or "(root)"), ("created", _when(info.created_at)),
             ("step", "" if info.step is None else str(info.step)), ("tag", info.tag or ""),
             ("message", info.message or ""), ("metrics", _metric_str(info.metrics)), ("source", info.source or ""),
-            ("manifest", man), ("tensors", f"{info.n_tensors} ({human_bytes(info.total_bytes)})")]
+            ("manifest", man), ("tensors", f"{info.n_tensors} ({human_bytes(info.total_bytes)})"),
+            ("training", ", ".join(info.auxiliary) + " (state beside the model: buffers, never drift)"
+             if info.auxiliary else "")]
     for k, v in meta:
         if v:
             print(f"{k:<9} {printable(v)}")

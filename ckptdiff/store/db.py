@@ -42,7 +42,8 @@ CREATE TABLE snapshots (
     manifest    TEXT,
     source      TEXT,
     n_tensors   INTEGER NOT NULL,
-    total_bytes INTEGER NOT NULL
+    total_bytes INTEGER NOT NULL,
+    auxiliary   TEXT
 );
 CREATE INDEX snapshots_tag ON snapshots(tag);
 CREATE INDEX snapshots_step ON snapshots(step);
@@ -104,6 +105,18 @@ def create(path: str, *, compression: str, level: int) -> None:
     os.replace(tmp, path)
 
 
+def has_column(conn: sqlite3.Connection, table: str, column: str) -> bool:
+    return any(r[1] == column for r in conn.execute(f"PRAGMA table_info({table})").fetchall())
+
+
+def add_auxiliary_column(conn: sqlite3.Connection) -> None:
+    """Stores made before snapshots recorded a .pt's training state (``auxiliary``)
+    lack the column; a writer adds it, inside its own write transaction. Older
+    ckptdiff versions read such a store unchanged (they name their columns)."""
+    if not has_column(conn, "snapshots", "auxiliary"):
+        conn.execute("ALTER TABLE snapshots ADD COLUMN auxiliary TEXT")
+
+
 def read_meta(conn: sqlite3.Connection, where: str) -> dict[str, str]:
     """Read and check the ``meta`` table; CkptError for a non-store or a newer format."""
     try:
@@ -127,4 +140,4 @@ def read_meta(conn: sqlite3.Connection, where: str) -> dict[str, str]:
     return meta
 
 
-__all__ = ["DB_NAME", "FORMAT_VERSION", "connect", "create", "read_meta"]
+__all__ = ["DB_NAME", "FORMAT_VERSION", "add_auxiliary_column", "connect", "create", "has_column", "read_meta"]

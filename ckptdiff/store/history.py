@@ -38,14 +38,17 @@ class LogRow:
 
 
 def effective_manifest(sid: str, by_id: Mapping[str, SnapshotInfo]) -> Manifest | None:
-    """The snapshot's own manifest, else its nearest ancestor's."""
+    """The snapshot's own manifest, else its nearest ancestor's; training state
+    recorded beside the model in this snapshot (``auxiliary``) is added as
+    buffers, as a diff of the original file would treat it."""
     seen: set[str] = set()
     cur: str | None = sid
     while cur is not None and cur not in seen and cur in by_id:
         seen.add(cur)
         info = by_id[cur]
         if info.manifest is not None:
-            return info.manifest
+            own = by_id[sid].auxiliary
+            return info.manifest.with_auxiliary(own) if own else info.manifest
         cur = info.parent
     return None
 

@@ -53,6 +53,9 @@ class SnapshotInfo:
     source: str | None
     n_tensors: int
     total_bytes: int
+    #: Top-level names of training state saved beside the model in the source
+    #: checkpoint (a .pt's ``optimizer``, ...; see Checkpoint.auxiliary).
+    auxiliary: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -67,6 +70,7 @@ class SnapshotInfo:
             "source": self.source,
             "n_tensors": self.n_tensors,
             "total_bytes": self.total_bytes,
+            "auxiliary": list(self.auxiliary),
         }
 
 

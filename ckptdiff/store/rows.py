@@ -24,8 +24,28 @@ from ..manifest import Manifest
 from .blobs import valid_hash
 from .model import Entry, Metric, SnapshotInfo
 
-SNAP_COLS = ("seq, id, parent, created_at, step, tag, message, metrics, manifest, source, "
-             "n_tensors, total_bytes")
+_BASE_COLS = "seq, id, parent, created_at, step, tag, message, metrics, manifest, source, n_tensors, total_bytes"
+
+
+def snap_cols(has_auxiliary: bool) -> str:
+    """The snapshot columns read everywhere; a store older than the ``auxiliary``
+    column (opened read-only, so not migrated) reads it as NULL."""
+    return _BASE_COLS + (", auxiliary" if has_auxiliary else ", NULL")
+
+
+def auxiliary_to_json(names: tuple[str, ...] | list[str]) -> str | None:
+    return json.dumps(list(names)) if names else None
+
+
+def auxiliary_from_json(raw: Any) -> tuple[str, ...]:
+    """Untrusted: anything but a JSON list of strings reads as none."""
+    if not isinstance(raw, str):
+        return ()
+    try:
+        v = json.loads(raw)
+    except (ValueError, RecursionError):
+        return ()
+    return tuple(x for x in v if isinstance(x, str)) if isinstance(v, list) else ()
 
 
 def new_id() -> str:
@@ -85,12 +105,13 @@ def entry_from_row(name: str, dt: str, shape: str, h: str, nbytes: int, where: s
 
 
 def info_from_row(row: tuple[Any, ...], root: str) -> SnapshotInfo:
-    """A SnapshotInfo from a ``SNAP_COLS`` row."""
-    _seq, sid, parent, created, step, tag, message, metrics, manifest, source, n, total = row
+    """A SnapshotInfo from a :func:`snap_cols` row."""
+    _seq, sid, parent, created, step, tag, message, metrics, manifest, source, n, total, aux = row
     where = f"{root}@{sid}"
     try:
         m = json.loads(metrics) if metrics else {}
     except (ValueError, TypeError, RecursionError):
         m = {}
     return SnapshotInfo(sid, parent, float(created), step, tag, message, m if isinstance(m, dict) else {},
-                        manifest_from_json(manifest, where), source, int(n), int(total))
+                        manifest_from_json(manifest, where), source, int(n), int(total),
+                        auxiliary_from_json(aux))

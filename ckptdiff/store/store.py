@@ -23,7 +23,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -39,7 +39,8 @@ from .history import LogRow, build_log, effective_manifest
 from .locking import LOCK_NAME, gc_lock
 from .model import BadBlob, Entry, GcResult, Metric, SnapshotInfo, VerifyResult
 from .progress import byte_progress
-from .rows import SNAP_COLS, check_metrics, entry_from_row, info_from_row, manifest_to_json, new_id
+from .rows import (auxiliary_to_json, check_metrics, entry_from_row, info_from_row, manifest_to_json, new_id,
+                   snap_cols)
 
 #: Steps are stored as SQLite 64-bit integers.
 MAX_STEP = 2**63
@@ -80,6 +81,7 @@ class Store:
         level = int(raw_level) if raw_level.isdigit() and 1 <= int(raw_level) <= 19 else compress_mod.DEFAULT_LEVEL
         self.blobs = BlobDir(root, compressed=self.compressed, level=level)
         self._lock = threading.RLock()
+        self._cols = snap_cols(db.has_column(conn, "snapshots", "auxiliary"))
 
     # -- lifecycle ------------------------------------------------------------------
     @classmethod
@@ -194,7 +196,7 @@ class Store:
         return info_from_row(row, self.root)
 
     def _rows(self) -> list[tuple[Any, ...]]:
-        return self._query(f"SELECT {SNAP_COLS} FROM snapshots ORDER BY seq")
+        return self._query(f"SELECT {self._cols} FROM snapshots ORDER BY seq")
 
     def _ref_rows(self, conn: sqlite3.Connection | None = None) -> list[tuple[int, refs.RefRow]]:
         sql = "SELECT seq, id, tag, step FROM snapshots ORDER BY seq"
@@ -227,7 +229,7 @@ class Store:
     def resolve(self, ref: str) -> SnapshotInfo:
         """The snapshot a ref names (see :mod:`ckptdiff.store.refs` for the forms)."""
         seq, _ = self._resolve_seq(ref)
-        return self._info(self._query(f"SELECT {SNAP_COLS} FROM snapshots WHERE seq = ?", (seq,))[0])
+        return self._info(self._query(f"SELECT {self._cols} FROM snapshots WHERE seq = ?", (seq,))[0])
 
     def entries(self, ref: str) -> dict[str, Entry]:
         """Name -> Entry of a snapshot, in its tensor order; reads no blob."""
@@ -265,7 +267,7 @@ class Store:
             "store": self.root,
         }
         manifest = effective_manifest(info.id, {i.id: i for i in self.list()})
-        return Checkpoint(where, "store", tensors, metadata, manifest)
+        return Checkpoint(where, "store", tensors, metadata, manifest, auxiliary=info.auxiliary)
 
     def log(self) -> list[LogRow]:
         """History with per-snapshot change counts and drift vs the first snapshot."""
@@ -299,12 +301,18 @@ class Store:
         source: str | None = None,
         parent: str | None = "latest",
         inherit_from: str | None = None,
+        auxiliary: Sequence[str] | None = None,
         progress: bool = False,
     ) -> str:
         """Record ``tensors`` as a new snapshot; returns its id.
 
         Names absent from ``tensors`` are copied (by hash) from
         ``inherit_from``, so a caller that knows what changed writes only that.
+        ``auxiliary`` names the training state saved beside the model (see
+        ``Checkpoint.auxiliary``); by default it is the checkpoint's own when
+        ``tensors`` is a Checkpoint, else ``inherit_from``'s. A snapshot opened
+        later carries it, so a diff between snapshots treats optimizer state as
+        buffers, as a diff of the original files does.
         """
         if self.readonly:
             raise CkptError("store is read-only; cannot write a snapshot", self.root)
@@ -320,17 +328,24 @@ class Store:
             refs.check_tag(tag)
         mets = check_metrics(metrics)
         base: dict[str, Entry] = self.entries(inherit_from) if inherit_from is not None else {}
+        if auxiliary is None:
+            if isinstance(tensors, Checkpoint):
+                auxiliary = tensors.auxiliary
+            elif inherit_from is not None:
+                auxiliary = self.resolve(inherit_from).auxiliary
+        aux = tuple(dict.fromkeys(str(a) for a in auxiliary or ()))
         try:
             with gc_lock(self.root, exclusive=False):
                 return self._snapshot(tensors, base, step=step, tag=tag, message=message, metrics=mets,
                                       manifest=manifest, source=source, parent=parent,
-                                      inherit_from=inherit_from, progress=progress)
+                                      inherit_from=inherit_from, auxiliary=aux, progress=progress)
         except OSError as e:
             raise store_os_error(e, self.root, "writing a snapshot") from None
 
     def _snapshot(self, tensors: Mapping[str, TensorRef], base: dict[str, Entry], *, step: int | None,
                   tag: str | None, message: str | None, metrics: dict[str, Metric], manifest: Manifest | None,
-                  source: str | None, parent: str | None, inherit_from: str | None, progress: bool) -> str:
+                  source: str | None, parent: str | None, inherit_from: str | None, auxiliary: tuple[str, ...],
+                  progress: bool) -> str:
         by_hash: dict[str, TensorRef] = {}
         written: list[str] = []
         new_entries: dict[str, Entry] = {}
@@ -355,7 +370,7 @@ class Store:
                 self.blobs.sync()
             return self._commit(base, new_entries, by_hash, put, step=step, tag=tag, message=message,
                                 metrics=metrics, manifest=manifest, source=source, parent=parent,
-                                inherit_from=inherit_from)
+                                inherit_from=inherit_from, auxiliary=auxiliary)
         except BaseException:
             # Whatever went wrong (OSError becomes one line in snapshot()), the
             # blobs this call created and nothing references are removed.
@@ -365,7 +380,8 @@ class Store:
     def _commit(self, base: dict[str, Entry], new_entries: dict[str, Entry], by_hash: dict[str, TensorRef],
                 put: Callable[[TensorRef, Any], str], *, step: int | None, tag: str | None,
                 message: str | None, metrics: dict[str, Metric], manifest: Manifest | None,
-                source: str | None, parent: str | None, inherit_from: str | None) -> str:
+                source: str | None, parent: str | None, inherit_from: str | None,
+                auxiliary: tuple[str, ...]) -> str:
         """Make the snapshot visible in one transaction, rewriting blobs a concurrent gc took."""
         final: list[Entry] = [new_entries.get(n, e) for n, e in base.items()]
         final += [e for n, e in new_entries.items() if n not in base]
@@ -389,16 +405,18 @@ class Store:
                         "INSERT OR IGNORE INTO blobs(hash, nbytes, stored_size) VALUES (?, ?, ?)",
                         [(h, by_hash[h].nbytes, _size(self.blobs.path(h))) for h in by_hash])
                     sid = new_id()
+                    db.add_auxiliary_column(conn)
                     cur = conn.execute(
                         "INSERT INTO snapshots(id, parent, created_at, step, tag, message, metrics, manifest, "
-                        "source, n_tensors, total_bytes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        "source, n_tensors, total_bytes, auxiliary) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (sid, parent_id, time.time(), step, tag, message, json.dumps(metrics), man_json, source,
-                         len(final), n_bytes))
+                         len(final), n_bytes, auxiliary_to_json(auxiliary)))
                     seq = cur.lastrowid
                     conn.executemany(
                         "INSERT INTO entries(seq, pos, name, dtype, shape, hash, nbytes) VALUES (?, ?, ?, ?, ?, ?, ?)",
                         [(seq, i, e.name, e.dtype, json.dumps(list(e.shape)), e.hash, e.nbytes)
                          for i, e in enumerate(final)])
+                self._cols = snap_cols(True)
                 return sid
             except _Missing as m:
                 # A concurrent gc removed a blob between our write and our commit: write it again.
@@ -442,7 +460,7 @@ class Store:
             return self._remove_locked(conn, seq)
 
     def _remove_locked(self, conn: sqlite3.Connection, seq: int) -> SnapshotInfo:
-        info = self._info(conn.execute(f"SELECT {SNAP_COLS} FROM snapshots WHERE seq = ?", (seq,)).fetchone())
+        info = self._info(conn.execute(f"SELECT {self._cols} FROM snapshots WHERE seq = ?", (seq,)).fetchone())
         if info.manifest is not None:
             conn.execute("UPDATE snapshots SET manifest = ? WHERE parent = ? AND manifest IS NULL",
                          (manifest_to_json(info.manifest), info.id))
