@@ -239,6 +239,13 @@ def test_subprocess_table_has_no_colour_and_right_exit_code(ckpts):
     assert p.returncode == 2 and p.stderr == "ckptdiff: error: /nonexistent/x.safetensors: no such file or directory\n"
 
 
+def test_python_dash_m_ckptdiff_is_the_same_program(ckpts):
+    p = _subprocess("-m", "ckptdiff", "diff", str(ckpts["base"]), str(ckpts["drifted"]), "-m", str(ckpts["manifest"]))
+    assert p.returncode == 1 and p.stdout.splitlines()[-1] == "FAIL: 1 frozen tensor drifted"
+    p = _subprocess("-m", "ckptdiff", "--help")
+    assert p.returncode == 0 and p.stdout.startswith("usage: ckptdiff ")
+
+
 def _run_in_pty(args: list[str], env_extra: dict[str, str]) -> tuple[int, str]:
     import pty
     import select
