@@ -23,7 +23,7 @@ from typing import Any
 
 from .checkpoint import DEFAULT_CHUNK_BYTES, Checkpoint, TensorRef
 from .compare import PairResult, compare_pair, compare_run, hash_ref, in_worker_thread
-from .errors import CkptError
+from .errors import CkptError, NothingSelected
 from .manifest import Manifest
 from .report import FAIL_ON, DiffReport, SideInfo, TensorDiff
 
@@ -59,7 +59,9 @@ def diff(
     as drift (any element with ``|new-old| > atol + rtol*|old|``, or a NaN/Inf
     appearing); every bitwise change is reported with its numbers whatever
     the tolerance. ``include``/``exclude`` are fnmatch globs on full tensor
-    names. ``fail_on`` (``drift``/``change``/``never``) defaults to ``drift``
+    names; ``include`` globs that select nothing from checkpoints that hold
+    tensors raise :class:`~ckptdiff.errors.NothingSelected` (a typo must not
+    pass as "no change"). ``fail_on`` (``drift``/``change``/``never``) defaults to ``drift``
     when a manifest is known, else ``change``.
 
     ``workers``: threads comparing tensors side by side (default: one per
@@ -91,6 +93,8 @@ def diff(
         # Python call, and a 2,000-tensor diff made 14,000 of them.
         ta, tb = dict(a.items()), dict(b.items())
         names = _select(_union(ta, tb), include_pats, exclude_pats)
+        if include_pats and not names and (ta or tb):
+            raise NothingSelected(include_pats, exclude_pats, len(ta), len(tb))
         sizes = {n: (ta[n].nbytes if n in ta else 0) + (tb[n].nbytes if n in tb else 0) for n in names}
         total = sum(sizes.values())
         meter = _Meter(progress, total)

@@ -29,3 +29,21 @@ class FormatError(CkptError):
 
 class UnsupportedFormatError(CkptError):
     """The file's content matches no reader."""
+
+
+class NothingSelected(CkptError):
+    """``include`` globs that match none of the tensors of two non-empty checkpoints.
+
+    A typo, not a pass: ``include=["encoder.*"]`` against names that start
+    with ``model.encoder`` would otherwise compare nothing and report no
+    change. The CLI words it with its ``--include`` flags.
+    """
+
+    def __init__(self, include: list[str], exclude: list[str], n_old: int, n_new: int) -> None:
+        self.include, self.exclude, self.n_old, self.n_new = include, exclude, n_old, n_new
+        what = f"include={include!r}" + (f" with exclude={exclude!r}" if exclude else "")
+        super().__init__(self.describe(what))
+
+    def describe(self, what: str) -> str:
+        return (f"{what} selected none of the tensors ({self.n_old} in OLD, {self.n_new} in NEW), so nothing "
+                "was compared; globs match whole names (e.g. 'encoder.*' or '*.weight')")

@@ -514,6 +514,22 @@ def test_include_and_exclude_globs():
     assert [t.name for t in rep.tensors] == ["backbone.w", "backbone.b", "bn.running_mean"]
 
 
+def test_include_that_selects_nothing_is_an_error_not_a_pass():
+    from ckptdiff.errors import NothingSelected
+
+    old, new = finetune_pair()
+    with pytest.raises(NothingSelected, match=r"include=\['encoder\.\*'\] selected none of the tensors "
+                                              r"\(5 in OLD, 5 in NEW\)") as e:
+        diff(ck(**old), ck(**new), include=["encoder.*"])
+    assert isinstance(e.value, CkptError) and (e.value.n_old, e.value.n_new) == (5, 5)
+    with pytest.raises(NothingSelected, match="with exclude"):  # include matched, exclude took it all
+        diff(ck(**old), ck(**new), include=["head.*"], exclude=["head.*"])
+    # two empty checkpoints: nothing to select from, nothing to complain about
+    assert diff(ck(), ck(), include=["encoder.*"]).tensors == []
+    # exclude alone may legitimately leave nothing
+    assert diff(ck(**old), ck(**new), exclude=["*"]).tensors == []
+
+
 @pytest.mark.parametrize("kwargs", [{"atol": -1}, {"rtol": float("nan")}, {"atol": float("inf")},
                                     {"atol": "x"}, {"fail_on": "sometimes"}])
 def test_bad_arguments_are_ckpt_errors(kwargs):
