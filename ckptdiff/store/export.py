@@ -2,9 +2,9 @@
 
 safetensors is written by our own streaming writer (header, then each
 tensor's bytes straight from its blob), so exporting a model larger than
-memory works and bf16/fp8 never pass through a float conversion. ``pt`` goes
-through torch (imported here only) with ``torch.frombuffer``, which
-reinterprets the bytes instead of converting them.
+memory works and bf16/fp8 never pass through a float conversion. ``pt`` is
+written the same way by :mod:`ckptdiff.store.pt_writer` (the zip layout
+``torch.save`` uses, without importing torch).
 
 Every tensor is re-hashed while it is written (by the snapshot's blob
 reader) and compared with its recorded hash, so a corrupt blob fails the
@@ -80,28 +80,13 @@ def write_safetensors(ckpt: Checkpoint, out: str, metadata: dict[str, str],
 
 
 def write_pt(ckpt: Checkpoint, out: str, advance: Callable[[int], None]) -> None:
-    try:
-        import torch
-    except ImportError:
-        raise CkptError("exporting to .pt needs torch: pip install 'ckptdiff[torch]'", out) from None
-    state: dict[str, object] = {}
-    for name, t in ckpt.items():
-        tdtype = getattr(torch, t.dtype, None)
-        if not isinstance(tdtype, torch.dtype):
-            raise CkptError(f"tensor {name!r}: this torch has no dtype {t.dtype}", out)
-        if t.nbytes == 0:
-            state[name] = torch.empty(t.shape, dtype=tdtype)
-            continue
-        buf = bytearray()
-        for chunk in _checked_chunks(t, out):
-            buf += chunk
-            advance(len(chunk))
-        state[name] = torch.frombuffer(buf, dtype=tdtype).reshape(t.shape)
+    """A ``torch.save``-compatible .pt of the snapshot's tensors, streamed (see pt_writer); no torch needed."""
+    from . import pt_writer
+
     tmp = _temp_beside(out)
     try:
-        torch.save(state, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        pt_writer.write(tmp, dict(ckpt.items()), lambda t: _checked_chunks(t, out), advance,
+                        serialization_id=str(int.from_bytes(secrets.token_bytes(16), "little")).zfill(40)[:40])
         os.replace(tmp, out)
     except BaseException:
         try:
