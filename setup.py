@@ -1,8 +1,10 @@
-"""Build hook for the one optional C module; everything else is in pyproject.toml.
+"""Build hook for the two optional C modules; everything else is in pyproject.toml.
 
 ``ckptdiff._cstats`` measures changed tensors without importing numpy (see
-ckptdiff/_cstats.c). It is optional: without a C compiler the install still
-succeeds and ckptdiff computes the same statistics with numpy, more slowly.
+ckptdiff/_cstats.c); ``ckptdiff._watchdog`` ends the CLI with one line and
+exit 2 when the HDF5 library hangs on a corrupted file. Both are optional:
+without a C compiler the install still succeeds, ckptdiff computes the same
+statistics with numpy (more slowly) and reads HDF5 without the deadline.
 """
 
 import os
@@ -16,5 +18,7 @@ _FLAGS = [] if os.name == "nt" else ["-O3", "-fno-math-errno", "-fno-trapping-ma
 setup(
     ext_modules=[
         Extension("ckptdiff._cstats", ["ckptdiff/_cstats.c"], extra_compile_args=_FLAGS, optional=True),
+        # A C-level deadline for HDF5 calls that never return (see ckptdiff/watchdog.py).
+        Extension("ckptdiff._watchdog", ["ckptdiff/_watchdog.c"], optional=True),
     ],
 )

@@ -87,8 +87,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # ckptdiff's own threads keep every core busy; multithreaded BLAS on
         # top only spins (see stats._DOT_OK). A user's explicit setting wins.
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    from . import watchdog
+
     try:
-        return int(args.func(args) or 0)
+        with watchdog.enabled():  # a C library stuck on a corrupt file ends the run: one line, exit 2
+            return int(args.func(args) or 0)
     except CkptError as e:
         if debug:
             raise

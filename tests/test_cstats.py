@@ -36,6 +36,9 @@ def test_the_c_module_is_built_here():
         pytest.skip("CKPTDIFF_STATS=numpy forces the fallback")
     assert stats.backend() == "c", "ckptdiff._cstats is missing: was the package installed without a C compiler?"
     assert set(cstats.KINDS) == set(dtypes.DTYPES)
+    from ckptdiff import watchdog
+
+    assert watchdog.available(), "ckptdiff._watchdog is missing: was the package installed without a C compiler?"
 
 
 needs_c = pytest.mark.skipif(stats.backend() != "c", reason="the C module ckptdiff._cstats was not built")

@@ -16,7 +16,9 @@ a file read arbitrary other files on the machine; such files are refused.
 Parsing itself is the HDF5 C library's: we read no variable-length data
 except string attributes, because a corrupted global heap can make the
 library spin forever (seen with HDF5 2.0.0 while fuzzing), which no Python
-code can interrupt.
+code can interrupt; under the CLI, opening and walking the metadata runs
+under a C-level deadline (:mod:`ckptdiff.watchdog`) that ends such a run
+with one line and exit code 2.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ import numpy as np
 
 from ..checkpoint import Checkpoint, TensorRef, check_shape
 from ..dtypes import DTYPES, DType, from_numpy
+from .. import watchdog
 from ..errors import CkptError, FormatError
+from ..textsafe import printable
 from ._common import json_safe, le_bytes, slabs, with_path
 
 FORMAT = "hdf5"
@@ -42,17 +46,24 @@ def open_hdf5(path: str | os.PathLike[str]) -> Checkpoint:
     import h5py
 
     p = os.fspath(path)
-    try:
-        f = h5py.File(p, "r")
-    except FileNotFoundError:
-        raise CkptError("no such file or directory", p) from None
-    except (OSError, RuntimeError, ValueError) as e:
-        raise FormatError(f"corrupt or unreadable HDF5 file ({_h5msg(e)})", p) from None
-    try:
-        ckpt = _build(h5py, f, p)
-    except BaseException:
-        f.close()
-        raise
+    seconds = watchdog.hdf5_timeout()
+    # Opening and walking the metadata is where a corrupted file can make the
+    # HDF5 library loop forever; under the CLI that ends as one line, exit 2.
+    with watchdog.deadline(seconds, f"{printable(p)}: the HDF5 library did not finish reading this file's "
+                                    f"metadata in {seconds:g} s; the file is probably corrupt (a damaged file "
+                                    f"can make HDF5 loop forever). Set {watchdog.HDF5_TIMEOUT_ENV}=SECONDS "
+                                    "to wait longer"):
+        try:
+            f = h5py.File(p, "r")
+        except FileNotFoundError:
+            raise CkptError("no such file or directory", p) from None
+        except (OSError, RuntimeError, ValueError) as e:
+            raise FormatError(f"corrupt or unreadable HDF5 file ({_h5msg(e)})", p) from None
+        try:
+            ckpt = _build(h5py, f, p)
+        except BaseException:
+            f.close()
+            raise
     ckpt.on_close(f.close)
     return ckpt
 
