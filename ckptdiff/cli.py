@@ -85,7 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         gc.disable()
     if "numpy" not in sys.modules:
         # ckptdiff's own threads keep every core busy; multithreaded BLAS on
-        # top only spins (see stats._DOT_OK). A user's explicit setting wins.
+        # top only spins (see stats_numpy._DOT_OK; numpy measures only where the
+        # C module was not built). A user's explicit setting wins.
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from . import watchdog
 

@@ -61,8 +61,8 @@ def diff(
     the tolerance. ``include``/``exclude`` are fnmatch globs on full tensor
     names; ``include`` globs that select nothing from checkpoints that hold
     tensors raise :class:`~ckptdiff.errors.NothingSelected` (a typo must not
-    pass as "no change"). ``fail_on`` (``drift``/``change``/``never``) defaults to ``drift``
-    when a manifest is known, else ``change``.
+    pass as "no change"). ``fail_on`` (``drift``/``change``/``never``)
+    defaults to ``drift`` when a manifest is known, else ``change``.
 
     ``workers``: threads comparing tensors side by side (default: one per
     core, up to 4, and one when the tensors are small; see _worker_count).

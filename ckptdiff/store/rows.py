@@ -28,8 +28,8 @@ _BASE_COLS = "seq, id, parent, created_at, step, tag, message, metrics, manifest
 
 
 def snap_cols(has_auxiliary: bool) -> str:
-    """The snapshot columns read everywhere; a store older than the ``auxiliary``
-    column (opened read-only, so not migrated) reads it as NULL."""
+    """The snapshot columns read everywhere; a store made before the ``auxiliary``
+    column existed (and not written to since) reads it as NULL."""
     return _BASE_COLS + (", auxiliary" if has_auxiliary else ", NULL")
 
 
