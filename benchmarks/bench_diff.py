@@ -275,6 +275,13 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(tools) - {"script", "diffai"}
     if unknown:
         ap.error(f"unknown baseline(s): {', '.join(sorted(unknown))}")
+    if "diffai" in tools:
+        import importlib.util
+
+        if importlib.util.find_spec("diffai") is None:
+            log("diffai is not installed, so it is left out of this run "
+                "(install it with: .venv/bin/pip install -e '.[bench]')")
+            tools.remove("diffai")
     if shutil.which("cat") is None:
         log("cat not found: the floor cannot be measured")
         return 2
