@@ -232,3 +232,23 @@ def test_tensor_names_are_never_paths(store, tmp_path):
     store.export("latest", out)
     with open_checkpoint(os.fspath(out)) as c:
         assert list(c) == names or sorted(c) == sorted(names)
+
+
+def test_signatures_in_one_query_match_the_validated_entries(raw_store):
+    """Store.signatures (the TUI's history columns) says what entries() says, shape for shape."""
+    from ckptdiff.tui.history import _signature
+
+    arrays = every_dtype(4)  # 0-d and empty tensors included
+    s1 = raw_store.snapshot(ckpt(arrays))
+    moved = dict(arrays)
+    moved["float32.w"] = arrays["float32.w"] + 1
+    s2 = raw_store.snapshot(ckpt(moved))
+    sigs = raw_store.signatures()
+    assert list(sigs) == [s1, s2]
+    for sid in (s1, s2):
+        want = {n: _signature(e) for n, e in raw_store.entries(sid).items()}
+        assert sigs[sid] == want and list(sigs[sid]) == list(want)  # same strings, same order
+    unchanged = [n for n in arrays if n != "float32.w"]
+    assert all(sigs[s1][n] is sigs[s2][n] for n in unchanged)  # one string per distinct tensor
+    assert sigs[s1]["float32.w"] != sigs[s2]["float32.w"]
+    assert sigs[s1]["int64.scalar"].endswith("|int64|")  # a 0-d shape is empty
