@@ -64,7 +64,8 @@ def drifted(first: Mapping[str, str], cur: Mapping[str, str], manifest: Manifest
 
 
 def build_log(infos: Sequence[SnapshotInfo], hashes: Mapping[str, Mapping[str, str]]) -> list[LogRow]:
-    """One LogRow per snapshot; ``hashes`` maps snapshot id -> {tensor name: hash}."""
+    """One LogRow per snapshot; ``hashes`` maps snapshot id -> {tensor name: hash or any
+    string that is equal exactly when the tensors are (``Store.signatures``)}."""
     by_id = {i.id: i for i in infos}
     first = hashes.get(infos[0].id, {}) if infos else {}
     rows = []

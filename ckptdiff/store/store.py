@@ -270,14 +270,12 @@ class Store:
         return Checkpoint(where, "store", tensors, metadata, manifest, auxiliary=info.auxiliary)
 
     def log(self) -> list[LogRow]:
-        """History with per-snapshot change counts and drift vs the first snapshot."""
-        infos = self.list()
-        hashes: dict[str, dict[str, str]] = {i.id: {} for i in infos}
-        for sid, name, h in self._query(
-                "SELECT s.id, e.name, e.hash FROM entries e JOIN snapshots s ON s.seq = e.seq "
-                "ORDER BY e.seq, e.pos"):
-            hashes[sid][name] = h
-        return build_log(infos, hashes)
+        """History with per-snapshot change counts and drift vs the first snapshot.
+
+        Tensors are compared by hash, dtype and shape (:meth:`signatures`), as
+        ``diff`` and the TUI do: the same bytes reshaped or re-typed are a change.
+        """
+        return build_log(self.list(), self.signatures())
 
     def signatures(self) -> dict[str, dict[str, str]]:
         """Every snapshot's ``name -> "hash|dtype|shape"`` in one query (snapshot order, tensor order).

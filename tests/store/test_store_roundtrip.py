@@ -252,3 +252,12 @@ def test_signatures_in_one_query_match_the_validated_entries(raw_store):
     assert all(sigs[s1][n] is sigs[s2][n] for n in unchanged)  # one string per distinct tensor
     assert sigs[s1]["float32.w"] != sigs[s2]["float32.w"]
     assert sigs[s1]["int64.scalar"].endswith("|int64|")  # a 0-d shape is empty
+
+
+def test_log_counts_a_reshape_of_the_same_bytes_as_a_change(raw_store):
+    """log compares hash, dtype and shape like diff: a frozen tensor reshaped is drift."""
+    w = np.arange(12, dtype=np.float32)
+    raw_store.snapshot(ckpt({"frozen.w": w.reshape(3, 4), "head.w": w}), manifest=Manifest(trainable=("head.*",)))
+    raw_store.snapshot(ckpt({"frozen.w": w.reshape(4, 3), "head.w": w}))
+    rows = raw_store.log()
+    assert rows[1].changed == 1 and rows[1].drift == 1 and rows[1].drift_names == ["frozen.w"]
