@@ -20,7 +20,7 @@ from contextlib import contextmanager
 
 try:
     from . import _watchdog as _C
-except ImportError:  # pragma: no cover - installs without a C compiler
+except (ImportError, OSError):  # pragma: no cover - no C compiler at install time, or no fork handler
     _C = None
 
 #: Seconds the HDF5 library may spend opening a file and reading its metadata.

@@ -49,7 +49,7 @@ class _Pickle:
         self.out = bytearray(b"\x80\x02")  # PROTO 2
 
     def str(self, s: str) -> None:
-        raw = s.encode("utf-8")
+        raw = s.encode("utf-8", "surrogatepass")  # as pickle itself writes str
         self.out += b"X" + struct.pack("<I", len(raw)) + raw  # BINUNICODE
 
     def int(self, v: int) -> None:

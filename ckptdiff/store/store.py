@@ -23,7 +23,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -32,6 +32,7 @@ from blake3 import blake3
 from ..checkpoint import Checkpoint, TensorRef
 from ..errors import CkptError, FormatError
 from ..manifest import Manifest
+from ..textsafe import printable
 from . import compress as compress_mod
 from . import db, refs
 from .blobs import BlobDir, put_all, store_os_error
@@ -351,6 +352,8 @@ class Store:
         if tag is not None:
             refs.check_tag(tag)
         mets = check_metrics(metrics)
+        _check_text("tensor name", tensors)
+        _check_text("tag, message or source", [x for x in (tag, message, source) if x is not None])
         base: dict[str, Entry] = self.entries(inherit_from) if inherit_from is not None else {}
         if auxiliary is None:
             if isinstance(tensors, Checkpoint):
@@ -671,6 +674,17 @@ class _Missing(Exception):
     def __init__(self, hashes: list[str]) -> None:
         super().__init__(f"{len(hashes)} blobs missing")
         self.hashes = hashes
+
+
+def _check_text(what: str, texts: Iterable[str]) -> None:
+    """SQLite stores text as UTF-8: a lone surrogate (a safetensors header can
+    spell one as an escape) is refused as bad input, before anything is written."""
+    for t in texts:
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError:
+            raise CkptError(f"{what} {printable(t)} is not valid Unicode (it holds a lone surrogate), "
+                            "so the store cannot record it") from None
 
 
 def _shape_text(raw: Any) -> str:

@@ -245,3 +245,28 @@ def test_disk_full_in_the_parallel_writer(tmp_path, monkeypatch):
     with Store.open(root) as s, pytest.raises(CkptError, match="disk full"):
         s.snapshot(ckpt(model(1)))
     assert _state(root) == before
+
+
+def test_a_name_with_a_lone_surrogate_is_refused_before_anything_is_written(tmp_path):
+    """A safetensors header may spell "\\ud800" as a JSON escape; SQLite keeps UTF-8 only."""
+    import json
+    import struct
+
+    from ckptdiff.formats import open_checkpoint
+
+    header = json.dumps({"bad\ud800name": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
+    header += b" " * (-len(header) % 8)
+    f = tmp_path / "sur.safetensors"
+    f.write_bytes(struct.pack("<Q", len(header)) + header + bytes(8))
+    store = Store.init(tmp_path / "s")
+    with store:
+        with pytest.raises(CkptError, match=r"tensor name bad\\ud800name is not valid Unicode"), \
+                open_checkpoint(str(f)) as c:
+            store.snapshot(c)
+        with pytest.raises(CkptError, match="tag, message or source"):
+            store.snapshot(ckpt({"w": np.zeros(2, np.float32)}), message="m\udc80")
+        assert store.list() == [] and blob_files(store.root) == {}
+    p = subprocess.run([sys.executable, "-c", "import sys; from ckptdiff.cli import main; "
+                        "sys.exit(main(['snapshot', sys.argv[1], '--store', sys.argv[2]]))",
+                        str(f), str(tmp_path / "s")], capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "not valid Unicode" in p.stderr
