@@ -20,7 +20,6 @@ import secrets
 from collections.abc import Callable
 
 from ..checkpoint import Checkpoint, TensorRef
-from ..errors import CkptError
 from .blobs import IO_BYTES, _write_all
 
 FORMATS = ("safetensors", "pt")

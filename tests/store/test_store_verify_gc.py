@@ -12,7 +12,6 @@ from store_helpers import blob_files, ckpt, every_dtype, model
 from ckptdiff.cli import main
 from ckptdiff.errors import CkptError
 from ckptdiff.manifest import Manifest
-from ckptdiff.store import Store
 from ckptdiff.store import store as store_mod
 
 

@@ -6,8 +6,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from ckptdiff.cli import main
 
 
