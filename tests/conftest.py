@@ -27,7 +27,7 @@ def stats_backend(request, monkeypatch) -> str:
     from ckptdiff import stats
 
     if request.param == "c" and stats.backend() != "c":
-        pytest.skip("the C module ckptdiff._cstats was not built")
+        pytest.skip("the C statistics module is not in use (not built, or CKPTDIFF_STATS=numpy)")
     if request.param == "numpy":
         monkeypatch.setattr(stats, "_C_KIND", {})
     return request.param

@@ -41,7 +41,7 @@ def test_the_c_module_is_built_here():
     assert watchdog.available(), "ckptdiff._watchdog is missing: was the package installed without a C compiler?"
 
 
-needs_c = pytest.mark.skipif(stats.backend() != "c", reason="the C module ckptdiff._cstats was not built")
+needs_c = pytest.mark.skipif(stats.backend() != "c", reason="the C statistics module is not in use (not built, or CKPTDIFF_STATS=numpy)")
 
 
 def kind(dt) -> int:

@@ -271,6 +271,7 @@ def run_snapshot(args: argparse.Namespace) -> int:
     from ..store import Store, is_store
 
     from ..store.refs import check_tag
+    from ..store.store import check_names
 
     metrics = _parse_metrics(args.metric)
     if args.tag is not None:
@@ -284,6 +285,7 @@ def run_snapshot(args: argparse.Namespace) -> int:
             meta_step = ckpt.metadata.get("step")
             if isinstance(meta_step, int) and not isinstance(meta_step, bool):
                 step = meta_step
+        check_names(ckpt)  # before a new store directory is made for a checkpoint it cannot hold
         store = Store.open(args.store) if is_store(args.store) else Store.init(args.store, compress=args.compress)
         if args.compress and not store.compressed:
             # Compression is chosen once per store; say so rather than silently ignore the flag.

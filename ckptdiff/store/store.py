@@ -352,7 +352,7 @@ class Store:
         if tag is not None:
             refs.check_tag(tag)
         mets = check_metrics(metrics)
-        _check_text("tensor name", tensors)
+        check_names(tensors)
         _check_text("tag, message or source", [x for x in (tag, message, source) if x is not None])
         base: dict[str, Entry] = self.entries(inherit_from) if inherit_from is not None else {}
         if auxiliary is None:
@@ -674,6 +674,11 @@ class _Missing(Exception):
     def __init__(self, hashes: list[str]) -> None:
         super().__init__(f"{len(hashes)} blobs missing")
         self.hashes = hashes
+
+
+def check_names(tensors: Iterable[str]) -> None:
+    """CkptError unless every tensor name can be stored (see _check_text)."""
+    _check_text("tensor name", tensors)
 
 
 def _check_text(what: str, texts: Iterable[str]) -> None:

@@ -266,7 +266,9 @@ def test_a_name_with_a_lone_surrogate_is_refused_before_anything_is_written(tmp_
         with pytest.raises(CkptError, match="tag, message or source"):
             store.snapshot(ckpt({"w": np.zeros(2, np.float32)}), message="m\udc80")
         assert store.list() == [] and blob_files(store.root) == {}
-    p = subprocess.run([sys.executable, "-c", "import sys; from ckptdiff.cli import main; "
-                        "sys.exit(main(['snapshot', sys.argv[1], '--store', sys.argv[2]]))",
-                        str(f), str(tmp_path / "s")], capture_output=True, text=True)
-    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "not valid Unicode" in p.stderr
+    for target in (tmp_path / "s", tmp_path / "new"):  # an existing store, and one the CLI would create
+        p = subprocess.run([sys.executable, "-c", "import sys; from ckptdiff.cli import main; "
+                            "sys.exit(main(['snapshot', sys.argv[1], '--store', sys.argv[2]]))",
+                            str(f), str(target)], capture_output=True, text=True)
+        assert p.returncode == 2 and p.stderr.count("\n") == 1 and "not valid Unicode" in p.stderr
+    assert not (tmp_path / "new").exists()  # no empty store left behind
