@@ -64,9 +64,9 @@ def test_a_block_that_finishes_in_time_disarms_it_and_the_library_never_exits():
     code = ("import time\nfrom ckptdiff import watchdog\n"
             "with watchdog.enabled():\n"
             "    for _ in range(3):\n"
-            "        with watchdog.deadline(0.3, 'never'):\n"
+            "        with watchdog.deadline(1.0, 'never'):\n"
             "            time.sleep(0.05)\n"
-            "    time.sleep(0.6)  # past every deadline: all were disarmed\n"
+            "    time.sleep(1.3)  # past every deadline: all were disarmed\n"
             "with watchdog.deadline(0.1, 'library use: not enabled'):\n"
             "    time.sleep(0.4)\n"
             "print('ok')")
