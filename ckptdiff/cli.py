@@ -47,13 +47,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="ckptdiff",
         description=(
-            "Tensor-by-tensor diffs of model checkpoints, frozen-layer drift detection, "
+            "Tensor-by-tensor diffs of model checkpoints, frozen-layer drift detection,\n"
             "and a deduplicated snapshot history for fine-tuning runs."
         ),
         epilog=(
-            "Exit codes follow diff(1): 0 = passes, 1 = differences that fail the policy, "
-            "2 = trouble (bad input, missing file). Run 'ckptdiff COMMAND --help' for details."
+            "Exit codes follow diff(1): 0 = passes, 1 = differences that fail the policy,\n"
+            "2 = trouble (bad input, missing file). Run 'ckptdiff COMMAND --help' for details.\n\n"
+            "environment:\n"
+            "  CKPTDIFF_DEBUG=1                 same as --debug\n"
+            "  CKPTDIFF_HDF5_TIMEOUT=SECONDS    give up (exit 2) when the HDF5 library takes longer to open a\n"
+            "                                   file and read its metadata (default 120; a corrupt file can\n"
+            "                                   make it loop forever)\n"
+            "  CKPTDIFF_STATS=numpy             measure changed tensors with numpy, not the C module"
         ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"ckptdiff {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the Python traceback on errors")

@@ -290,3 +290,13 @@ def test_on_a_terminal_progress_bar_and_colours(tmp_path):
     assert not re.search(r"\x1b\[[0-9;]*3[0-9]m", out)
     rc, out = _run_in_pty([*args, "--no-progress"], {})
     assert rc == 1 and "diffing" not in out
+
+
+def test_top_level_help_lists_the_environment(capsys):
+    from ckptdiff.cli import main
+
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for var in ("CKPTDIFF_DEBUG", "CKPTDIFF_HDF5_TIMEOUT", "CKPTDIFF_STATS"):
+        assert var in out
+    assert max(len(line) for line in out.splitlines()) <= 100
