@@ -550,8 +550,10 @@ class Store:
         rows = self._query("SELECT s.id, e.name, e.dtype, e.shape, e.hash, e.nbytes FROM entries e "
                            "JOIN snapshots s ON s.seq = e.seq ORDER BY s.seq, e.pos")
         res.snapshots = len(self._query("SELECT 1 FROM snapshots"))
-        for sid, manifest, metrics in self._query("SELECT id, manifest, metrics FROM snapshots ORDER BY seq"):
-            res.errors += _metadata_problems(sid, manifest, metrics)
+        aux_col = "auxiliary" if self._cols.endswith(", auxiliary") else "NULL"
+        for sid, manifest, metrics, aux in self._query(
+                f"SELECT id, manifest, metrics, {aux_col} FROM snapshots ORDER BY seq"):
+            res.errors += _metadata_problems(sid, manifest, metrics, aux)
         for sid, name, dt, shape, h, nbytes in rows:
             try:
                 e = entry_from_row(name, dt, shape, h, nbytes, f"{self.root}@{sid}")
@@ -616,11 +618,12 @@ class Store:
         return info
 
 
-def _metadata_problems(sid: str, manifest: Any, metrics: Any) -> list[str]:
-    """What ``verify`` says about a snapshot row whose manifest or metrics JSON is damaged.
+def _metadata_problems(sid: str, manifest: Any, metrics: Any, auxiliary: Any = None) -> list[str]:
+    """What ``verify`` says about a snapshot row whose manifest, metrics or auxiliary JSON is damaged.
 
-    Reading such a snapshot fails (or, for metrics, shows none), so a check
-    that only re-hashed blobs would call a store "ok" that ``log`` cannot list.
+    Reading such a snapshot fails (or, for metrics and auxiliary, shows
+    none), so a check that only re-hashed blobs would call a store "ok" that
+    ``log`` cannot list or that silently forgot a checkpoint's training state.
     """
     out = []
     if manifest is not None:
@@ -638,6 +641,14 @@ def _metadata_problems(sid: str, manifest: Any, metrics: Any) -> list[str]:
             ok = False
         if not ok:
             out.append(f"snapshot {sid}: its metrics in the database are damaged (not a JSON object)")
+    if auxiliary is not None:
+        try:
+            v = json.loads(auxiliary) if isinstance(auxiliary, str) else None
+        except (ValueError, RecursionError):
+            v = None
+        if not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
+            out.append(f"snapshot {sid}: its training-state names (auxiliary) in the database are damaged "
+                       "(not a JSON list of strings)")
     return out
 
 

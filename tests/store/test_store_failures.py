@@ -205,6 +205,21 @@ def test_damaged_manifest_and_metrics_json(tmp_path):
         s.list()
 
 
+def test_damaged_auxiliary_reads_as_none_and_verify_names_it(tmp_path):
+    root = os.fspath(tmp_path / "st")
+    with Store.init(root) as s:
+        s.snapshot(ckpt({"w": np.zeros(4, np.float32)}), auxiliary=["optimizer"])
+        s.snapshot(ckpt({"w": np.ones(4, np.float32)}))
+        assert [i.auxiliary for i in s.list()] == [("optimizer",), ()]
+        assert s.verify().ok
+    with sqlite3.connect(os.path.join(root, db_mod.DB_NAME)) as c:
+        c.execute("UPDATE snapshots SET auxiliary = '{\"x\": 1' WHERE seq = 1")
+    with Store.open(root) as s:
+        assert [i.auxiliary for i in s.list()] == [(), ()]  # still listed, read as none
+        res = s.verify()
+        assert not res.ok and len(res.errors) == 1 and "auxiliary" in res.errors[0]
+
+
 def test_sqlite_busy_gives_a_clear_error(tmp_path, monkeypatch):
     root = os.fspath(tmp_path / "st")
     Store.init(root).close()
