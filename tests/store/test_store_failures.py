@@ -23,7 +23,10 @@ def _state(root: str) -> tuple[dict[str, int], list[str], list[str]]:
     return blob_files(root), ids, sorted(os.listdir(os.path.join(root, "tmp")))
 
 
-def test_disk_full_midway_leaves_store_unchanged(tmp_path, monkeypatch):
+def _store_then_full_disk(tmp_path, monkeypatch, fails):  # noqa: ANN001, ANN202
+    """A store holding one snapshot, and blob writes that fail with ENOSPC where
+    ``fails(call_number)`` says so. Returns the root, its state, the call counter
+    and the real writer."""
     root = os.fspath(tmp_path / "st")
     with Store.init(root) as s:
         s.snapshot(ckpt(model(0)))
@@ -33,11 +36,16 @@ def test_disk_full_midway_leaves_store_unchanged(tmp_path, monkeypatch):
 
     def full_disk(fd, data):
         calls["n"] += 1
-        if calls["n"] == 4:
+        if fails(calls["n"]):
             raise OSError(errno.ENOSPC, "No space left on device")
         real(fd, data)
 
     monkeypatch.setattr(blobs_mod, "_write_all", full_disk)
+    return root, before, calls, real
+
+
+def test_disk_full_midway_leaves_store_unchanged(tmp_path, monkeypatch):
+    root, before, calls, real = _store_then_full_disk(tmp_path, monkeypatch, lambda n: n == 4)
     with Store.open(root) as s:
         with pytest.raises(CkptError, match="disk full while writing a snapshot; the store was left unchanged"):
             s.snapshot(ckpt(model(1)))  # all-new bytes: several blobs written before the failure
@@ -243,20 +251,7 @@ def test_disk_full_in_the_parallel_writer(tmp_path, monkeypatch):
     """The same guarantee when blobs are written by the thread pool."""
 
     monkeypatch.setattr(blobs_mod, "PARALLEL_MIN_BYTES", 0)
-    root = os.fspath(tmp_path / "st")
-    with Store.init(root) as s:
-        s.snapshot(ckpt(model(0)))
-    before = _state(root)
-    real = blobs_mod._write_all
-    calls = {"n": 0}
-
-    def full_disk(fd, data):
-        calls["n"] += 1
-        if calls["n"] >= 6:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real(fd, data)
-
-    monkeypatch.setattr(blobs_mod, "_write_all", full_disk)
+    root, before, _calls, _real = _store_then_full_disk(tmp_path, monkeypatch, lambda n: n >= 6)
     with Store.open(root) as s, pytest.raises(CkptError, match="disk full"):
         s.snapshot(ckpt(model(1)))
     assert _state(root) == before
