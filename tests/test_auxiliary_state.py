@@ -154,7 +154,7 @@ def test_a_store_made_before_the_auxiliary_column_reads_and_upgrades(tmp_path):
 
 def test_log_and_the_tui_history_do_not_count_optimizer_state_as_drift(tmp_path):
     from ckptdiff.store import Store
-    from ckptdiff.store.history import effective_manifest
+    from ckptdiff.store.history import roles_manifest
 
     root = tmp_path / "runs"
     m = Manifest.load(_manifest(tmp_path, {"trainable": ["head.*"]}))
@@ -165,9 +165,28 @@ def test_log_and_the_tui_history_do_not_count_optimizer_state_as_drift(tmp_path)
         st.snapshot(b, step=1)
         st.snapshot(c, step=2)
         infos = st.list()
-        man = effective_manifest(infos[1].id, {i.id: i for i in infos})
+        man = roles_manifest(infos[1].id, {i.id: i for i in infos})
         assert man is not None and man.role("optimizer.state.0.exp_avg") == "buffer"
         assert man.role("backbone.0.weight") == "frozen"
         log = st.log()
     # clean fine-tune: nothing drifted although 24 optimizer tensors moved; drifted run: the 9 model tensors
     assert [row.drift for row in log] == [0, 0, 9]
+
+
+def test_the_recorded_manifest_stays_the_users_own(tmp_path):
+    """Training state is applied where roles are decided, not written into the manifest:
+    an opened snapshot, `show`'s effective manifest and an export carry the user's patterns only."""
+    from ckptdiff.store import Store
+
+    root = tmp_path / "runs"
+    m = Manifest.load(_manifest(tmp_path, {"trainable": ["head.*"]}))
+    with Store.init(root) as st, ckptdiff.open_checkpoint(SAMPLES / "finetune_clean.pt") as b:
+        sid = st.snapshot(b, manifest=m)
+        with st.open_snapshot(sid) as ck:
+            assert ck.manifest is not None and ck.manifest.buffers == ()
+            assert ck.auxiliary == ("optimizer",)
+        assert st.effective_manifest(sid).to_dict() == {"trainable": ["head.*"], "frozen": []}
+        out = tmp_path / "x.safetensors"
+        st.export(sid, out)
+    with ckptdiff.open_checkpoint(out) as x:
+        assert json.loads(x.metadata["ckptdiff.manifest"]) == {"trainable": ["head.*"], "frozen": []}

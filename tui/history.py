@@ -24,7 +24,7 @@ from typing import Any
 from ckptdiff.checkpoint import Checkpoint
 from ckptdiff.manifest import Manifest
 from ckptdiff.report import TensorDiff
-from ckptdiff.store.history import effective_manifest
+from ckptdiff.store.history import roles_manifest
 
 from .rows import diff_entries
 
@@ -99,7 +99,7 @@ class HistoryModel:
         self._ids = {s.id for s in snapshots}
         self._lock = threading.Lock()
         by_id = {s.id: s for s in snapshots}
-        self._manifests = [effective_manifest(s.id, by_id) for s in snapshots]
+        self._manifests = [roles_manifest(s.id, by_id) for s in snapshots]
 
     @classmethod
     def load(cls, path: str) -> HistoryModel:

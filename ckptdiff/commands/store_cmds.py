@@ -331,13 +331,16 @@ def run_log(args: argparse.Namespace) -> int:
 
 def run_show(args: argparse.Namespace) -> int:
     from ..store import Store
+    from ..store.history import effective_manifest, roles_manifest
 
     root, ref = split_ref(args.ref)
     with Store.open(root) as s:
         info = s.resolve(ref)
         entries = s.entries(info.id)
-        manifest = s.effective_manifest(info.id)  # with training state as buffers, as a diff treats it
-    roles = {n: (manifest.role(n) if manifest is not None else "unknown") for n in entries}
+        by_id = {i.id: i for i in s.list()}
+    manifest = effective_manifest(info.id, by_id)
+    roles_man = roles_manifest(info.id, by_id)  # training state as buffers, as a diff treats it
+    roles = {n: (roles_man.role(n) if roles_man is not None else "unknown") for n in entries}
     if args.format == "json":
         d = info.to_dict()
         d["effective_manifest"] = None if manifest is None else manifest.to_dict()

@@ -38,19 +38,26 @@ class LogRow:
 
 
 def effective_manifest(sid: str, by_id: Mapping[str, SnapshotInfo]) -> Manifest | None:
-    """The snapshot's own manifest, else its nearest ancestor's; training state
-    recorded beside the model in this snapshot (``auxiliary``) is added as
-    buffers, as a diff of the original file would treat it."""
+    """The snapshot's own manifest, else its nearest ancestor's."""
     seen: set[str] = set()
     cur: str | None = sid
     while cur is not None and cur not in seen and cur in by_id:
         seen.add(cur)
         info = by_id[cur]
         if info.manifest is not None:
-            own = by_id[sid].auxiliary
-            return info.manifest.with_auxiliary(own) if own else info.manifest
+            return info.manifest
         cur = info.parent
     return None
+
+
+def roles_manifest(sid: str, by_id: Mapping[str, SnapshotInfo]) -> Manifest | None:
+    """The manifest that decides a snapshot's roles: :func:`effective_manifest`
+    plus the training state recorded beside the model (``auxiliary``) as
+    buffers, as a diff of the original file treats it (the engine does the
+    same from ``Checkpoint.auxiliary``)."""
+    man = effective_manifest(sid, by_id)
+    info = by_id.get(sid)
+    return man.with_auxiliary(info.auxiliary) if man is not None and info is not None and info.auxiliary else man
 
 
 def changed_between(old: Mapping[str, str], new: Mapping[str, str]) -> int:
@@ -73,11 +80,11 @@ def build_log(infos: Sequence[SnapshotInfo], hashes: Mapping[str, Mapping[str, s
         cur = hashes.get(info.id, {})
         parent = hashes.get(info.parent) if info.parent is not None else None
         changed = None if parent is None else changed_between(parent, cur)
-        man = effective_manifest(info.id, by_id)
+        man = roles_manifest(info.id, by_id)
         names = drifted(first, cur, man) if man is not None else []
         rows.append(LogRow(info, changed, None if man is None else len(names), names,
                            None if man is None else (man.source or "manifest")))
     return rows
 
 
-__all__ = ["LogRow", "build_log", "effective_manifest", "changed_between", "drifted"]
+__all__ = ["LogRow", "build_log", "effective_manifest", "roles_manifest", "changed_between", "drifted"]
