@@ -82,7 +82,9 @@ class Store:
         level = int(raw_level) if raw_level.isdigit() and 1 <= int(raw_level) <= 19 else compress_mod.DEFAULT_LEVEL
         self.blobs = BlobDir(root, compressed=self.compressed, level=level)
         self._lock = threading.RLock()
-        self._cols = snap_cols(db.has_column(conn, "snapshots", "auxiliary"))
+        #: Whether this store's snapshots table has the ``auxiliary`` column (a
+        #: writer adds it; see db.add_auxiliary_column).
+        self._has_aux = db.has_column(conn, "snapshots", "auxiliary")
 
     # -- lifecycle ------------------------------------------------------------------
     @classmethod
@@ -193,8 +195,15 @@ class Store:
         except sqlite3.Error:
             pass
 
+    @property
+    def _cols(self) -> str:
+        return snap_cols(self._has_aux)
+
     def _info(self, row: tuple[Any, ...]) -> SnapshotInfo:
         return info_from_row(row, self.root)
+
+    def _info_at(self, seq: int) -> SnapshotInfo:
+        return self._info(self._query(f"SELECT {self._cols} FROM snapshots WHERE seq = ?", (seq,))[0])
 
     def _rows(self) -> list[tuple[Any, ...]]:
         return self._query(f"SELECT {self._cols} FROM snapshots ORDER BY seq")
@@ -229,8 +238,7 @@ class Store:
 
     def resolve(self, ref: str) -> SnapshotInfo:
         """The snapshot a ref names (see :mod:`ckptdiff.store.refs` for the forms)."""
-        seq, _ = self._resolve_seq(ref)
-        return self._info(self._query(f"SELECT {self._cols} FROM snapshots WHERE seq = ?", (seq,))[0])
+        return self._info_at(self._resolve_seq(ref)[0])
 
     def entries(self, ref: str) -> dict[str, Entry]:
         """Name -> Entry of a snapshot, in its tensor order; reads no blob."""
@@ -354,12 +362,17 @@ class Store:
         mets = check_metrics(metrics)
         check_names(tensors)
         _check_text("tag, message or source", [x for x in (tag, message, source) if x is not None])
-        base: dict[str, Entry] = self.entries(inherit_from) if inherit_from is not None else {}
+        base: dict[str, Entry] = {}
+        if inherit_from is not None:
+            # Resolved once: entries and training state come from the same snapshot
+            # even if another writer commits meanwhile (``latest`` would move).
+            base_seq, base_id = self._resolve_seq(inherit_from)
+            base = self._entries_of(base_seq, f"{self.root}@{base_id}")
         if auxiliary is None:
             if isinstance(tensors, Checkpoint):
                 auxiliary = tensors.auxiliary
             elif inherit_from is not None:
-                auxiliary = self.resolve(inherit_from).auxiliary
+                auxiliary = self._info_at(base_seq).auxiliary
         aux = tuple(dict.fromkeys(str(a) for a in auxiliary or ()))
         try:
             with gc_lock(self.root, exclusive=False):
@@ -432,7 +445,8 @@ class Store:
                         "INSERT OR IGNORE INTO blobs(hash, nbytes, stored_size) VALUES (?, ?, ?)",
                         [(h, by_hash[h].nbytes, _size(self.blobs.path(h))) for h in by_hash])
                     sid = new_id()
-                    db.add_auxiliary_column(conn)
+                    if not self._has_aux:
+                        db.add_auxiliary_column(conn)
                     cur = conn.execute(
                         "INSERT INTO snapshots(id, parent, created_at, step, tag, message, metrics, manifest, "
                         "source, n_tensors, total_bytes, auxiliary) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -443,7 +457,7 @@ class Store:
                         "INSERT INTO entries(seq, pos, name, dtype, shape, hash, nbytes) VALUES (?, ?, ?, ?, ?, ?, ?)",
                         [(seq, i, e.name, e.dtype, json.dumps(list(e.shape)), e.hash, e.nbytes)
                          for i, e in enumerate(final)])
-                self._cols = snap_cols(True)
+                self._has_aux = True
                 return sid
             except _Missing as m:
                 # A concurrent gc removed a blob between our write and our commit: write it again.
@@ -550,7 +564,7 @@ class Store:
         rows = self._query("SELECT s.id, e.name, e.dtype, e.shape, e.hash, e.nbytes FROM entries e "
                            "JOIN snapshots s ON s.seq = e.seq ORDER BY s.seq, e.pos")
         res.snapshots = len(self._query("SELECT 1 FROM snapshots"))
-        aux_col = "auxiliary" if self._cols.endswith(", auxiliary") else "NULL"
+        aux_col = "auxiliary" if self._has_aux else "NULL"
         for sid, manifest, metrics, aux in self._query(
                 f"SELECT id, manifest, metrics, {aux_col} FROM snapshots ORDER BY seq"):
             res.errors += _metadata_problems(sid, manifest, metrics, aux)
