@@ -89,8 +89,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
     p = sub.add_parser("log", help="list a store's snapshots with changes and drift", **_fmt(
         "One row per snapshot, oldest first: id, time, step, tag, tensors changed vs its\n"
-        "parent, drift (frozen tensors, per the manifest, whose bytes differ from the first\n"
-        "snapshot's; '-' when no manifest is known) and metrics. Reads no tensor data.\n\n"
+        "parent, drift (frozen tensors, per the manifest, whose bytes, dtype or shape differ\n"
+        "from the first snapshot's; '-' when no manifest is known) and metrics. Reads no\n"
+        "tensor data.\n\n"
         "examples:\n  ckptdiff log runs/store\n  ckptdiff log runs/store --format json | jq '.snapshots[-1]'"))
     p.add_argument("dir", metavar="DIR", help="the store directory")
     p.add_argument("--format", choices=("table", "json"), default="table",
