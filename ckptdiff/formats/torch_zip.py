@@ -33,11 +33,12 @@ from collections.abc import Callable
 from typing import Any
 
 from ..checkpoint import Checkpoint, TensorRef, check_shape
+from ..dtypes import DTYPES
 from ..errors import FormatError
 from ._common import numel, pread_into, with_path
 
 #: torch's legacy typed storage classes -> canonical dtype.
-_STORAGE_DTYPES = {
+STORAGE_DTYPES = {
     "DoubleStorage": "float64", "FloatStorage": "float32", "HalfStorage": "float16",
     "BFloat16Storage": "bfloat16", "LongStorage": "int64", "IntStorage": "int32",
     "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8", "BoolStorage": "bool",
@@ -51,9 +52,6 @@ _TORCH_DTYPES = {
     "short": "int16", "int8": "int8", "uint8": "uint8", "uint16": "uint16", "uint32": "uint32",
     "uint64": "uint64", "bool": "bool",
 }
-_ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1,
-             "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint64": 8, "uint32": 4, "uint16": 2,
-             "uint8": 1, "bool": 1}
 #: data.pkl larger than this is not a plain state_dict; leave it to torch.
 MAX_PICKLE_BYTES = 256 << 20
 
@@ -181,8 +179,8 @@ class _Unpickler(pickle.Unpickler):
         hit = _ALLOWED.get((module, name))
         if hit is not None:
             return hit
-        if module == "torch" and name in _STORAGE_DTYPES:
-            return _StorageType(_STORAGE_DTYPES[name])
+        if module == "torch" and name in STORAGE_DTYPES:
+            return _StorageType(STORAGE_DTYPES[name])
         if module == "torch" and name in _TORCH_DTYPES:
             return _DType(_TORCH_DTYPES[name])
         raise Unsupported(f"pickle global {module}.{name}")
@@ -196,7 +194,7 @@ class _Unpickler(pickle.Unpickler):
         count = _int(count)
         if count < 0:
             raise Unsupported("negative storage size")
-        itemsize = 1 if stype.dtype is None else _ITEMSIZE[stype.dtype]
+        itemsize = 1 if stype.dtype is None else DTYPES[stype.dtype].itemsize
         return _Storage(key, stype.dtype, count * itemsize)
 
 
@@ -281,7 +279,7 @@ def load(path: str) -> tuple[Any, Callable[[PtTensor, str], TensorRef], Callable
         if t.storage.nbytes > length:
             raise FormatError(f"tensor {name!r}: storage {t.storage.key!r} holds {length} bytes, "
                               f"the pickle claims {t.storage.nbytes}", path)
-        itemsize = _ITEMSIZE[t.dtype]
+        itemsize = DTYPES[t.dtype].itemsize
         begin = t.offset * itemsize
         end = begin + numel(t.shape) * itemsize
         if end > length:

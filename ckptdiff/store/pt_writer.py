@@ -30,15 +30,13 @@ import zipfile
 from collections.abc import Callable, Iterable
 
 from ..checkpoint import TensorRef
+from ..formats.torch_zip import STORAGE_DTYPES
 
 ARCHIVE = "archive"
 ALIGN = 64
-#: Tensor dtypes torch pickles with a legacy typed storage class (element counts).
-LEGACY_STORAGE = {
-    "float64": "DoubleStorage", "float32": "FloatStorage", "float16": "HalfStorage",
-    "bfloat16": "BFloat16Storage", "int64": "LongStorage", "int32": "IntStorage", "int16": "ShortStorage",
-    "int8": "CharStorage", "uint8": "ByteStorage", "bool": "BoolStorage",
-}
+#: Tensor dtypes torch pickles with a legacy typed storage class (element counts):
+#: the reader's table (torch_zip), turned around.
+LEGACY_STORAGE = {dtype: cls for cls, dtype in STORAGE_DTYPES.items()}
 _PAD_ID = 0xCD64  # a private zip extra-field id; readers skip unknown ids
 
 
