@@ -87,6 +87,8 @@ _BY_SAFETENSORS: dict[str, DType] = {d.safetensors: d for d in _ALL}
 # torch spells a few differently; everything else is torch.<canonical name>.
 _TORCH_ALIASES = {"bool": "bool", "float": "float32", "double": "float64", "half": "float16",
                   "long": "int64", "int": "int32", "short": "int16"}
+#: ``torch.<name>`` -> canonical name, for every dtype torch can spell.
+TORCH_NAMES: dict[str, str] = {**{n: n for n in DTYPES}, **_TORCH_ALIASES}
 
 
 def get(name: str) -> DType:
@@ -128,7 +130,6 @@ def from_torch(torch_dtype: object) -> DType:
     """Map a torch.dtype (by its string form, so torch need not be imported here)."""
     s = str(torch_dtype)
     name = s[len("torch."):] if s.startswith("torch.") else s
-    name = _TORCH_ALIASES.get(name, name)
-    if name not in DTYPES:
+    if name not in TORCH_NAMES:
         raise FormatError(f"unsupported torch dtype {s}")
-    return DTYPES[name]
+    return DTYPES[TORCH_NAMES[name]]

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..checkpoint import Checkpoint, TensorRef, check_shape
-from ..dtypes import DTYPES
+from ..dtypes import DTYPES, TORCH_NAMES
 from ..errors import FormatError
 from ._common import numel, pread_into, with_path
 
@@ -42,15 +42,6 @@ STORAGE_DTYPES = {
     "DoubleStorage": "float64", "FloatStorage": "float32", "HalfStorage": "float16",
     "BFloat16Storage": "bfloat16", "LongStorage": "int64", "IntStorage": "int32",
     "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8", "BoolStorage": "bool",
-}
-#: ``torch.<name>`` dtype globals (as pickled for _rebuild_tensor_v3) -> canonical dtype.
-_TORCH_DTYPES = {
-    "float64": "float64", "double": "float64", "float32": "float32", "float": "float32",
-    "float16": "float16", "half": "float16", "bfloat16": "bfloat16",
-    "float8_e4m3fn": "float8_e4m3fn", "float8_e5m2": "float8_e5m2",
-    "int64": "int64", "long": "int64", "int32": "int32", "int": "int32", "int16": "int16",
-    "short": "int16", "int8": "int8", "uint8": "uint8", "uint16": "uint16", "uint32": "uint32",
-    "uint64": "uint64", "bool": "bool",
 }
 #: data.pkl larger than this is not a plain state_dict; leave it to torch.
 MAX_PICKLE_BYTES = 256 << 20
@@ -181,8 +172,8 @@ class _Unpickler(pickle.Unpickler):
             return hit
         if module == "torch" and name in STORAGE_DTYPES:
             return _StorageType(STORAGE_DTYPES[name])
-        if module == "torch" and name in _TORCH_DTYPES:
-            return _DType(_TORCH_DTYPES[name])
+        if module == "torch" and name in TORCH_NAMES:  # dtype globals, as pickled for _rebuild_tensor_v3
+            return _DType(TORCH_NAMES[name])
         raise Unsupported(f"pickle global {module}.{name}")
 
     def persistent_load(self, pid: Any) -> _Storage:
