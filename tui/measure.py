@@ -25,9 +25,13 @@ def _engine_diff():  # imported late: ``import ckptdiff.tui`` should not pull th
 
 
 def subset(ckpt: Checkpoint, names: Sequence[str]) -> Checkpoint:
-    """A view of some tensors of ``ckpt``; closing it does not close ``ckpt``."""
+    """A view of some tensors of ``ckpt``; closing it does not close ``ckpt``.
+
+    It keeps the training-state names (``auxiliary``): the policy makes them
+    buffers, and a view without them would call optimizer state frozen.
+    """
     return Checkpoint(ckpt.path, ckpt.format, {n: ckpt[n] for n in names if n in ckpt},
-                      dict(ckpt.metadata), ckpt.manifest)
+                      dict(ckpt.metadata), ckpt.manifest, auxiliary=ckpt.auxiliary)
 
 
 def measure(old: Checkpoint, new: Checkpoint, names: Sequence[str], manifest: Manifest | None,

@@ -13,13 +13,13 @@ from textual import work
 from textual.widgets import Footer, Header
 from textual.worker import Worker, WorkerState, get_current_worker
 
+from ckptdiff import policy
 from ckptdiff.checkpoint import Checkpoint
 from ckptdiff.manifest import Manifest
 from ckptdiff.report import TensorDiff
 from ckptdiff.textsafe import printable
 
 from .measure import batches, measure
-from .rows import diff_entries
 from .table_screen import TableScreen, describe_error
 
 
@@ -49,7 +49,7 @@ class PairScreen(TableScreen):
     @work(thread=True, exclusive=True, group="diff", exit_on_error=False)
     def run_diff(self) -> None:
         """Open both sides, show the header-level table, then let the engine measure."""
-        from ckptdiff.formats import open_checkpoint
+        from ckptdiff.resolve import open_checkpoint
 
         worker = get_current_worker()
         opened: list[Checkpoint] = []
@@ -58,9 +58,9 @@ class PairScreen(TableScreen):
             opened.append(old)
             new = open_checkpoint(self.new_spec)
             opened.append(new)
-            manifest = (Manifest.load(self.manifest_path) if self.manifest_path
-                        else new.manifest or old.manifest)
-            rows = diff_entries(old, new, manifest)
+            explicit = Manifest.load(self.manifest_path) if self.manifest_path else None
+            manifest = policy.checkpoints_manifest(explicit, old, new)
+            rows = policy.hash_rows(old, new, manifest)
             self.app.call_from_thread(self._headers_read, rows, manifest)
             todo = [r for r in rows if r.status in ("pending", "changed")]
             done = 0

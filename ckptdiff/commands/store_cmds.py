@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import CkptError
+from ..progress import byte_bar
 from ..textsafe import printable
 
 _REF_HELP = ("REF is an id or a unique id prefix (4+ hex digits), a tag, step:N (the newest\n"
@@ -267,7 +268,7 @@ def run_init(args: argparse.Namespace) -> int:
 
 
 def run_snapshot(args: argparse.Namespace) -> int:
-    from ..formats import open_checkpoint
+    from ..resolve import open_checkpoint
     from ..manifest import Manifest
     from ..store import Store, is_store
 
@@ -294,8 +295,9 @@ def run_snapshot(args: argparse.Namespace) -> int:
                   "uncompressed store (compression is chosen by 'ckptdiff init --compress')", file=sys.stderr)
         with store:
             src = ckpt.path if ckpt.format == "store" else os.path.abspath(args.checkpoint)
-            sid = store.snapshot(ckpt, step=step, tag=args.tag, message=args.message, metrics=metrics,
-                                 manifest=manifest, source=src, progress=True)
+            with byte_bar("snapshot") as progress:
+                sid = store.snapshot(ckpt, step=step, tag=args.tag, message=args.message, metrics=metrics,
+                                     manifest=manifest, source=src, progress=progress)
     print(sid)
     return 0
 
@@ -376,7 +378,8 @@ def run_export(args: argparse.Namespace) -> int:
     root, ref = split_ref(args.ref)
     fmt = args.format or _export_format(args.out)
     with Store.open(root) as s:
-        info = s.export(ref, args.out, fmt, overwrite=args.force, progress=True)
+        with byte_bar("export") as progress:
+            info = s.export(ref, args.out, fmt, overwrite=args.force, progress=progress)
     print(f"exported snapshot {info.id} ({info.n_tensors} tensors, {human_bytes(info.total_bytes)}) "
           f"to {args.out} as {fmt}", file=sys.stderr)
     return 0
@@ -401,7 +404,8 @@ def run_verify(args: argparse.Namespace) -> int:
     from ..store import Store
 
     with Store.open(_store_dir(args.dir)) as s:
-        res = s.verify(progress=True)
+        with byte_bar("verify") as progress:
+            res = s.verify(progress=progress)
     if args.format == "json":
         _dump(res.to_dict())
         return 0 if res.ok else 1
