@@ -13,13 +13,13 @@ from textual import work
 from textual.widgets import Footer, Header
 from textual.worker import Worker, WorkerState, get_current_worker
 
-from ckptdiff import policy
 from ckptdiff.checkpoint import Checkpoint
 from ckptdiff.manifest import Manifest
+from ckptdiff.policy import hash_rows
 from ckptdiff.report import TensorDiff
 from ckptdiff.textsafe import printable
 
-from .measure import batches, measure
+from .measure import pair_manifest, refine
 from .table_screen import TableScreen, describe_error
 
 
@@ -58,19 +58,20 @@ class PairScreen(TableScreen):
             opened.append(old)
             new = open_checkpoint(self.new_spec)
             opened.append(new)
-            explicit = Manifest.load(self.manifest_path) if self.manifest_path else None
-            manifest = policy.checkpoints_manifest(explicit, old, new)
-            rows = policy.hash_rows(old, new, manifest)
+            if worker.is_cancelled:
+                return
+            manifest = pair_manifest(old, new, self.manifest_path)
+            rows = hash_rows(old, new, manifest)
             self.app.call_from_thread(self._headers_read, rows, manifest)
-            todo = [r for r in rows if r.status in ("pending", "changed")]
-            done = 0
-            for names in batches(todo, new, old):
+
+            def starting(done: int, total: int) -> None:
+                self.app.call_from_thread(self._progress, done, total)
+
+            # refine reads a batch only when asked for the next one: stop asking once cancelled
+            for got in refine(rows, old, new, manifest, atol=self.atol, rtol=self.rtol, starting=starting):
+                self.app.call_from_thread(self._measured, got)
                 if worker.is_cancelled:
                     return
-                self.app.call_from_thread(self._progress, done, len(todo))
-                got = measure(old, new, names, manifest, atol=self.atol, rtol=self.rtol)
-                done += len(names)
-                self.app.call_from_thread(self._measured, got)
             self.app.call_from_thread(self._progress, None, None)
         finally:
             for c in opened:

@@ -268,8 +268,8 @@ def run_init(args: argparse.Namespace) -> int:
 
 
 def run_snapshot(args: argparse.Namespace) -> int:
-    from ..resolve import open_checkpoint
     from ..manifest import Manifest
+    from ..resolve import open_checkpoint
     from ..store import Store, is_store
 
     from ..store.refs import check_tag
