@@ -1,9 +1,5 @@
 """The diff engine: two checkpoints in, one :class:`~ckptdiff.report.DiffReport` out.
 
-It lives in ``engine.py`` rather than ``diff.py`` so that ``ckptdiff.diff``
-stays the *function* (a submodule named ``diff`` would replace the package
-attribute as soon as anything imported it).
-
 The engine takes open checkpoints only: it knows nothing of file formats or
 stores (:mod:`ckptdiff.resolve` turns what the user typed into a Checkpoint,
 and :func:`ckptdiff.diff` does so before calling here) nor of screens

@@ -1,12 +1,12 @@
 """Resolution: what the user typed becomes a :class:`~ckptdiff.checkpoint.Checkpoint`, here and only here.
 
-A spec is a checkpoint file, a sharded directory (or its index file), or a
-store snapshot ``DIR@REF``. File formats are told apart by content in
-:mod:`ckptdiff.formats` (a new format is one reader module there and one
-line in its sniffer and opener); store references are opened by
-:mod:`ckptdiff.store`. Neither knows of the other: this module is the only
-one that looks at both, so the engine, the CLI and the TUI receive open
-checkpoints and never parse a path themselves.
+A spec is a checkpoint file, a sharded directory (or its
+``model.safetensors.index.json``), or a store snapshot ``DIR@REF``. File
+formats are told apart by content in :mod:`ckptdiff.formats` (a new format
+is one reader module there and one line in its sniffer and opener); store
+references are opened by :mod:`ckptdiff.store`. Neither knows of the other:
+this module is the only one that looks at both, so the engine, the CLI and
+the TUI receive open checkpoints and never parse a path themselves.
 """
 
 from __future__ import annotations
@@ -60,18 +60,25 @@ def _check_not_a_bad_ref(spec: str) -> None:
 
 
 def open_checkpoint(spec: str | os.PathLike[str]) -> Checkpoint:
-    """Open a checkpoint file, a sharded directory or a store snapshot ``DIR@REF``."""
+    """Open a checkpoint file, a sharded directory (or its index file) or a store snapshot ``DIR@REF``.
+
+    Raises:
+        CkptError: one line naming the path, for anything that is not a readable checkpoint.
+    """
     path = os.fspath(spec)
     ref = split_store_ref(path)
     if ref is not None:
         from .store import open_snapshot
         return open_snapshot(*ref)
     _check_not_a_bad_ref(path)
+    from .formats import open_checkpoint as open_file
+    from .formats.sharded import INDEX_NAME
+    if os.path.basename(path) == INDEX_NAME and os.path.isfile(path):
+        path = os.path.dirname(path) or "."  # the index of a sharded checkpoint names its directory
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model.safetensors.index.json")):
         from .store import is_store
         if is_store(path):
             raise CkptError("is a ckptdiff store: name a snapshot as DIR@REF (e.g. DIR@latest)", path)
-    from .formats import open_checkpoint as open_file
     return open_file(path)
 
 
