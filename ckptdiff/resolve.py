@@ -23,6 +23,8 @@ from .manifest import Manifest
 CheckpointLike = Checkpoint | str | os.PathLike[str]
 ManifestLike = Manifest | str | os.PathLike[str] | Mapping[str, Any] | None
 
+_NOTHING_AFTER_AT = "nothing after '@': name a snapshot, e.g. DIR@latest, DIR@step:500 or DIR@<tag>"
+
 
 def split_store_ref(spec: str) -> tuple[str, str] | None:
     """``DIR@REF`` -> (DIR, REF) when DIR is a ckptdiff store; otherwise None.
@@ -38,6 +40,28 @@ def split_store_ref(spec: str) -> tuple[str, str] | None:
     if not is_store(base):
         return None
     return base, ref
+
+
+def store_ref(spec: str, *, bare_means_latest: bool = True) -> tuple[str, str]:
+    """``DIR@REF`` -> (DIR, REF) for commands that act on one snapshot (show, export, remove).
+
+    A bare DIR means its latest snapshot where that is harmless
+    (``bare_means_latest``); anything else is one clear error.
+    """
+    from .store import is_store
+
+    if "@" in spec and not is_store(spec):
+        base, _, ref = spec.rpartition("@")
+        if base and ref.strip():
+            return base, ref
+        if base:
+            raise CkptError(_NOTHING_AFTER_AT, spec)
+    if is_store(spec):
+        if bare_means_latest:
+            return spec, "latest"
+        raise CkptError("name the snapshot to remove as DIR@REF (e.g. DIR@latest or DIR@step:500); "
+                        "a bare store directory is refused so that a typo cannot delete history", spec)
+    raise CkptError("expected DIR@REF naming a snapshot in a store (e.g. runs/store@latest)", spec)
 
 
 def _check_not_a_bad_ref(spec: str) -> None:
@@ -56,7 +80,7 @@ def _check_not_a_bad_ref(spec: str) -> None:
         raise CkptError(f"is not a ckptdiff store, so {spec!r} names no snapshot "
                         "(DIR@REF needs a store directory made by 'ckptdiff init' or 'ckptdiff snapshot')", base)
     if not ref.strip():
-        raise CkptError("nothing after '@': name a snapshot, e.g. DIR@latest, DIR@step:500 or DIR@<tag>", spec)
+        raise CkptError(_NOTHING_AFTER_AT, spec)
 
 
 def open_checkpoint(spec: str | os.PathLike[str]) -> Checkpoint:
@@ -108,4 +132,5 @@ def opened(*specs: CheckpointLike) -> Iterator[list[Checkpoint]]:
         yield out
 
 
-__all__ = ["open_checkpoint", "split_store_ref", "load_manifest", "opened", "CheckpointLike", "ManifestLike"]
+__all__ = ["open_checkpoint", "split_store_ref", "store_ref", "load_manifest", "opened", "CheckpointLike",
+           "ManifestLike"]

@@ -18,6 +18,7 @@ from typing import Any
 
 from ..errors import CkptError
 from ..progress import byte_bar
+from ..resolve import store_ref
 from ..textsafe import printable
 
 _REF_HELP = ("REF is an id or a unique id prefix (4+ hex digits), a tag, step:N (the newest\n"
@@ -198,24 +199,6 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence
     return "\n".join(lines)
 
 
-def split_ref(spec: str, *, bare_means_latest: bool = True) -> tuple[str, str]:
-    """``DIR@REF`` -> (DIR, REF); a bare DIR means its latest snapshot where that is harmless."""
-    from ..store import is_store
-
-    if "@" in spec and not is_store(spec):
-        base, _, ref = spec.rpartition("@")
-        if base and ref.strip():
-            return base, ref
-        if base:
-            raise CkptError("nothing after '@': name a snapshot, e.g. DIR@latest, DIR@step:500 or DIR@<tag>", spec)
-    if is_store(spec):
-        if bare_means_latest:
-            return spec, "latest"
-        raise CkptError("name the snapshot to remove as DIR@REF (e.g. DIR@latest or DIR@step:500); "
-                        "a bare store directory is refused so that a typo cannot delete history", spec)
-    raise CkptError("expected DIR@REF naming a snapshot in a store (e.g. runs/store@latest)", spec)
-
-
 def _store_dir(path: str) -> str:
     """The DIR argument of log/verify/gc: a store, not a snapshot of one."""
     from ..store import is_store
@@ -336,7 +319,7 @@ def run_show(args: argparse.Namespace) -> int:
     from ..store import Store
     from ..store.history import effective_manifest, roles_manifest
 
-    root, ref = split_ref(args.ref)
+    root, ref = store_ref(args.ref)
     with Store.open(root) as s:
         info = s.resolve(ref)
         entries = s.entries(info.id)
@@ -375,7 +358,7 @@ def run_show(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     from ..store import Store
 
-    root, ref = split_ref(args.ref)
+    root, ref = store_ref(args.ref)
     fmt = args.format or _export_format(args.out)
     with Store.open(root) as s:
         with byte_bar("export") as progress:
@@ -429,7 +412,7 @@ def run_verify(args: argparse.Namespace) -> int:
 def run_rm(args: argparse.Namespace) -> int:
     from ..store import Store
 
-    root, ref = split_ref(args.ref, bare_means_latest=False)
+    root, ref = store_ref(args.ref, bare_means_latest=False)
     with Store.open(root) as s:
         info = s.remove(ref)
         free = s.reclaimable_bytes()
