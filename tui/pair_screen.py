@@ -13,7 +13,6 @@ from textual import work
 from textual.widgets import Footer, Header
 from textual.worker import Worker, WorkerState, get_current_worker
 
-from ckptdiff.checkpoint import Checkpoint
 from ckptdiff.manifest import Manifest
 from ckptdiff.policy import hash_rows
 from ckptdiff.report import TensorDiff
@@ -49,17 +48,10 @@ class PairScreen(TableScreen):
     @work(thread=True, exclusive=True, group="diff", exit_on_error=False)
     def run_diff(self) -> None:
         """Open both sides, show the header-level table, then let the engine measure."""
-        from ckptdiff.resolve import open_checkpoint
+        from ckptdiff.resolve import opened
 
         worker = get_current_worker()
-        opened: list[Checkpoint] = []
-        try:
-            old = open_checkpoint(self.old_spec)
-            opened.append(old)
-            new = open_checkpoint(self.new_spec)
-            opened.append(new)
-            if worker.is_cancelled:
-                return
+        with opened(self.old_spec, self.new_spec) as (old, new):
             manifest = pair_manifest(old, new, self.manifest_path)
             rows = hash_rows(old, new, manifest)
             self.app.call_from_thread(self._headers_read, rows, manifest)
@@ -68,14 +60,13 @@ class PairScreen(TableScreen):
                 self.app.call_from_thread(self._progress, done, total)
 
             # refine reads a batch only when asked for the next one: stop asking once cancelled
-            for got in refine(rows, old, new, manifest, atol=self.atol, rtol=self.rtol, starting=starting):
-                self.app.call_from_thread(self._measured, got)
-                if worker.is_cancelled:
+            measured = refine(rows, old, new, manifest, atol=self.atol, rtol=self.rtol, starting=starting)
+            while not worker.is_cancelled:
+                got = next(measured, None)
+                if got is None:
+                    self.app.call_from_thread(self._progress, None, None)
                     return
-            self.app.call_from_thread(self._progress, None, None)
-        finally:
-            for c in opened:
-                c.close()
+                self.app.call_from_thread(self._measured, got)
 
     def _headers_read(self, rows: list[TensorDiff], manifest: Manifest | None) -> None:
         self.manifest = manifest

@@ -122,8 +122,8 @@ def _check_store(path: str) -> None:
 
 
 def _check_checkpoints(old: str, new: str, manifest: str | None) -> None:
-    from ..resolve import open_checkpoint
     from ..manifest import Manifest
+    from ..resolve import open_checkpoint
 
     for p in (old, new):
         open_checkpoint(p).close()
