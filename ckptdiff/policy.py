@@ -25,10 +25,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from functools import lru_cache
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .manifest import Manifest
 from .report import TensorDiff
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoint
 
 #: Statuses that make a frozen tensor drift whatever the tolerance.
 _LAYOUT_DRIFT = frozenset({"removed", "shape_changed", "dtype_changed"})
@@ -73,8 +76,8 @@ def pair_manifest(explicit: Manifest | None, old: Manifest | None, new: Manifest
     return roles(chosen, auxiliary)
 
 
-def checkpoints_manifest(explicit: Manifest | None, old: Any, new: Any) -> Manifest | None:
-    """:func:`pair_manifest` for two open :class:`~ckptdiff.checkpoint.Checkpoint` objects."""
+def checkpoints_manifest(explicit: Manifest | None, old: Checkpoint, new: Checkpoint) -> Manifest | None:
+    """:func:`pair_manifest` for two open checkpoints: their embedded manifests and training state."""
     return pair_manifest(explicit, old.manifest, new.manifest, tuple(old.auxiliary) + tuple(new.auxiliary))
 
 
