@@ -90,13 +90,18 @@ def check_delta(base: TensorRef, merged: TensorRef, left: np.ndarray, right: np.
         bad = ~(ratio <= 1.0)  # NaN counts as off
         off += int(np.count_nonzero(bad))
         if err.size:
-            max_error = max(max_error, float(np.max(err)))  # NaN propagates: reported as nan
-            worst = max(worst, float(np.max(ratio)))
+            max_error = _nan_max(max_error, float(np.max(err)))
+            worst = _nan_max(worst, float(np.max(ratio)))
         start += n
     if start != rows:
         raise AssertionError(f"read {start} of {rows} rows of {merged.name!r}")  # chunks cover the tensor exactly
     return MergeCheck("merge-exact" if off == 0 else "merge-off", kind, adapter_key, rank, scaling,
                       max_error=max_error, tolerance_ratio=worst, elements_off=off)
+
+
+def _nan_max(a: float, b: float) -> float:
+    """``max`` that keeps a NaN (a NaN where a number was expected is reported as nan, not hidden)."""
+    return a if a != a else b if b != b or b > a else a
 
 
 def check_copy(copy: TensorRef, merged: TensorRef, adapter_key: str) -> MergeCheck:
