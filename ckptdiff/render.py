@@ -424,13 +424,13 @@ def render_github(report: DiffReport) -> str:
     """GitHub Actions workflow commands: one annotation per drifted / stale tensor, then a summary."""
     out: list[str] = []
     where = _gh_file(report)
-    if report.lora is not None:
-        for t in report.tensors:
-            if _merge_failed(t):
-                outside = t.merge is not None and t.merge.verdict == "changed-outside"
-                out.append(_gh("error", where, f"ckptdiff: {'changed outside the adapter' if outside else 'merge-off'}: "
-                               f"{t.name}", f"{t.name} {'is not in the adapter but ' if outside else ''}{describe(t)}"))
-    for t in ([] if report.lora is not None else report.drifted):
+    for t in report.tensors if report.lora is not None else ():
+        if _merge_failed(t):
+            outside = t.merge is not None and t.merge.verdict == "changed-outside"
+            title = "changed outside the adapter" if outside else "merge-off"
+            out.append(_gh("error", where, f"ckptdiff: {title}: {t.name}",
+                           f"{t.name} {'is not in the adapter but ' if outside else ''}{describe(t)}"))
+    for t in report.drifted if report.lora is None else ():  # a merge check words its own annotations
         out.append(_gh("error", where, f"ckptdiff: frozen tensor drifted: {t.name}",
                        f"{t.name} is frozen but {describe(t)}"))
     for t in report.stale:
@@ -500,8 +500,7 @@ _NAME_MIN = 24
 
 def _cells(t: TensorDiff) -> dict[str, str]:
     return {"flag": flag(t), "name": printable(t.name), "status": _STATUS_LABEL[t.status], "merge": fmt_merge(t),
-            "role": t.role,
-            "dtype": fmt_dtype(t), "shape": fmt_shape(t), "max": fmt_num(t.max_abs_delta),
+            "role": t.role, "dtype": fmt_dtype(t), "shape": fmt_shape(t), "max": fmt_num(t.max_abs_delta),
             "mean": fmt_num(t.mean_abs_delta), "rel": fmt_num(t.rel_l2), "changed": fmt_changed(t)}
 
 
@@ -512,7 +511,8 @@ def _table(rows: list[TensorDiff], width: int) -> tuple[Any, list[str]]:
 
     cells = [_cells(t) for t in rows]
     need = {key: max([cell_len(head)] + [cell_len(c[key]) for c in cells]) for key, head, _ in _COLUMNS}
-    keys = [key for key, _, _ in _COLUMNS if key != "merge" or any(t.merge is not None for t in rows)]
+    columns = [c for c in _COLUMNS if c[0] != "merge" or any(t.merge is not None for t in rows)]
+    keys = [key for key, _, _ in columns]
 
     def fits(ks: list[str]) -> bool:
         used = sum(need[k] for k in ks if k != "name") + 2 * (len(ks) - 1)
@@ -523,18 +523,19 @@ def _table(rows: list[TensorDiff], width: int) -> tuple[Any, list[str]]:
             break
         keys.remove(key)
     table = Table(box=None, pad_edge=False, header_style="bold")
-    for key, head, right in _COLUMNS:
+    for key, head, right in columns:
         if key in keys:
             if key == "name":
                 table.add_column(head, overflow="fold", min_width=min(need["name"], _NAME_MIN))
             else:
                 table.add_column(head, justify="right" if right else "left", no_wrap=True)
     for t, c in zip(rows, cells):
-        style = "red" if t.drift or _merge_failed(t) else "yellow" if t.stale else "dim" if t.status == "identical" else None
+        style = ("red" if t.drift or _merge_failed(t) else "yellow" if t.stale else "dim" if t.status == "identical"
+                 else None)
         # Text, never markup: names and values are shown exactly as they are.
         table.add_row(*[Text(c[k], style="bold") if k == "flag" else Text(c[k]) for k in keys], style=style)
     headers = dict((k, h) for k, h, _ in _COLUMNS)
-    return table, [headers[k] for k, _, _ in _COLUMNS if k not in keys]
+    return table, [headers[k] for k, _, _ in columns if k not in keys]
 
 
 def render(report: DiffReport, fmt: str, file: IO[str], *, show_all: bool = False,

@@ -209,7 +209,8 @@ class DiffReport:
 
 
 #: What MERGED should equal, per MergeCheck.kind, in the words of messages.
-_EXPECTED = {"lora": "BASE + scaling·B@A beyond tolerance", "lora-bias": "BASE + scaling·lora_B.bias beyond tolerance",
+_EXPECTED = {"lora": "BASE + scaling·B@A beyond tolerance",
+             "lora-bias": "BASE + scaling·lora_B.bias beyond tolerance",
              "copy": "the adapter's copy"}
 
 
@@ -217,7 +218,8 @@ def merge_off_text(m: MergeCheck) -> str:
     """``merge-off by X (...)``: what every renderer says about a target that does not verify."""
     if m.max_error is None:
         return f"merge-off ({m.note})" if m.note else "merge-off"
-    return f"merge-off by {m.max_error:.3g} ({m.elements_off} elements differ from {_EXPECTED.get(m.kind or '', 'expected')})"
+    expected = _EXPECTED.get(m.kind or "", "expected")
+    return f"merge-off by {m.max_error:.3g} ({m.elements_off} elements differ from {expected})"
 
 
 def _what(t: TensorDiff) -> str:

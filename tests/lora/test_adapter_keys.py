@@ -42,7 +42,8 @@ def test_one_rule_maps_every_name():
     rule, mapping = match_names(["enc.q.weight", "enc.k.weight", "head.weight"], base, "x")
     assert rule == NameRule(0, "model.") and mapping["head.weight"] == "model.head.weight"
     rule, mapping = match_names(["outer.enc.q.weight", "outer.enc.k.weight"], {"enc.q.weight", "enc.k.weight"}, "x")
-    assert rule == NameRule(1) and mapping == {"outer.enc.q.weight": "enc.q.weight", "outer.enc.k.weight": "enc.k.weight"}
+    assert rule == NameRule(1)
+    assert mapping == {"outer.enc.q.weight": "enc.q.weight", "outer.enc.k.weight": "enc.k.weight"}
     with pytest.raises(CkptError, match="adapter target 'enc.v.weight' has no tensor in BASE \\(looked for "
                                         "'model.enc.v.weight', matching adapter names prefixed with 'model.'"):
         match_names(["enc.q.weight", "enc.v.weight"], base, "x")
