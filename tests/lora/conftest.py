@@ -14,8 +14,9 @@ CASES: dict[str, dict[str, Any]] = {
     # Linear targets, an embedding target, and a classifier head in modules_to_save.
     "bert": dict(kind="bert", r=4, lora_alpha=8, target_modules=["query", "value", "word_embeddings"],
                  modules_to_save=["classifier"]),
-    # GPT-2's Conv1D stores weights (in, out): fan_in_fan_out; rsLoRA scaling alpha/sqrt(r).
-    "gpt2_rslora": dict(kind="gpt2", r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True,
+    # GPT-2's Conv1D stores weights (in, out): fan_in_fan_out (attn.c_proj is square: the config decides);
+    # rsLoRA scaling alpha/sqrt(r).
+    "gpt2_rslora": dict(kind="gpt2", r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True,
                         use_rslora=True),
     # bf16 weights (PEFT keeps the factors in float32 and merges through float32 on CPU).
     "bf16": dict(kind="bert", dtype="bfloat16", r=4, lora_alpha=8, target_modules=["query", "key", "dense"]),

@@ -96,6 +96,17 @@ def test_kinds_name_what_the_adapter_holds(lora_case, capsys):
     assert merges(rb)["bert.encoder.layer.0.attention.self.query.bias"]["kind"] == "lora-bias"
 
 
+def test_orientation_comes_from_the_shape_and_for_square_weights_from_the_config(lora_case, capsys, tmp_path):
+    """With fan_in_fan_out wrongly false, only the square Conv1D weights (attn.c_proj) are checked un-transposed."""
+    case = lora_case("gpt2_rslora")
+    rc, report = verify_json(capsys, case.base, case.merged,
+                             broken_adapter(case, tmp_path, config=_set("fan_in_fan_out", False)))
+    assert rc == 1
+    off = {n for n, m in merges(report).items() if m["verdict"] == "merge-off"}
+    assert off == {"h.0.attn.c_proj.weight", "h.1.attn.c_proj.weight"}
+    assert {n for n, m in merges(report).items() if m["verdict"] == "merge-exact"} == set(case.targets) - off
+
+
 def test_base_saved_under_another_prefix_still_maps(lora_case, capsys, tmp_path):
     """A base saved from a wrapper (names under 'model.') is matched by one rule for the whole adapter."""
     case = lora_case("bert")
@@ -112,24 +123,34 @@ def test_base_saved_under_another_prefix_still_maps(lora_case, capsys, tmp_path)
 
 def test_row_blocks_give_the_same_verdicts(lora_case, monkeypatch):
     """Memory is bounded by checking a few rows at a time; the verdicts must not depend on the block size."""
+    from ckptdiff.checkpoint import TensorRef
     from ckptdiff.lora import check, verify_merge
 
     case = lora_case("bert")
     whole = verify_merge(case.base, case.merged, case.adapter)
     monkeypatch.setattr(check, "BLOCK_ELEMENTS", 40)  # one 32-wide row per block
-    seen: list[int] = []
-    real = check.check_delta
+    checking: list[bool] = []
+    elements: list[int] = []  # elements per chunk the merge check read
+    chunks, check_delta = TensorRef.chunks, check.check_delta
 
-    def spy(base, merged, left, right, **kw):
-        sizes = [c.nbytes for c in base.chunks(max(1, check.BLOCK_ELEMENTS // right.shape[1]) * right.shape[1]
-                                               * base.itemsize)]
-        seen.append(max(sizes))
-        return real(base, merged, left, right, **kw)
+    def counted(self, *args, **kwargs):
+        for c in chunks(self, *args, **kwargs):
+            if checking:
+                elements.append(c.nbytes // self.itemsize)
+            yield c
 
+    def spy(*args, **kwargs):
+        checking.append(True)
+        try:
+            return check_delta(*args, **kwargs)
+        finally:
+            checking.pop()
+
+    monkeypatch.setattr(TensorRef, "chunks", counted)
     monkeypatch.setattr("ckptdiff.lora.check_delta", spy)
     blocked = verify_merge(case.base, case.merged, case.adapter)
     assert [(t.name, t.merge.verdict) for t in blocked.tensors] == [(t.name, t.merge.verdict) for t in whole.tensors]
-    assert seen and max(seen) <= 40 * 4
+    assert max(elements) == 32 and len(elements) >= 2 * (4 * 32 + 64)  # base and merged, row by row
 
 
 # ---------------------------------------------------------------------------
