@@ -14,6 +14,7 @@ module at a time, in blocks of rows, so memory stays flat.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable
 
 from ..checkpoint import Checkpoint, TensorRef
@@ -53,6 +54,7 @@ def verify_merge(base: CheckpointLike, merged: CheckpointLike, adapter: Checkpoi
     if fail_on is not None and fail_on not in FAIL_ON:
         raise CkptError(f"a LoRA merge check fails on drift or never, not {fail_on!r} "
                         "(every merged target changes, by design)")
+    started = time.perf_counter()
     opened: list[Checkpoint] = []
     try:
         ad = _open_adapter(adapter, opened)
@@ -69,6 +71,7 @@ def verify_merge(base: CheckpointLike, merged: CheckpointLike, adapter: Checkpoi
             else:
                 td.merge = _check(target, ad, a.get(td.name), b.get(td.name))
         report.lora = plan.describe(ad)
+        report.elapsed_s = time.perf_counter() - started
         return report
     finally:
         for ck in reversed(opened):
