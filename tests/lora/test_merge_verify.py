@@ -318,3 +318,16 @@ def test_adapter_path_that_is_not_a_directory(lora_case, capsys):
     case = lora_case("bert")
     rc, _, err = run(capsys, "diff", case.base, case.merged, "--lora", case.base)
     assert rc == 2 and "is not a directory" in err and err.count("\n") == 1
+
+
+def test_a_safetensors_merge_check_does_not_import_torch(lora_case):
+    import subprocess
+    import sys
+
+    case = lora_case("bert")
+    code = ("import sys; from ckptdiff.cli import main; rc = main(sys.argv[1:]); "
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH'); sys.exit(rc)")
+    p = subprocess.run([sys.executable, "-c", code, "diff", case.base, case.merged, "--lora", case.adapter, "-q"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "NO-TORCH"
