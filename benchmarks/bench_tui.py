@@ -1,4 +1,4 @@
-"""How fast ``ckptdiff tui STORE`` shows its first screen on a big history (issue 5).
+"""How fast ``ckptdiff tui STORE`` shows its first screen on a big history.
 
 Target: a store of 200 snapshots x 1,000 tensors shows its first screen (the
 snapshot list and the latest snapshot's tensor table vs the first) within 1 s
