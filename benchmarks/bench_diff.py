@@ -36,7 +36,7 @@ from dataclasses import dataclass
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from _measure import Timing, run_once, time_command, time_interleaved, warm  # noqa: E402
+from _measure import Timing, cpu_model, run_once, time_command, time_interleaved, warm  # noqa: E402
 
 #: The project's speed targets (on a 2-core machine).
 TARGET_VS_FLOOR = 3.0
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     big_case = bench_pair(big_pair, ["cat", "ckptdiff"], 3, log) if big_pair else None
 
     all_cases = ([startup] if startup else []) + cases + ([big_case] if big_case else [])
-    lines = [f"ckptdiff diff benchmark - {platform.machine()}, {os.cpu_count()} CPUs, "
+    lines = [f"ckptdiff diff benchmark - {cpu_model()} ({platform.machine()}), {os.cpu_count()} CPUs, "
              f"Python {platform.python_version()}, page cache warm, best of N wall time per process", ""]
     lines += table(all_cases)
     lines += ["", "| target | measured | wanted | met |", "|---|---:|---:|:---:|"]

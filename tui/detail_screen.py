@@ -179,7 +179,8 @@ def by_step(steps: Sequence[int | None], values: Sequence[float], samples: int =
     if len(values) < 2 or len(known) != len(steps) or any(b <= a for a, b in zip(known, known[1:])):
         return list(values)
     first, last = known[0], known[-1]
-    out, k = [], 0
+    out: list[float] = []
+    k = 0
     for i in range(samples):
         at = first + (last - first) * i / (samples - 1)
         while k + 1 < len(known) and known[k + 1] <= at:

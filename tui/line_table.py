@@ -69,10 +69,10 @@ class LineTable(ScrollView, can_focus=True):
     columns: tuple[tuple[str, str], ...] = ()
     right_aligned: frozenset[str] = frozenset()
     min_width: dict[str, int] = {}
+    max_width: dict[str, int] = {}
     #: Cell styles that stay on the cursor row (an alarm such as the red drift marker must not
     #: vanish under the cursor); every other cell takes the cursor's colours.
     cursor_keeps: frozenset[Style] = frozenset()
-    max_width: dict[str, int] = {}
 
     cursor_row: reactive[int] = reactive(0, always_update=True)
 
