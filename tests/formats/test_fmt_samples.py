@@ -126,15 +126,18 @@ def _verdicts(folder: str, ext: str) -> dict[str, list[tuple[str, str, str, bool
             for stem in STEMS[1:]}
 
 
-@pytest.fixture(scope="module")
-def regenerated(tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("regen")
-    subprocess.run([sys.executable, os.path.join(SAMPLES, "make_samples.py"), str(out)], check=True,
+def test_generator_reproduces_the_committed_samples(tmp_path):
+    """One regeneration (a few seconds of training), checked three ways."""
+    out = str(tmp_path / "regen")
+    subprocess.run([sys.executable, os.path.join(SAMPLES, "make_samples.py"), out], check=True,
                    capture_output=True, timeout=300)
-    return str(out)
+    _same_tensors_within_tolerance(out)
+    _formats_hold_the_same_bytes(out)
+    for ext in EXTS:  # status, role, drift and staleness of every tensor, base against each fine-tune
+        assert _verdicts(out, ext) == _verdicts(SAMPLES, ext), ext
 
 
-def test_generator_reproduces_the_committed_tensors(regenerated):
+def _same_tensors_within_tolerance(regenerated: str) -> None:
     with open(os.path.join(SAMPLES, "manifest.json")) as a, open(os.path.join(regenerated, "manifest.json")) as b:
         assert json.load(a) == json.load(b)
     for f in FILES[:-1]:
@@ -155,16 +158,10 @@ def test_generator_reproduces_the_committed_tensors(regenerated):
             assert float(np.abs(y64 - x64).max(initial=0.0)) <= bound, (f, n)
 
 
-def test_regenerated_formats_hold_the_same_bytes(regenerated):
+def _formats_hold_the_same_bytes(regenerated: str) -> None:
     """One run writes one set of tensors four ways: those agree bit for bit on any CPU."""
     for stem in STEMS:
         ref = _arrays(os.path.join(regenerated, f"{stem}.safetensors"))
         for ext in ("pt", "h5", "npz"):
             got = _arrays(os.path.join(regenerated, f"{stem}.{ext}"), set(ref))
             assert {n: a.tobytes() for n, a in got.items()} == {n: a.tobytes() for n, a in ref.items()}, ext
-
-
-@pytest.mark.parametrize("ext", EXTS)
-def test_regenerated_samples_give_the_committed_verdicts(regenerated, ext):
-    """Status, role, drift and staleness of every tensor, base against each fine-tune."""
-    assert _verdicts(regenerated, ext) == _verdicts(SAMPLES, ext)
