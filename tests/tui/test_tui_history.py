@@ -419,6 +419,7 @@ def test_per_tensor_metrics_are_never_a_column() -> None:
 
 @run_async
 async def test_the_drift_marker_stays_red_on_the_cursor_row(history) -> None:
+    """In the snapshot list and in the tensor table: the cursor's colours cover the row, not the alarm."""
     app = app_for(history)
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot)
@@ -434,3 +435,10 @@ async def test_the_drift_marker_stays_red_on_the_cursor_row(history) -> None:
         off_cursor = marker_colours(hl.cursor_row - 1)
         assert on_cursor[0] == off_cursor[0] == "red"
         assert on_cursor[1] != off_cursor[1]  # still the cursor row: its background stays
+        # the tensor table's "▲ DRIFT" flag, on its cursor row (the top row: drift comes first)
+        table = app.screen.table
+        assert table.cursor_row == 0 and table.shown[0].drift
+        strip = table.render_line(1 - round(table.scroll_y))
+        flag = next(seg for seg in strip if "▲ DRIFT" in seg.text)
+        name = next(seg for seg in strip if table.shown[0].name in seg.text)
+        assert flag.style.color.name == "red" and name.style.color.name != "red"
