@@ -26,8 +26,9 @@ def trainable_names(manifest: ManifestLike, model: Any) -> str | list[str] | Non
     Patterns pass through (the hook refuses one that matches nothing). A
     Manifest or manifest file is resolved against the model's parameter names
     with the manifest's own rules (most specific pattern wins, frozen on a
-    tie), so a ``frozen`` exception inside a ``trainable`` glob stays frozen;
-    with only ``frozen`` patterns, every other parameter is trainable.
+    tie), so a ``frozen`` exception inside a ``trainable`` glob stays frozen.
+    Where it says nothing (a name no pattern matches when both ``trainable``
+    and ``frozen`` are listed), the live model decides: ``requires_grad``.
     """
     if manifest is None:
         return None
@@ -35,8 +36,8 @@ def trainable_names(manifest: ManifestLike, model: Any) -> str | list[str] | Non
         manifest = Manifest.load(manifest)
     if not isinstance(manifest, Manifest):
         return manifest if isinstance(manifest, str) else list(manifest)
-    names = [n for n, _ in model.named_parameters(remove_duplicate=False)
-             if manifest.role(n) not in ("frozen", "buffer")]
+    names = [n for n, p in model.named_parameters(remove_duplicate=False)
+             if manifest.role(n) == "trainable" or (manifest.role(n) == "unknown" and p.requires_grad)]
     if not names:
         from ..hook import TrackerError
 

@@ -15,11 +15,13 @@ With one optimizer its ``step()`` is hooked, so snapshots and drift checks
 happen per optimizer step (``accumulate_grad_batches`` batches make one) and
 a drift is caught inside the step that causes it. With several optimizers
 (GANs, manual optimization) the callback counts ``trainer.global_step``
-instead and roles come from ``requires_grad``. ``start_step`` is
-``trainer.global_step`` at ``on_train_start``, after a ``ckpt_path`` resume
-restored it. Logged values (``trainer.callback_metrics``, and the
-``training_step`` loss) become metrics of the snapshot of the step they were
-logged at, on global rank zero; the hook itself writes only on rank 0.
+instead and roles come from ``requires_grad``. The tracker attaches at the
+first training batch, after the module's own ``on_train_epoch_start`` (where a
+frozen backbone is put back in eval mode), with ``start_step`` =
+``trainer.global_step``, which a ``ckpt_path`` resume has restored by then.
+What the module logs with ``self.log`` (``trainer.callback_metrics``)
+becomes metrics of the snapshot of the step it was logged at, on global rank
+zero; the hook itself writes only on rank 0.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class CkptdiffCallback(*_callback_bases()):  # type: ignore[misc]
                  manifest: ManifestLike = None, on_drift: str = "warn", **track_options: Any) -> None:
         super().__init__()
         self._run = TrackedRun(store, every, manifest, on_drift, track_options)
+        self._attach_pending = False
         self._count_steps = False  # no single optimizer to hook: count global steps here
         self._seen_step = 0
 
@@ -75,6 +78,14 @@ class CkptdiffCallback(*_callback_bases()):  # type: ignore[misc]
         return self._run.tracker
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._attach_pending = True
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        # Attached here rather than in on_train_start: the module's own on_train_epoch_start (where a frozen
+        # backbone is put back in eval mode) has run, so the audit sees the model as it really trains.
+        if not self._attach_pending:
+            return
+        self._attach_pending = False
         optimizers = list(trainer.optimizers)
         optimizer = optimizers[0] if len(optimizers) == 1 else None
         self._count_steps = optimizer is None
@@ -90,13 +101,10 @@ class CkptdiffCallback(*_callback_bases()):  # type: ignore[misc]
                 self._run.tracker.step()
         self._seen_step = step
         if trainer.is_global_zero:
-            metrics = dict(trainer.callback_metrics)
-            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-            if "loss" not in metrics and loss is not None:
-                metrics["loss"] = loss
-            self._run.log(step, metrics)
+            self._run.log(step, trainer.callback_metrics)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._attach_pending = False
         self._run.finish()
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:

@@ -222,3 +222,56 @@ def test_peft_lora_run_trains_only_the_adapters_and_checks_the_whole_base(tmp_pa
     np.testing.assert_array_equal(snapshot_array(store, "final", lora_b), as_numpy(model.get_parameter(lora_b)))
     assert np.any(snapshot_array(store, "final", lora_b))  # ... and trained
     np.testing.assert_array_equal(snapshot_array(store, "final", base), snapshot_array(store, "baseline", base))
+
+
+class CrashAt(TrainerCallback):
+    """Fails the run after optimizer step ``step`` (a dead data loader, an OOM: no Trainer event follows)."""
+
+    def __init__(self, step: int | None) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise RuntimeError("the data loader died")
+
+
+def test_a_run_that_raised_is_closed_by_the_next_train_call(tmp_path):
+    store = tmp_path / "runs"
+    model = tiny_bert()
+    freeze(model.bert)
+    crash = CrashAt(2)
+    callback = CkptdiffCallback(store=store, every=10)
+    trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=3), train_dataset=Tokens(),
+                      callbacks=[crash, callback])
+    with pytest.raises(RuntimeError, match="data loader died"):
+        trainer.train()
+    first = callback.tracker
+    assert open_tracker(model) is first  # the Trainer has no exception event: without add_to it stays open
+    crash.step = None
+    trainer.train()
+
+    assert callback.tracker is not first and open_tracker(model) is None and first.errors == []
+    assert history(store) == [(0, "baseline"), (2, "interrupted"), (0, "baseline"), (3, "final")]
+
+
+def test_attaches_before_the_first_update_when_the_optimizer_is_created_late(tmp_path):
+    store = tmp_path / "runs"
+    model = tiny_bert()
+    args = training_args(tmp_path)
+    state, control = transformers.TrainerState(global_step=5), transformers.TrainerControl()
+    callback = CkptdiffCallback(store=store, every=1, manifest=["classifier.*"])
+    callback.on_train_begin(args, state, control, model=model, optimizer=None)
+    assert callback.tracker is None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)  # a Trainer that builds it after the event
+    callback.on_step_begin(args, state, control, model=model, optimizer=optimizer)
+    batch = Tokens()[0:4]
+    with pytest.warns(DriftWarning, match="moved at step 6"):  # the manifest says only the head trains
+        model(**batch).loss.backward()
+        optimizer.step()
+    state.global_step = 6
+    callback.on_log(args, state, control, logs={"loss": 0.25, "note": [1]})
+    callback.on_train_end(args, state, control)
+
+    assert sorted(callback.tracker.manifest.trainable) == ["classifier.bias", "classifier.weight"]
+    assert history(store) == [(5, "baseline"), (6, "drift"), (6, None), (6, "final")]
+    assert snapshot_rows(store)[2].info.metrics == {"loss": 0.25}  # the list-valued log is left out
