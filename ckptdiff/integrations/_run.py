@@ -14,6 +14,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ..hook import TrackerError
 from ..manifest import Manifest
 
 #: What ``manifest=`` may be: a Manifest, a manifest JSON file, or trainable glob patterns.
@@ -39,10 +40,8 @@ def trainable_names(manifest: ManifestLike, model: Any) -> str | list[str] | Non
     names = [n for n, p in model.named_parameters(remove_duplicate=False)
              if manifest.role(n) == "trainable" or (manifest.role(n) == "unknown" and p.requires_grad)]
     if not names:
-        from ..hook import TrackerError
-
-        raise TrackerError("the manifest calls every parameter of the model frozen: nothing would train "
-                           f"(its patterns: {manifest.to_json()})")
+        raise TrackerError(f"the manifest ({manifest.source or 'given'}) calls every parameter of the model "
+                           f"frozen: nothing would train (trainable patterns: {list(manifest.trainable)})")
     return names
 
 

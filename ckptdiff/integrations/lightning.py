@@ -108,6 +108,7 @@ class CkptdiffCallback(*_callback_bases()):  # type: ignore[misc]
         self._run.finish()
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._attach_pending = False
         self._run.fail(exception)
 
 

@@ -157,3 +157,21 @@ def test_two_optimizers_are_counted_by_global_step(tmp_path):
     for step in (2, 4):
         np.testing.assert_array_equal(snapshot_array(store, f"step:{step}", "b.weight"), reference.after[step])
     assert [r.drift for r in snapshot_rows(store)] == [0] * 4
+
+
+def test_resumed_fit_continues_the_history_from_the_checkpoint_step(tmp_path):
+    pl = importlib.import_module(PACKAGES[0])
+    store = tmp_path / "runs"
+    first = trainer(pl, [CkptdiffCallback(store=store, every=2)], max_steps=2)
+    first.fit(lightning_module(pl, backbone_eval=True), loader())
+    first.save_checkpoint(tmp_path / "step2.ckpt")
+    after_two = snapshot_array(store, "latest", "head.weight")
+
+    module = lightning_module(pl, backbone_eval=True)
+    trainer(pl, [CkptdiffCallback(store=store, every=2)], max_steps=4).fit(
+        module, loader(), ckpt_path=str(tmp_path / "step2.ckpt"))
+
+    assert history(store) == [(0, "baseline"), (2, None), (2, "final"), (2, "baseline"), (4, None), (4, "final")]
+    rows = snapshot_rows(store)
+    np.testing.assert_array_equal(snapshot_array(store, rows[3].info.id, "head.weight"), after_two)
+    np.testing.assert_array_equal(snapshot_array(store, "latest", "head.weight"), as_numpy(module.head.weight))
