@@ -203,7 +203,7 @@ def _refuse_to_clobber_a_checkpoint(path: str, inputs: tuple[str, ...]) -> None:
 
     store = owning_store(path)
     if store is not None:
-        raise CkptError(f"--output is inside the store {store} (its database, blobs/ or tmp/); "
+        raise CkptError(f"--output is inside the store {store} (its database, blobs/, packs/ or tmp/); "
                         "refusing to write the report there", path)
     if not os.path.isfile(path):
         return

@@ -6,6 +6,11 @@ complete: a writer killed at any instant leaves at worst a stray temp file
 (``gc`` sweeps those). File names come only from validated hex digests, never
 from tensor names. The digest is always of the raw little-endian bytes, so a
 compressed blob and a plain file of the same tensor hash alike.
+
+Objects smaller than :data:`~.packs.SMALL_OBJECT_BYTES` written by a
+snapshot go into that snapshot's pack file instead (see :mod:`.packs`); every
+reader here finds an object in a pack or as a loose file alike, so stores
+written before packs existed read unchanged.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from blake3 import blake3
 from ..checkpoint import TensorRef
 from ..errors import CkptError, FormatError
 from . import compress
+from .packs import PACK_DIR, SMALL_OBJECT_BYTES, IDX_SUFFIX, PACK_SUFFIX, Located, PackError, PackSet, PackWriter
 
 BLOB_DIR = "blobs"
 TMP_DIR = "tmp"
@@ -95,6 +101,7 @@ class BlobDir:
         self.tmp = os.path.join(root, TMP_DIR)
         self.compressed = compressed
         self.level = level
+        self.packs = PackSet(root)
 
     # -- naming -------------------------------------------------------------------
     def path(self, h: str) -> str:
@@ -103,11 +110,40 @@ class BlobDir:
         return os.path.join(self.dir, h)
 
     def exists(self, h: str) -> bool:
-        return os.path.isfile(self.path(h))
+        """Whether the object is stored, packed (as of the last refresh) or loose."""
+        return h in self.packs.index or os.path.isfile(self.path(h))
+
+    def missing(self, hashes: Iterable[str]) -> list[str]:
+        """The hashes not stored now (packs re-listed first: other writers may have published)."""
+        self.packs.refresh()
+        return [h for h in hashes if not self.exists(h)]
+
+    def stored_size(self, h: str) -> int:
+        loc = self.packs.index.get(h)
+        if loc is not None:
+            return loc.length
+        try:
+            return os.stat(self.path(h)).st_size
+        except OSError:
+            return 0
+
+    def locate(self, h: str) -> tuple[str, int, int]:
+        """(file, offset, stored length) of an object: a loose blob file, or its span in a pack."""
+        path = self.path(h)
+        if h not in self.packs.index and not os.path.exists(path):
+            self.packs.refresh()
+        loc = self.packs.index.get(h)
+        if loc is not None:
+            return os.path.join(self.root, PACK_DIR, loc.pack + PACK_SUFFIX), loc.offset, loc.length
+        return path, 0, os.stat(path).st_size
+
+    def new_pack(self) -> PackWriter:
+        """A pack of this writer's own for a snapshot's small objects (publish or abort it)."""
+        return PackWriter(self.root, self.tmp, self.compressed, lambda fd, b: _write_all(fd, b), fsync_dir)
 
     # -- writing ------------------------------------------------------------------
     def put(self, t: TensorRef, advance: Advance = _noop) -> tuple[str, bool]:
-        """Store ``t``'s bytes; returns (hash, whether a new blob file was created).
+        """Store ``t``'s bytes as a loose blob file; returns (hash, whether a new file was created).
 
         A known ``t.hash`` whose blob exists costs one stat and no read.
         Mmap-backed tensors are hashed first (cheap) so bytes already stored are
@@ -143,6 +179,38 @@ class BlobDir:
             _unlink(tmp)
             raise
         return h, True
+
+    def put_packed(self, t: TensorRef, pack: PackWriter) -> str:
+        """Store a small tensor's bytes in ``pack`` unless already stored; returns its hash.
+
+        Kept lean: a 200,000-tensor snapshot calls it 200,000 times.
+        """
+        known = t.hash
+        if known is not None and valid_hash(known) and self._stored(known, pack):
+            return known
+        whole = t.buffer()
+        data = whole if whole is not None else b"".join(t.chunks(IO_BYTES))
+        h = blake3(data).hexdigest()
+        self._check_known(t, h)
+        if self._stored(h, pack):
+            return h
+        if self.compressed:
+            if pack.cctx is None:  # one zstd context per pack: contexts are not thread-safe
+                import zstandard
+
+                pack.cctx = zstandard.ZstdCompressor(level=self.level)
+            info = t.dtype_info
+            stored: bytes | memoryview = compress.encode(data, compress.group_for(info.kind, info.itemsize, t.nbytes),
+                                                         pack.cctx)
+        else:
+            stored = data
+        pack.add(h, stored, t.nbytes)
+        return h
+
+    def _stored(self, h: str, pack: PackWriter) -> bool:
+        if h in pack.objects or h in self.packs.index:
+            return True
+        return h in pack.loose if pack.loose is not None else os.path.isfile(self.path(h))
 
     def _check_known(self, t: TensorRef, h: str) -> None:
         if t.hash is not None and t.hash != h:
@@ -193,6 +261,13 @@ class BlobDir:
     # -- reading ------------------------------------------------------------------
     def pieces(self, h: str, nbytes: int, where: str) -> Iterator[bytes]:
         """The raw bytes of a blob in pieces, checking its size (not its hash)."""
+        loc = self.packs.index.get(h)
+        if loc is None and not os.path.exists(self.path(h)):
+            self.packs.refresh()  # another process may have published or repacked it
+            loc = self.packs.index.get(h)
+        if loc is not None:
+            yield from self._packed_pieces(h, loc, nbytes, where)
+            return
         path = self.path(h)
         try:
             f = open(path, "rb")  # noqa: SIM115 - closed in finally; a generator
@@ -216,13 +291,46 @@ class BlobDir:
                 left -= len(piece)
                 yield piece
 
+    def _packed_pieces(self, h: str, loc: Located, nbytes: int, where: str) -> Iterator[bytes]:
+        try:
+            try:
+                stored = self.packs.read(loc)
+            except FileNotFoundError:  # a gc repacked it since we indexed: look again
+                self.packs.refresh()
+                again = self.packs.index.get(h)
+                if again is None:
+                    raise FormatError(f"blob {h[:16]}… is missing (run 'ckptdiff verify')", where) from None
+                stored = self.packs.read(again)
+        except PackError as e:
+            raise FormatError(f"blob {h[:16]}…: {e} (run 'ckptdiff verify')", where) from None
+        except (OSError, ValueError) as e:
+            raise CkptError(f"cannot read blob {h[:16]}… from its pack: {getattr(e, 'strerror', None) or e}",
+                            where) from None
+        yield from self._decode(h, stored, nbytes, where)
+
+    def _decode(self, h: str, stored: bytes, nbytes: int, where: str) -> Iterator[bytes]:
+        """A packed object's raw bytes from its stored bytes (which are whole: objects are small)."""
+        if self.compressed:
+            import io
+
+            yield from compress.decode_frames(io.BytesIO(stored).read, nbytes, where)
+            return
+        if len(stored) != nbytes:
+            raise FormatError(f"blob {h[:16]}… holds {len(stored)} bytes, expected {nbytes} "
+                              "(run 'ckptdiff verify')", where)
+        yield stored
+
     def check(self, h: str, nbytes: int, advance: Advance = _noop) -> str | None:
         """Re-hash one blob: None if sound, else what is wrong with it."""
         if not valid_hash(h):
             return f"invalid hash {h!r}"
+        return self._rehash(h, self.pieces(h, nbytes, self.path(h)), advance)
+
+    @staticmethod
+    def _rehash(h: str, pieces: Iterator[bytes], advance: Advance) -> str | None:
         hasher = blake3()
         try:
-            for piece in self.pieces(h, nbytes, self.path(h)):
+            for piece in pieces:
                 hasher.update(piece)
                 advance(len(piece))
         except FormatError as e:
@@ -234,9 +342,48 @@ class BlobDir:
             return f"content hashes to {got[:16]}…: the blob is corrupt"
         return None
 
+    def check_all(self, need: Mapping[str, int], advance: Advance = _noop) -> tuple[dict[str, str], list[str]]:
+        """Re-hash every object ``need`` names (hash -> raw size) and every packed one.
+
+        Returns (hash -> problem for needed objects, problems of the packs
+        themselves: a damaged index, a corrupt object no snapshot uses). Packs
+        are read pack by pack, in file order, not object by object.
+        """
+        self.packs.refresh()
+        bad: dict[str, str] = {}
+        other: list[str] = [f"pack {name}: its index is unreadable ({why}); its objects are lost"
+                            for name, why in sorted(self.packs.damaged.items())]
+        seen: set[str] = set()
+        for name in sorted(self.packs.packs):
+            comp = None
+            try:
+                comp = self.packs.compressed(name)
+            except (PackError, OSError):
+                pass
+            for h, stored, nbytes, problem in self.packs.check_pack(name):
+                want = need.get(h)
+                if problem is None and comp != self.compressed:
+                    problem = "pack has a damaged header"
+                if problem is None:
+                    size = nbytes if want is None else want
+                    problem = self._rehash(h, self._decode(h, stored, size, name), advance if want else _noop)
+                if problem is None:
+                    seen.add(h)
+                    bad.pop(h, None)  # a sound copy elsewhere serves
+                elif want is not None and h not in seen:
+                    bad[h] = problem
+                elif want is None:
+                    other.append(f"pack {name}: object {h[:16]}… (used by no snapshot): {problem}")
+        for h, nbytes in need.items():
+            if h not in seen and h not in bad:
+                problem = self.check(h, nbytes, advance)
+                if problem is not None:
+                    bad[h] = problem
+        return bad, other
+
     # -- housekeeping -------------------------------------------------------------
-    def scan(self) -> Iterator[tuple[str, int]]:
-        """(hash, bytes on disk) of every blob file; other names are ignored."""
+    def scan_loose(self) -> Iterator[tuple[str, int]]:
+        """(hash, bytes on disk) of every loose blob file; other names are ignored."""
         try:
             it = os.scandir(self.dir)
         except FileNotFoundError:
@@ -249,11 +396,32 @@ class BlobDir:
                     except FileNotFoundError:
                         continue
 
+    def scan(self) -> Iterator[tuple[str, int]]:
+        """(hash, stored bytes) of every object, loose or packed (packs re-listed first)."""
+        self.packs.refresh()
+        loose = dict(self.scan_loose())
+        yield from loose.items()
+        for h, loc in self.packs.index.items():
+            if h not in loose:
+                yield h, loc.length
+
     def usage(self) -> int:
-        return sum(size for _, size in self.scan())
+        """Bytes on disk: loose blob files plus pack and index files."""
+        total = sum(size for _, size in self.scan_loose())
+        try:
+            with os.scandir(os.path.join(self.root, PACK_DIR)) as it:
+                for de in it:
+                    if de.name.endswith((PACK_SUFFIX, IDX_SUFFIX)):
+                        try:
+                            total += de.stat(follow_symlinks=False).st_size
+                        except FileNotFoundError:
+                            continue
+        except FileNotFoundError:
+            pass
+        return total
 
     def remove(self, h: str) -> int:
-        """Delete a blob; returns the bytes freed (0 if already gone)."""
+        """Delete a loose blob; returns the bytes freed (0 if already gone). Packed objects go by repack."""
         path = self.path(h)
         try:
             size = os.stat(path).st_size
@@ -261,6 +429,64 @@ class BlobDir:
         except FileNotFoundError:
             return 0
         return size
+
+    def drop_pack(self, name: str) -> None:
+        """Unpublish a pack: its index first (then no reader looks in it), then its data."""
+        d = os.path.join(self.root, PACK_DIR)
+        for suffix in (IDX_SUFFIX, PACK_SUFFIX):
+            try:
+                os.unlink(os.path.join(d, name + suffix))
+            except FileNotFoundError:
+                pass
+
+    def repack(self, referenced: set[str]) -> tuple[int, int, int]:
+        """Rewrite packs holding objects nothing references (or held twice) without them.
+
+        Only called under the exclusive gc lock, so no writer is between
+        publishing a pack and committing. Returns (objects dropped, their
+        stored bytes, objects kept in packs). Order, for crash safety: the new
+        pack is published (fsynced, renamed) before any old one is unpublished,
+        so every referenced object is in some published pack at every instant;
+        an interrupted repack leaves duplicates, which the next one drops.
+        Index-less packs (a writer killed while publishing) are deleted. With
+        more than MERGE_PACKS packs, all are merged into one so that opening a
+        store stays a handful of index reads.
+        """
+        self.packs.refresh()
+        published, files = self.packs.names_on_disk()
+        for name in files - published:
+            self.drop_pack(name)
+        seen = {h for h, _ in self.scan_loose() if h in referenced}
+        names = sorted(self.packs.packs)
+        merge = len(names) > MERGE_PACKS
+        rewrite: list[str] = []
+        keep: list[tuple[str, str, int, int, int]] = []
+        dropped = freed = 0
+        for name in names:
+            records = self.packs.packs[name]
+            mine = [(name, *r) for r in records if r[0] in referenced and r[0] not in seen]
+            seen.update(r[1] for r in mine)
+            if len(mine) == len(records) and not merge:
+                continue
+            rewrite.append(name)
+            keep += mine
+            dropped += len(records) - len(mine)
+            freed += sum(r[2] for r in records) - sum(r[3] for r in mine)
+        if rewrite:
+            if keep:
+                w = self.new_pack()
+                try:
+                    for name, h, off, length, nbytes in keep:
+                        w.add(h, self.packs.read(Located(name, off, length, nbytes)), nbytes)
+                    w.publish()
+                finally:
+                    w.abort()
+            for name in rewrite:
+                self.drop_pack(name)
+            fsync_dir(os.path.join(self.root, PACK_DIR))
+            self.packs.refresh()
+        kept = sum(len(r) for r in self.packs.packs.values())
+        return dropped, freed, kept
 
     def stale_temp(self, max_age_s: float) -> Iterable[str]:
         try:
@@ -278,6 +504,9 @@ class BlobDir:
                 continue
         return out
 
+
+#: gc merges all packs into one when there are more than this many (one per snapshot adds up).
+MERGE_PACKS = 16
 
 #: Blob writers run in a few threads: write() and fsync() release the GIL, and
 #: per-file fsync latency, not bandwidth, is what limits a many-tensor snapshot.

@@ -75,12 +75,12 @@ def join_planes(data: bytes, group: int) -> bytes:
 class FrameEncoder:
     """Turns a blob's raw chunks (each exactly ``FRAME_BYTES`` but the last) into file bytes."""
 
-    def __init__(self, raw_size: int, group: int, level: int = DEFAULT_LEVEL) -> None:
+    def __init__(self, raw_size: int, group: int, level: int = DEFAULT_LEVEL, cctx: object = None) -> None:
         import zstandard  # imported here: only compressed stores pay for it
 
         self.raw_size = raw_size
         self.group = group
-        self._cctx = zstandard.ZstdCompressor(level=level)
+        self._cctx = cctx if cctx is not None else zstandard.ZstdCompressor(level=level)
 
     def header(self) -> bytes:
         return HEADER.pack(MAGIC, VERSION, self.group, 0, self.raw_size, FRAME_BYTES)
@@ -96,6 +96,21 @@ class FrameEncoder:
 
 def trailer(hasher: blake3) -> bytes:
     return hasher.digest(length=TRAILER_BYTES)
+
+
+def encode(data: memoryview | bytes, group: int, cctx: object) -> bytes:
+    """A whole blob in the format above, built in memory: for small (packed) objects.
+
+    Byte-identical to what the streaming path writes for the same bytes, so one
+    decoder reads loose and packed objects alike. ``cctx`` is reused across
+    objects (creating a zstd context per tiny tensor would cost more than it).
+    """
+    enc = FrameEncoder(len(data), group, cctx=cctx)
+    parts: list[bytes | memoryview] = [enc.header()]
+    for i in range(0, len(data), FRAME_BYTES):
+        parts += enc.frame(data[i:i + FRAME_BYTES])
+    body = b"".join(parts)
+    return body + trailer(blake3(body))
 
 
 def decode_frames(read_raw: Callable[[int], bytes], expected_size: int, where: str) -> Iterator[bytes]:

@@ -24,6 +24,8 @@ DB_NAME = "ckptdiff.db"
 FORMAT_VERSION = 1
 #: How long a writer waits for another process's transaction before giving up.
 BUSY_TIMEOUT_S = 120.0
+#: Page cache per writing connection, in KiB.
+CACHE_KIB = 64 << 10
 
 SCHEMA = """
 CREATE TABLE meta (
@@ -78,6 +80,10 @@ def connect(path: str, *, readonly: bool = False) -> sqlite3.Connection:
     conn.execute("PRAGMA foreign_keys = ON")
     if not readonly:
         conn.execute("PRAGMA synchronous = FULL")
+        # A 200,000-tensor snapshot inserts as many rows into two hash-ordered
+        # indexes; with SQLite's default 2 MiB page cache that thrashes (about
+        # 2x slower). The cache only grows as pages are touched.
+        conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
     return conn
 
 

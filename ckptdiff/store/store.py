@@ -37,6 +37,7 @@ from ..textsafe import printable
 from . import compress as compress_mod
 from . import db, refs
 from .blobs import BlobDir, put_all, store_os_error
+from .packs import PACK_DIR, SMALL_OBJECT_BYTES
 from .history import LogRow, build_log, effective_manifest
 from .locking import LOCK_NAME, gc_lock
 from .model import BadBlob, Entry, GcResult, Metric, SnapshotInfo, VerifyResult
@@ -375,15 +376,18 @@ class Store:
             elif inherit_from is not None:
                 auxiliary = self._info_at(base_seq).auxiliary
         aux = tuple(dict.fromkeys(str(a) for a in auxiliary or ()))
+        # A plain dict from here on: a Mapping's items() costs a lookup per
+        # name, which shows at 200,000 tensors.
+        tensors = dict(tensors.tensors if isinstance(tensors, Checkpoint) else tensors)
         try:
-            with gc_lock(self.root, exclusive=False):
+            with gc_lock(self.root, exclusive=False), _collector_paused(len(tensors)):
                 return self._snapshot(tensors, base, step=step, tag=tag, message=message, metrics=mets,
                                       manifest=manifest, source=source, parent=parent,
                                       inherit_from=inherit_from, auxiliary=aux, progress=progress)
         except OSError as e:
             raise store_os_error(e, self.root, "writing a snapshot") from None
 
-    def _snapshot(self, tensors: Mapping[str, TensorRef], base: dict[str, Entry], *, step: int | None,
+    def _snapshot(self, tensors: dict[str, TensorRef], base: dict[str, Entry], *, step: int | None,
                   tag: str | None, message: str | None, metrics: dict[str, Metric], manifest: Manifest | None,
                   source: str | None, parent: str | None, inherit_from: str | None, auxiliary: tuple[str, ...],
                   progress: ProgressFn | None) -> str:
@@ -391,6 +395,9 @@ class Store:
         written: list[str] = []
         new_entries: dict[str, Entry] = {}
         total = sum(t.nbytes for t in tensors.values())
+        pack = self.blobs.new_pack()
+        self.blobs.packs.refresh()  # under the shared gc lock: what we dedupe against stays
+        pack.loose = {h for h, _ in self.blobs.scan_loose()}  # one listing, not a stat per small tensor
 
         lock = threading.Lock()
 
@@ -404,10 +411,23 @@ class Store:
 
         try:
             meter = Meter(progress, total)
-            for name, h in put_all(put, tensors, meter.sink, total):
-                t = tensors[name]
-                new_entries[name] = Entry(name, t.dtype, tuple(t.shape), h, t.nbytes)
+            # Small tensors go, one after another, into this writer's pack (a
+            # thread per tiny tensor would cost more than the tensor); big ones
+            # become loose files, several at once.
+            small = {n: t for n, t in tensors.items() if t.nbytes < SMALL_OBJECT_BYTES}
+            hashes: dict[str, str] = {}
+            put_packed = self.blobs.put_packed
+            for n, t in small.items():
+                h = hashes[n] = put_packed(t, pack)
+                by_hash[h] = t
+            meter.sink(sum(t.nbytes for t in small.values()))
+            big = {n: t for n, t in tensors.items() if n not in small}
+            hashes.update(put_all(put, big, meter.sink, total - sum(t.nbytes for t in small.values())))
+            for name, t in tensors.items():
+                new_entries[name] = Entry(name, t.dtype, tuple(t.shape), hashes[name], t.nbytes)
             meter.finish()
+            if pack.publish():
+                self.blobs.packs.add_published(pack)
             if written:
                 self.blobs.sync()
             return self._commit(base, new_entries, by_hash, put, step=step, tag=tag, message=message,
@@ -415,8 +435,9 @@ class Store:
                                 inherit_from=inherit_from, auxiliary=auxiliary)
         except BaseException:
             # Whatever went wrong (OSError becomes one line in snapshot()), the
-            # blobs this call created and nothing references are removed.
-            self._discard(written)
+            # blobs and the pack this call created and nothing references are removed.
+            pack.abort()
+            self._discard(written, pack.name if pack.published else None)
             raise
 
     def _commit(self, base: dict[str, Entry], new_entries: dict[str, Entry], by_hash: dict[str, TensorRef],
@@ -433,7 +454,7 @@ class Store:
         for _attempt in range(5):
             try:
                 with self._write_txn("write a snapshot") as conn:
-                    missing = sorted({e.hash for e in final if not self.blobs.exists(e.hash)})
+                    missing = sorted(set(self.blobs.missing({e.hash for e in final})))
                     if missing:
                         raise _Missing(missing)
                     if parent == "latest":
@@ -445,7 +466,7 @@ class Store:
                         parent_id = self._resolve_seq(parent, conn)[1]
                     conn.executemany(
                         "INSERT OR IGNORE INTO blobs(hash, nbytes, stored_size) VALUES (?, ?, ?)",
-                        [(h, by_hash[h].nbytes, _size(self.blobs.path(h))) for h in by_hash])
+                        [(h, by_hash[h].nbytes, self.blobs.stored_size(h)) for h in by_hash])
                     sid = new_id()
                     if not self._has_aux:
                         db.add_auxiliary_column(conn)
@@ -455,10 +476,11 @@ class Store:
                         (sid, parent_id, time.time(), step, tag, message, json.dumps(metrics), man_json, source,
                          len(final), n_bytes, auxiliary_to_json(auxiliary)))
                     seq = cur.lastrowid
+                    shapes: dict[tuple[int, ...], str] = {}
                     conn.executemany(
                         "INSERT INTO entries(seq, pos, name, dtype, shape, hash, nbytes) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        [(seq, i, e.name, e.dtype, json.dumps(list(e.shape)), e.hash, e.nbytes)
-                         for i, e in enumerate(final)])
+                        [(seq, i, e.name, e.dtype, shapes.get(e.shape) or shapes.setdefault(e.shape, json.dumps(
+                            list(e.shape))), e.hash, e.nbytes) for i, e in enumerate(final)])
                 self._has_aux = True
                 return sid
             except _Missing as m:
@@ -467,28 +489,47 @@ class Store:
                 if lost:
                     raise CkptError(f"{len(lost)} blob(s) of snapshot {inherit_from!r} vanished while "
                                     "writing (was it removed and garbage-collected meanwhile?)", self.root) from None
-                for h in m.hashes:
-                    put(by_hash[h], lambda _n: None)
+                again = self.blobs.new_pack()
+                try:
+                    for h in m.hashes:
+                        t = by_hash[h]
+                        if t.nbytes < SMALL_OBJECT_BYTES:
+                            self.blobs.put_packed(t, again)
+                        else:
+                            put(t, lambda _n: None)
+                    if again.publish():
+                        self.blobs.packs.add_published(again)
+                finally:
+                    again.abort()
                 self.blobs.sync()
         raise CkptError("could not commit the snapshot: its blobs kept being garbage-collected", self.root)
 
-    def _discard(self, written: list[str]) -> None:
-        """Best effort: remove blobs this call created that no snapshot references.
+    def _discard(self, written: list[str], pack: str | None = None) -> None:
+        """Best effort: remove blobs (and the pack) this call created that no snapshot references.
 
         Done under the write lock so a concurrent writer that deduplicated
         against one of them either committed first (we keep it) or will find it
-        missing in its own commit check and rewrite it.
+        missing in its own commit check and rewrite it. A pack is dropped only
+        if none of its objects is referenced; otherwise gc repacks it.
         """
-        if not written or self.readonly:
+        if (not written and pack is None) or self.readonly:
             return
         try:
             with self._write_txn("clean up after a failed snapshot") as conn:
+                def used(h: str) -> bool:
+                    return conn.execute("SELECT 1 FROM entries WHERE hash = ? LIMIT 1", (h,)).fetchone() is not None
+
                 for h in set(written):
-                    if conn.execute("SELECT 1 FROM entries WHERE hash = ? LIMIT 1", (h,)).fetchone() is None:
+                    if not used(h):
                         try:
                             self.blobs.remove(h)
                         except OSError:
                             pass
+                if pack is not None and not any(used(r[0]) for r in self.blobs.packs.packs.get(pack, [])):
+                    try:
+                        self.blobs.drop_pack(pack)
+                    except OSError:
+                        pass
         except CkptError:
             pass
 
@@ -532,12 +573,16 @@ class Store:
         try:
             with gc_lock(self.root, exclusive=True), self._write_txn("collect garbage") as conn:
                 referenced = {r[0] for r in conn.execute("SELECT DISTINCT hash FROM entries")}
-                for h, _size_on_disk in list(self.blobs.scan()):
+                for h, _size_on_disk in list(self.blobs.scan_loose()):
                     if h in referenced:
                         res.blobs_kept += 1
                         continue
                     res.bytes_freed += self.blobs.remove(h)
                     res.blobs_removed += 1
+                dropped, freed, kept = self.blobs.repack(referenced)
+                res.blobs_removed += dropped
+                res.bytes_freed += freed
+                res.blobs_kept += kept
                 conn.execute("DELETE FROM blobs WHERE hash NOT IN (SELECT hash FROM entries)")
                 for p in self.blobs.stale_temp(STALE_TEMP_S):
                     try:
@@ -582,12 +627,11 @@ class Store:
                                   "two different sizes")
         total = sum(need.values())
         meter = Meter(progress, total)
-        for h, nbytes in need.items():
-            problem = self.blobs.check(h, nbytes, meter.sink)
-            res.blobs_checked += 1
-            res.bytes_checked += nbytes
-            if problem is not None:
-                res.bad.append(BadBlob(h, problem, users[h]))
+        bad, pack_problems = self.blobs.check_all(need, meter.sink)
+        res.errors += pack_problems
+        res.blobs_checked = len(need)
+        res.bytes_checked = total
+        res.bad += [BadBlob(h, bad[h], users[h]) for h in need if h in bad]
         meter.finish()
         res.unreferenced = sum(1 for h, _ in self.blobs.scan() if h not in need)
         return res
@@ -609,8 +653,8 @@ class Store:
         if os.path.isdir(out):
             raise CkptError("is a directory; give a file name to export to", out)
         if self._owns(out):
-            raise CkptError("is one of the store's own files; export outside the store's database, blobs/ "
-                            "and tmp/", out)
+            raise CkptError("is one of the store's own files; export outside the store's database, blobs/, "
+                            "packs/ and tmp/", out)
         if os.path.exists(out) and not overwrite:
             raise CkptError("already exists (pass --force to overwrite)", out)
         parent_dir = os.path.dirname(os.path.abspath(out))
@@ -674,11 +718,11 @@ def _metadata_problems(sid: str, manifest: Any, metrics: Any, auxiliary: Any = N
 
 
 def _owned_by(path: str, root: str) -> bool:
-    """True for ``root``'s database (and its -wal/-shm), lock file, and anything under blobs/ or tmp/."""
+    """True for ``root``'s database (and its -wal/-shm), lock file, and anything under blobs/, packs/ or tmp/."""
     real = os.path.realpath(path)
     top = os.path.realpath(root)
     own = {os.path.join(top, n) for n in (db.DB_NAME, db.DB_NAME + "-wal", db.DB_NAME + "-shm", LOCK_NAME)}
-    return real in own or any(_under(real, os.path.join(top, d)) for d in ("blobs", "tmp"))
+    return real in own or any(_under(real, os.path.join(top, d)) for d in ("blobs", PACK_DIR, "tmp"))
 
 
 def owning_store(path: str | os.PathLike[str]) -> str | None:
@@ -708,6 +752,31 @@ class _Missing(Exception):
         self.hashes = hashes
 
 
+#: Snapshots of at least this many tensors pause Python's cyclic garbage collector.
+PAUSE_GC_TENSORS = 10_000
+
+
+@contextmanager
+def _collector_paused(n_tensors: int) -> Iterator[None]:
+    """Pause the cyclic garbage collector while a huge snapshot allocates its rows.
+
+    A 200,000-tensor snapshot allocates a million small objects, none of them
+    cyclic garbage, and each full collection walks them all again: ~20% of the
+    snapshot's CPU. Restored on exit (and left alone if the caller had
+    disabled it).
+    """
+    import gc
+
+    if n_tensors < PAUSE_GC_TENSORS or not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 def check_names(tensors: Iterable[str]) -> None:
     """CkptError unless every tensor name can be stored (see _check_text)."""
     _check_text("tensor name", tensors)
@@ -733,13 +802,6 @@ def _shape_text(raw: Any) -> str:
     if isinstance(dims, list) and all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
         return ",".join(str(d) for d in dims)
     return str(raw)
-
-
-def _size(path: str) -> int:
-    try:
-        return os.stat(path).st_size
-    except OSError:
-        return 0
 
 
 def _blob_reader(blobs: BlobDir, e: Entry, where: str):  # type: ignore[no-untyped-def]

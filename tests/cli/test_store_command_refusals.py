@@ -212,15 +212,17 @@ def test_unwritable_destinations_are_one_line_and_leave_nothing(files, tmp_path,
 def test_reports_and_exports_never_land_in_a_stores_own_files(files, tmp_path, capsys):
     st = tmp_path / "st"
     assert cli(capsys, "snapshot", files["x"], "--store", st)[0] == 0
-    blob = next((st / "blobs").iterdir())
+    blob = next((st / "packs").iterdir())  # small tensors: packed
     db_before, blob_before = (st / "ckptdiff.db").read_bytes(), blob.read_bytes()
-    for target in (st / "ckptdiff.db", blob, st / "blobs" / "new.json", st / "tmp" / "r.json", st / "gc.lock"):
+    for target in (st / "ckptdiff.db", blob, st / "blobs" / "new.json", st / "packs" / "new.json",
+                   st / "tmp" / "r.json", st / "gc.lock"):
         rc, _, err = cli(capsys, "diff", files["x"], files["x"], "-f", "json", "-o", target)
         assert rc == 2 and "refusing to write the report there" in one_error(err), target
         rc, _, err = cli(capsys, "export", f"{st}@latest", target, "--force", "--format", "safetensors")
         assert rc == 2 and "is one of the store's own files" in one_error(err), target
     assert (st / "ckptdiff.db").read_bytes() == db_before and blob.read_bytes() == blob_before
     assert not (st / "blobs" / "new.json").exists() and not (st / "tmp" / "r.json").exists()
+    assert not (st / "packs" / "new.json").exists()
     rc, out, _ = cli(capsys, "verify", st)
     assert rc == 0 and out.startswith("ok: ")
     # beside the store's files is fine

@@ -9,6 +9,7 @@ import numpy as np
 
 from ckptdiff import dtypes
 from ckptdiff.checkpoint import Checkpoint
+from ckptdiff.store.blobs import BlobDir
 
 
 def every_dtype(seed: int = 0) -> dict[str, np.ndarray]:
@@ -54,8 +55,27 @@ def ckpt(arrays: dict[str, np.ndarray]) -> Checkpoint:
 
 
 def blob_files(root: str | os.PathLike[str]) -> dict[str, int]:
-    d = os.path.join(os.fspath(root), "blobs")
-    return {n: os.path.getsize(os.path.join(d, n)) for n in os.listdir(d)}
+    """hash -> stored bytes of every object of the store, loose or packed."""
+    return dict(BlobDir(os.fspath(root), compressed=False).scan())
+
+
+def object_files(root: str | os.PathLike[str]) -> list[str]:
+    """Every file under blobs/ and packs/ (what a failed write must leave as it was)."""
+    out = []
+    for d in ("blobs", "packs"):
+        p = os.path.join(os.fspath(root), d)
+        out += [f"{d}/{n}" for n in sorted(os.listdir(p))] if os.path.isdir(p) else []
+    return out
+
+
+def flip_byte(path: str, offset: int) -> None:
+    """Flip one bit of the byte at ``offset`` (blob and pack files are read-only: made writable first)."""
+    os.chmod(path, 0o644)
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x10]))
 
 
 def blob_bytes(root: str | os.PathLike[str]) -> int:

@@ -11,16 +11,16 @@ import sys
 
 import numpy as np
 import pytest
-from store_helpers import blob_files, ckpt, model
+from store_helpers import blob_files, ckpt, model, object_files
 
 from ckptdiff.errors import CkptError
 from ckptdiff.store import Store, blobs as blobs_mod, db as db_mod
 
 
-def _state(root: str) -> tuple[dict[str, int], list[str], list[str]]:
+def _state(root: str) -> tuple[dict[str, int], list[str], list[str], list[str]]:
     with Store.open(root) as s:
         ids = [i.id for i in s.list()]
-    return blob_files(root), ids, sorted(os.listdir(os.path.join(root, "tmp")))
+    return blob_files(root), object_files(root), ids, sorted(os.listdir(os.path.join(root, "tmp")))
 
 
 def _store_then_full_disk(tmp_path, monkeypatch, fails):  # noqa: ANN001, ANN202

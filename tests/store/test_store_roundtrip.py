@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -222,8 +223,9 @@ def test_tensor_names_are_never_paths(store, tmp_path):
     arrays = {n: np.full(3, i, np.int8) for i, n in enumerate(names)}
     store.snapshot(ckpt(arrays))
     assert sorted(os.listdir(store.root)) == ["blobs", "ckptdiff.db", "ckptdiff.db-shm", "ckptdiff.db-wal",
-                                              "gc.lock", "tmp"]
+                                              "gc.lock", "packs", "tmp"]
     assert all(len(f) == 64 for f in os.listdir(os.path.join(store.root, "blobs")))
+    assert all(re.fullmatch(r"pack-[0-9a-f]{24}\.(pack|idx)", f) for f in os.listdir(os.path.join(store.root, "packs")))
     assert not (tmp_path / "escape").exists()
     with store.open_snapshot("latest") as snap:
         assert list(snap) == names

@@ -7,7 +7,7 @@ import random
 
 import numpy as np
 import pytest
-from store_helpers import blob_files, ckpt, every_dtype, model
+from store_helpers import blob_files, ckpt, every_dtype, flip_byte, model
 
 from ckptdiff.cli import main
 from ckptdiff.errors import CkptError
@@ -15,13 +15,7 @@ from ckptdiff.manifest import Manifest
 from ckptdiff.store import store as store_mod
 
 
-def _flip(path: str, offset: int) -> None:
-    os.chmod(path, 0o644)
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ 0x10]))
+_flip = flip_byte
 
 
 def test_a_flipped_byte_in_any_blob_is_found(store, capsys):
@@ -37,16 +31,18 @@ def test_a_flipped_byte_in_any_blob_is_found(store, capsys):
     rnd = random.Random(7)
     files = blob_files(store.root)
     originals = {}
+    flipped = set()
     for h, size in files.items():
         if size == 0:
             continue  # an empty tensor's blob has no byte to flip
-        path = os.path.join(store.root, "blobs", h)
-        originals[path] = open(path, "rb").read()  # noqa: SIM115
-        _flip(path, rnd.randrange(size))  # one byte, anywhere: header, frame, payload or trailer
-    assert len(originals) == sum(1 for v in files.values() if v) >= 30
+        path, off, length = store.blobs.locate(h)  # a loose file, or the object's span in a pack
+        originals.setdefault(path, open(path, "rb").read())  # noqa: SIM115
+        _flip(path, off + rnd.randrange(length))  # one byte, anywhere: header, frame, payload or trailer
+        flipped.add(h)
+    assert len(flipped) == sum(1 for v in files.values() if v) >= 30
     res = store.verify()
     assert not res.ok
-    assert {b.hash for b in res.bad} == {os.path.basename(p) for p in originals}  # every one, separately
+    assert {b.hash for b in res.bad} == flipped  # every one, separately
     for bad in res.bad:
         assert sorted(bad.affected) == sorted(users[bad.hash])
     # the CLI names every snapshot and tensor and exits 1
@@ -62,7 +58,8 @@ def test_a_flipped_byte_in_any_blob_is_found(store, capsys):
 
 
 def test_missing_blob_and_corrupt_read_paths(raw_store, tmp_path):
-    a = {"w": np.arange(100, dtype=np.float32), "v": np.ones(10, np.float64)}
+    # "w" is big enough to be a loose blob file (a missing pack: test_store_packs)
+    a = {"w": np.arange(20_000, dtype=np.float32), "v": np.ones(10, np.float64)}
     raw_store.snapshot(ckpt(a), tag="x")
     hw = raw_store.entries("x")["w"].hash
     path = os.path.join(raw_store.root, "blobs", hw)
@@ -157,18 +154,19 @@ def test_every_single_byte_flip_is_detected_exhaustively(store):
     a = (np.random.default_rng(3).standard_normal(250) * 0.05).astype(np.float32)
     store.snapshot(ckpt({"a": a}))
     e = store.entries("latest")["a"]
-    path = store.blobs.path(e.hash)
+    path, start, length = store.blobs.locate(e.hash)  # packed: the object's span in its pack
     original = open(path, "rb").read()  # noqa: SIM115
     os.chmod(path, 0o644)
     assert store.blobs.check(e.hash, e.nbytes) is None
     missed = []
-    for off in range(len(original)):
+    for off in range(start, start + length):
         damaged = bytearray(original)
         damaged[off] ^= 0x10
         with open(path, "wb") as f:
             f.write(damaged)
+        store.blobs.packs = type(store.blobs.packs)(store.root)  # drop the mapping of the old bytes
         if store.blobs.check(e.hash, e.nbytes) is None:
             missed.append(off)
     with open(path, "wb") as f:
         f.write(original)
-    assert missed == [] and len(original) > 500
+    assert missed == [] and length > 500

@@ -379,10 +379,10 @@ async def test_a_damaged_blob_is_reported_not_fatal(history) -> None:
     from ckptdiff.store import Store
     with Store.open(history.path) as store:
         h = store.entries("latest")["head.weight"].hash
-        blob = store.blobs.path(h)
+        blob, off, _length = store.blobs.locate(h)  # a loose file or a span of a pack
     os.chmod(blob, 0o644)
     with open(blob, "r+b") as f:
-        f.seek(0)
+        f.seek(off)
         f.write(b"\xff" * 16)
     app = app_for(history)
     async with app.run_test(size=SIZE) as pilot:
