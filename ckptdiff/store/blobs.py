@@ -292,15 +292,19 @@ class BlobDir:
                 yield piece
 
     def _packed_pieces(self, h: str, loc: Located, nbytes: int, where: str) -> Iterator[bytes]:
+        missing = FormatError(f"blob {h[:16]}… is missing (run 'ckptdiff verify')", where)
         try:
             try:
                 stored = self.packs.read(loc)
             except FileNotFoundError:  # a gc repacked it since we indexed: look again
                 self.packs.refresh()
                 again = self.packs.index.get(h)
-                if again is None:
-                    raise FormatError(f"blob {h[:16]}… is missing (run 'ckptdiff verify')", where) from None
-                stored = self.packs.read(again)
+                if again is None or again == loc:
+                    raise missing from None
+                try:
+                    stored = self.packs.read(again)
+                except FileNotFoundError:
+                    raise missing from None
         except PackError as e:
             raise FormatError(f"blob {h[:16]}…: {e} (run 'ckptdiff verify')", where) from None
         except (OSError, ValueError) as e:

@@ -105,6 +105,7 @@ class Store:
         try:
             os.makedirs(os.path.join(root, "blobs"), exist_ok=True)
             os.makedirs(os.path.join(root, "tmp"), exist_ok=True)
+            os.makedirs(os.path.join(root, PACK_DIR), exist_ok=True)
             with open(os.path.join(root, LOCK_NAME), "ab"):
                 pass
             db.create(os.path.join(root, db.DB_NAME), compression="zstd" if compress else "none",

@@ -1,5 +1,6 @@
-"""Crash safety and concurrency, with real processes: kill -9 at random instants,
-two writers plus a garbage collector on one store at once."""
+"""Crash safety and concurrency, with real processes: kill -9 at random instants
+and at each step of publishing a pack, two writers plus a garbage collector on
+one store at once."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import sys
 import textwrap
 import time
 
+import numpy as np
 import pytest
 
+from ckptdiff.checkpoint import Checkpoint
 from ckptdiff.store import Store
 
 WRITER = textwrap.dedent("""
@@ -23,6 +26,7 @@ WRITER = textwrap.dedent("""
     go = sys.argv[4] if len(sys.argv) > 4 else None
     rng = np.random.default_rng(seed)
     frozen = {f"frozen.{i}": np.full(40_000, i, np.float32) for i in range(4)}
+    frozen.update({f"frozen.small.{i}": np.full(9, i, np.float32) for i in range(100)})  # packed, shared
     s = Store.open(root)
     print("ready", flush=True)
     if go:
@@ -34,6 +38,8 @@ WRITER = textwrap.dedent("""
         arrays = dict(frozen)
         arrays["train.a"] = rng.standard_normal(150_000).astype(np.float32)
         arrays["train.b"] = rng.standard_normal(60_000).astype(np.float16)
+        # small tensors, new in every snapshot: each writer fills a pack of its own
+        arrays.update({f"expert.{j}": rng.standard_normal(16).astype(np.float32) for j in range(150)})
         print(s.snapshot(Checkpoint.from_arrays(arrays), step=i, metrics={"seed": seed}), flush=True)
         i += 1
 """)
@@ -50,6 +56,38 @@ GC_LOOP = textwrap.dedent("""
             runs += 1
             time.sleep(0.002)
     print(runs)
+""")
+
+
+#: Kills its own process (SIGKILL, as kill -9 does) at one step of publishing its pack.
+CRASH_AT = textwrap.dedent("""
+    import os, signal, sys
+    import numpy as np
+    from ckptdiff.checkpoint import Checkpoint
+    from ckptdiff.store import Store, store as store_mod
+    root, point = sys.argv[1], sys.argv[2]
+    name, _, nth = point.partition(":")
+    real = {"fsync": os.fsync, "replace": os.replace}
+    calls = {"n": 0}
+
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def step(fn):
+        def wrapped(*a):
+            calls["n"] += 1
+            if calls["n"] == int(nth):
+                die()
+            return real[fn](*a)
+        return wrapped
+
+    if name in real:
+        setattr(os, name, step(name))
+    elif name == "commit":
+        store_mod.Store._commit = lambda *a, **k: die()
+    s = Store.open(root)
+    s.snapshot(Checkpoint.from_arrays({f"e.{j}": np.full(8, j + 100, np.float32) for j in range(50)}))
+    print("not killed", flush=True)
 """)
 
 
@@ -95,7 +133,7 @@ def test_kill_9_at_random_instants_leaves_a_sound_store(tmp_path):
                              stderr=subprocess.PIPE, env=_env(), text=True)
         assert p.stdout is not None
         assert p.stdout.readline().strip() == "ready", p.stderr.read() if p.stderr else ""
-        time.sleep(rnd.uniform(0.0, 0.12))
+        time.sleep(rnd.uniform(0.0, 0.15))  # a few snapshots: kills land anywhere in one
         p.send_signal(signal.SIGKILL)
         p.wait()
         kills += 1
@@ -112,6 +150,39 @@ def test_kill_9_at_random_instants_leaves_a_sound_store(tmp_path):
     with Store.open(root) as s:
         s.gc()
         assert s.verify().ok and s.verify().unreferenced == 0
+
+
+# The pack is written and fsynced (fsync 1), its index written and fsynced
+# (fsync 2), the pack renamed into packs/ (replace 1), then its index
+# (replace 2), then the folder fsynced, then the database commit.
+@pytest.mark.slow
+@pytest.mark.parametrize("point,left_in_packs", [
+    ("fsync:1", []), ("fsync:2", []), ("replace:1", []),
+    ("replace:2", [".pack"]),  # a pack without its index: invisible to readers
+    ("commit", [".idx", ".pack"]),  # a published pack no snapshot refers to
+])
+def test_kill_9_while_publishing_a_pack(tmp_path, point, left_in_packs):
+    root = os.fspath(tmp_path / "store")
+    packs = os.path.join(root, "packs")
+    with Store.init(root) as s:
+        base = s.snapshot(Checkpoint.from_arrays({f"e.{j}": np.full(8, j, np.float32) for j in range(50)}))
+    base_files = sorted(os.listdir(packs))
+    script = tmp_path / "crash.py"
+    script.write_text(CRASH_AT)
+    p = subprocess.run([sys.executable, str(script), root, point], capture_output=True, text=True, env=_env(),
+                       timeout=120)
+    assert p.returncode == -signal.SIGKILL and "not killed" not in p.stdout, (p.stdout, p.stderr)
+    new = sorted(os.path.splitext(f)[1] for f in os.listdir(packs) if f not in base_files)
+    assert new == left_in_packs
+    assert all(f.endswith(".part") for f in os.listdir(os.path.join(root, "tmp")))
+    with Store.open(root) as s:
+        assert [i.id for i in s.list()] == [base]  # the commit never happened: history as it was
+        res = s.verify()
+        assert res.ok, (res.bad, res.errors)
+        s.gc()
+        assert sorted(os.listdir(packs)) == base_files and s.verify().unreferenced == 0
+        s.snapshot(Checkpoint.from_arrays({"after": np.arange(5, dtype=np.int8)}))  # and the store works on
+        assert s.verify().ok
 
 
 @pytest.mark.slow
