@@ -21,7 +21,10 @@ from .._version import __version__
 from ..errors import CkptError
 
 DB_NAME = "ckptdiff.db"
-FORMAT_VERSION = 1
+#: 2: objects may live in pack files (``packs/``), which version 1 readers would report as missing.
+FORMAT_VERSION = 2
+#: The first format version whose stores may hold packs.
+PACKS_VERSION = 2
 #: How long a writer waits for another process's transaction before giving up.
 BUSY_TIMEOUT_S = 120.0
 #: Page cache per writing connection, in KiB.
@@ -123,6 +126,15 @@ def add_auxiliary_column(conn: sqlite3.Connection) -> None:
         conn.execute("ALTER TABLE snapshots ADD COLUMN auxiliary TEXT")
 
 
+def mark_packed(conn: sqlite3.Connection) -> None:
+    """A store that gets its first pack is raised to PACKS_VERSION, inside the
+    writer's transaction: an older ckptdiff then says it must be upgraded
+    instead of reporting the packed objects as missing. Stores with only
+    loose blobs keep version 1, readable by every version."""
+    conn.execute("UPDATE meta SET value = ? WHERE key = 'format_version' AND CAST(value AS INTEGER) < ?",
+                 (str(PACKS_VERSION), PACKS_VERSION))
+
+
 def read_meta(conn: sqlite3.Connection, where: str) -> dict[str, str]:
     """Read and check the ``meta`` table; CkptError for a non-store or a newer format."""
     try:
@@ -146,4 +158,5 @@ def read_meta(conn: sqlite3.Connection, where: str) -> dict[str, str]:
     return meta
 
 
-__all__ = ["DB_NAME", "FORMAT_VERSION", "add_auxiliary_column", "connect", "create", "has_column", "read_meta"]
+__all__ = ["DB_NAME", "FORMAT_VERSION", "PACKS_VERSION", "add_auxiliary_column", "connect", "create", "has_column",
+           "mark_packed", "read_meta"]

@@ -471,6 +471,8 @@ class Store:
                     sid = new_id()
                     if not self._has_aux:
                         db.add_auxiliary_column(conn)
+                    if self.blobs.packs.packs:
+                        db.mark_packed(conn)
                     cur = conn.execute(
                         "INSERT INTO snapshots(id, parent, created_at, step, tag, message, metrics, manifest, "
                         "source, n_tensors, total_bytes, auxiliary) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",

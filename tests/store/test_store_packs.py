@@ -4,6 +4,7 @@ reading, export, verify, gc and older blob-per-file stores all keep working."""
 from __future__ import annotations
 
 import os
+import sqlite3
 
 import numpy as np
 import pytest
@@ -192,6 +193,9 @@ def test_older_blob_per_file_stores_read_and_grow_without_migration(tmp_path, mo
         m.setattr(store_mod, "SMALL_OBJECT_BYTES", 0)
         old_id = store.snapshot(ckpt(arrays), tag="old")
     os.rmdir(os.path.join(root, "packs"))
+    with sqlite3.connect(os.path.join(root, "ckptdiff.db")) as c:
+        c.execute("UPDATE meta SET value = '1' WHERE key = 'format_version'")
+    c.close()
     old_files = object_files(root)
     assert len(old_files) == len({a.tobytes() for a in arrays.values()}) and not _packs(root)
     with Store.open(root) as s:
@@ -202,6 +206,8 @@ def test_older_blob_per_file_stores_read_and_grow_without_migration(tmp_path, mo
         grown = dict(arrays, extra=np.arange(11, dtype=np.float16))
         s.snapshot(ckpt(grown))
         assert _loose(root) == old_files and len(_packs(root)) == 2
+        # raised to the version that has packs: an older ckptdiff asks to be upgraded rather than misreading
+        assert s.conn.execute("SELECT value FROM meta WHERE key = 'format_version'").fetchone() == ("2",)
         assert s.gc().blobs_removed == 0
         assert s.verify().ok
         out = tmp_path / "old.safetensors"
