@@ -28,7 +28,7 @@ from blake3 import blake3
 from ..checkpoint import TensorRef
 from ..errors import CkptError, FormatError
 from . import compress
-from .packs import PACK_DIR, SMALL_OBJECT_BYTES, IDX_SUFFIX, PACK_SUFFIX, Located, PackError, PackSet, PackWriter
+from .packs import IDX_SUFFIX, PACK_DIR, PACK_SUFFIX, Located, PackError, PackSet, PackWriter
 
 BLOB_DIR = "blobs"
 TMP_DIR = "tmp"

@@ -1,14 +1,17 @@
 """The Store: a directory of content-addressed blobs plus a SQLite history.
 
 Write path (``snapshot``): every tensor's bytes become a blob first (temp
-file, fsync, rename; bytes already stored are skipped by hash), then one
-``BEGIN IMMEDIATE`` transaction checks that every blob the snapshot needs is
-on disk and inserts the snapshot and its entries. Until that commit nothing
-is listed, so a writer killed at any instant leaves history as it was.
+file, fsync, rename; bytes already stored are skipped by hash), tensors
+under 64 KiB in this writer's own pack file (published, index last, before
+the commit), then one ``BEGIN IMMEDIATE`` transaction checks that every blob
+the snapshot needs is stored and inserts the snapshot and its entries. Until
+that commit nothing is listed, so a writer killed at any instant leaves
+history as it was.
 
-``gc`` deletes unreferenced blobs while holding the same write lock, and a
-snapshot re-checks its blobs inside its own transaction (rewriting any that
-a concurrent ``gc`` removed), so the two can run from different processes.
+``gc`` deletes unreferenced blobs and repacks packs holding any while
+holding the same write lock, and a snapshot re-checks its blobs inside its
+own transaction (rewriting any that a concurrent ``gc`` removed), so the two
+can run from different processes.
 
 One Store object may be used from several threads (the training hook
 writes from a background thread): the connection is shared under a lock and
@@ -105,7 +108,6 @@ class Store:
         try:
             os.makedirs(os.path.join(root, "blobs"), exist_ok=True)
             os.makedirs(os.path.join(root, "tmp"), exist_ok=True)
-            os.makedirs(os.path.join(root, PACK_DIR), exist_ok=True)
             with open(os.path.join(root, LOCK_NAME), "ab"):
                 pass
             db.create(os.path.join(root, db.DB_NAME), compression="zstd" if compress else "none",
@@ -315,7 +317,7 @@ class Store:
         return out
 
     def disk_usage(self) -> int:
-        """Bytes of blob files on disk (what the tensors cost, after dedupe and compression)."""
+        """Bytes of blob, pack and pack index files on disk (what the tensors cost, after dedupe and compression)."""
         return self.blobs.usage()
 
     def reclaimable_bytes(self) -> int:
@@ -557,7 +559,8 @@ class Store:
         return info
 
     def gc(self, keep_last: int | None = None) -> GcResult:
-        """Free unreferenced blobs; with ``keep_last``, first drop older untagged snapshots.
+        """Free unreferenced blobs (repacking packs that hold any); with ``keep_last``, first drop
+        older untagged snapshots.
 
         ``keep_last=N`` keeps the newest N snapshots and every tagged one.
         Referenced blobs are never removed.
