@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from .cause import classify, sums_of
 from .checkpoint import DEFAULT_CHUNK_BYTES, Checkpoint, TensorRef
 from .compare import PairResult, compare_pair, compare_run, hash_ref, in_worker_thread
 from .errors import CkptError, NothingSelected
@@ -46,6 +47,7 @@ def diff(
     *,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     workers: int | None = None,
+    rank: int | None = None,
 ) -> DiffReport:
     """Compare two checkpoints tensor by tensor.
 
@@ -67,6 +69,10 @@ def diff(
     ``workers``: threads comparing tensors side by side (default: one per
     core, up to 4, and one when the tensors are small; see _worker_count).
     The report is the same for any value.
+
+    ``rank``: also test each changed matrix's delta for a numerical rank of
+    at most ``rank`` (cause ``low_rank``, as a merged LoRA leaves). This
+    reads those tensors whole a second time, so it is off by default.
     """
     _check_tolerance("atol", atol)
     _check_tolerance("rtol", rtol)
@@ -76,6 +82,8 @@ def diff(
         raise ValueError("chunk_bytes must be positive")
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise CkptError(f"workers must be a whole number >= 1, not {workers!r}")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise CkptError(f"rank must be a whole number >= 1, not {rank!r}")
     include_pats = _patterns("include", include)
     exclude_pats = _patterns("exclude", exclude)
 
@@ -112,6 +120,9 @@ def diff(
         items = _plan(names, ta, tb, chunk_bytes)
         by_name = {td.name: td for td in _map_items(one, items, sizes, _worker_count(workers, total, len(items)))}
         tensors = [by_name[n] for n in names]
+        if rank is not None:
+            from .lowrank import apply_low_rank
+            apply_low_rank(tensors, ta, tb, rank)
         meter.finish()
         report = DiffReport(
             old=_side(a),
@@ -192,6 +203,7 @@ def _from_result(td: TensorDiff, res: PairResult) -> TensorDiff:
         td.max_abs_delta = s.max_abs_delta if s.finite_both else None
         td.mean_abs_delta = s.mean_abs_delta
         td.rel_l2 = s.rel_l2
+        td.cause, td.cause_detail = classify(sums_of(td.name, td.shape_old or [], s))
     _apply_role(td)
     return td
 

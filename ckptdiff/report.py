@@ -44,6 +44,10 @@ class TensorDiff:
     #: Elements beyond ``atol + rtol*|old|`` (or that became NaN/Inf): what decides drift.
     #: Equals ``changed_elements`` at zero tolerance. Added after the first schema draft.
     out_of_tolerance: int | None = None
+    #: Why a 'changed' tensor moved: one of ckptdiff.cause.CAUSES; cause_detail holds the
+    #: numbers behind it (docs/causes.md). Added in ckptdiff 0.x without a schema change.
+    cause: str | None = None
+    cause_detail: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         # Not dataclasses.asdict: its recursive deep copy took 15 us a tensor,
@@ -54,6 +58,9 @@ class TensorDiff:
                 d[k] = list(d[k])
         for k in ("max_abs_delta", "mean_abs_delta", "rel_l2"):
             d[k] = _json_float(d[k])
+        if d["cause_detail"] is not None:
+            d["cause_detail"] = {k: _json_float(v) if isinstance(v, float) else v
+                                 for k, v in d["cause_detail"].items()}
         return d
 
 
