@@ -40,8 +40,10 @@ MIN_ELEMENTS = 8
 #: optimizer_step: (Σ|Δ|)² / (n·ΣΔ²) over the changed elements at least this (1: equal magnitudes;
 #: 2/π ≈ 0.64 for Gaussian deltas, 0.75 for uniformly spread ones) ...
 UNIFORM_MIN = 0.9
-#: ... and |cos(Δ, old)| at most this (the step does not follow the value).
+#: ... and |cos(Δ, old)| at most this (the step does not follow the value) ...
 STEP_MAX_COSINE = 0.5
+#: ... and at least this fraction of the elements changed (a step moves every element).
+STEP_MIN_CHANGED = 0.9
 #: A decay component is reported beside an optimizer step when |cos(Δ, old)| is at least this.
 DECAY_COMPONENT_COSINE = 0.05
 #: sparse_rows: at most this fraction of the rows changed, of a tensor with at least SPARSE_MIN_ROWS rows.
@@ -111,7 +113,7 @@ def _cos(dot: float, a: float, b: float) -> float | None:
     """A cosine from a dot product and two norms; None where undefined (a zero vector, overflow)."""
     if not (a > 0 and b > 0) or not all(math.isfinite(x) for x in (dot, a, b)):
         return None
-    return max(-1.0, min(1.0, dot / (a * b)))
+    return max(-1.0, min(1.0, dot / a / b))  # two divisions: a * b may underflow to 0
 
 
 def _round(x: float | None, digits: int = 6) -> float | None:
@@ -165,11 +167,12 @@ def classify(s: Sums) -> tuple[str, dict[str, Any]]:
                                  "new_norm_ratio": _round(_ratio(new_norm, old2))}
     uniformity = None
     finite_changed = s.changed - s.nan_new - s.inf_new
-    if finite_changed > 0 and d2 > 0 and math.isfinite(s.sum_abs_delta):
-        uniformity = min(1.0, s.sum_abs_delta ** 2 / (finite_changed * d2 * d2))
+    if finite_changed > 0 and d2 > 0 and math.isfinite(s.sum_abs_delta) and math.isfinite(d2):
+        q = s.sum_abs_delta / d2  # at most sqrt(n): no overflow on the way
+        uniformity = min(1.0, q * q / finite_changed)
     typical = s.sum_abs_delta / finite_changed if finite_changed > 0 else None
     if statistical and uniformity is not None and uniformity >= UNIFORM_MIN and (
-            cos_d is None or abs(cos_d) <= STEP_MAX_COSINE):
+            cos_d is None or abs(cos_d) <= STEP_MAX_COSINE) and s.changed >= STEP_MIN_CHANGED * s.numel:
         detail: dict[str, Any] = {"typical_abs_delta": _round(typical), "uniformity": _round(uniformity)}
         if cos_d is not None and abs(cos_d) >= DECAY_COMPONENT_COSINE:
             detail["decay_c"] = _round(-s.sum_old_delta / (old2 * old2), 4)
@@ -212,7 +215,7 @@ _HINT = {
     "reinitialized": "the tensor was re-initialised or replaced",
     "low_rank": "a low-rank update, as a merged LoRA adapter leaves",
     "nan_inf": "training diverged or overflowed",
-    "dense_update": "gradients reach it: it is being trained",
+    "dense_update": "gradients or an optimizer reach it: it is being trained",
 }
 
 
@@ -237,7 +240,8 @@ def words(cause: str | None, detail: dict[str, Any] | None) -> str:
     if cause == "sparse_rows":
         first = ", ".join(str(r) for r in d.get("first", []))
         more = ", …" if d.get("rows", 0) > len(d.get("first", [])) else ""
-        return f"{d.get('rows')} of {d.get('of')} rows changed ({first}{more})"
+        label = "row" if len(d.get("first", [])) == 1 and not more else "rows"
+        return f"{d.get('rows')} of {d.get('of')} rows changed ({label} {first}{more})"
     if cause == "reinitialized":
         if d.get("cosine") is None:
             return "reinitialized (zeroed)"
@@ -246,7 +250,7 @@ def words(cause: str | None, detail: dict[str, Any] | None) -> str:
         return f"low-rank update, rank {d.get('rank')} ({_g(100 * d.get('energy', 0), 4)}% of the energy)"
     if cause == "nan_inf":
         return f"NaN/Inf introduced ({d.get('nan_new')} NaN, {d.get('inf_new')} Inf)"
-    return "dense update"
+    return "an update with no simpler pattern"
 
 
 def explain(cause: str | None, detail: dict[str, Any] | None) -> str:

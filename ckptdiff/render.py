@@ -17,6 +17,7 @@ import math
 from collections.abc import Sequence
 from typing import IO, Any
 
+from .cause import explain, words
 from .report import STATUSES, DiffReport, TensorDiff
 from .textsafe import printable
 
@@ -90,6 +91,11 @@ def verdict_line(report: DiffReport) -> str:
     return base
 
 
+def cause_lines(report: DiffReport) -> list[str]:
+    """One line per drifted frozen tensor that changed, saying why in words (after the verdict)."""
+    return [f"{t.name} drifted: {explain(t.cause, t.cause_detail)}" for t in report.drifted if t.cause]
+
+
 def summary_line(report: DiffReport) -> str:
     s = report.summary()
     parts = [f"{s[k]} {_STATUS_LABEL[k]}" for k in STATUSES if s[k]]
@@ -160,6 +166,8 @@ def describe(t: TensorDiff) -> str:
              f"{t.changed_elements:,} of {t.numel:,} elements differ")
         if t.nan_new or t.inf_new:
             s += f" ({t.nan_new} new NaN, {t.inf_new} new Inf)"
+        if t.cause:
+            s += f"; cause: {explain(t.cause, t.cause_detail) if t.drift else words(t.cause, t.cause_detail)}"
         return s
     if t.status == "shape_changed":
         return f"shape changed {_shape(t.shape_old)} -> {_shape(t.shape_new)}"
@@ -314,6 +322,9 @@ def render_markdown(report: DiffReport, show_all: bool = False, max_rows: int = 
     s = report.summary()
     icon = "❌" if failed else "⚠️" if s["stale"] else "✅"
     out = [f"### ckptdiff {icon} {_md_escape(verdict_line(report))}", ""]
+    why = cause_lines(report)
+    if why:
+        out += [f"- {_md_escape(line)}" for line in why[:max_rows]] + [""]
     man = _md_code(report.manifest_source, in_table=False) if report.manifest_source else "none"
     out.append(
         f"{_md_code(report.old.path, False)} → {_md_code(report.new.path, False)} · manifest: {man} · "
@@ -326,14 +337,15 @@ def render_markdown(report: DiffReport, show_all: bool = False, max_rows: int = 
     out.append("| " + " | ".join(f"**{s[c]}**" if c == "drifted" and s[c] else str(s[c]) for c in cols) + " |")
     rows = ordered(report, show_all)
     if rows:
-        out += ["", "| | tensor | status | role | dtype | shape | max \\|Δ\\| | mean \\|Δ\\| | rel L2 | changed elements |",
-                "|---|---|---|---|---|---|---:|---:|---:|---:|"]
+        out += ["", "| | tensor | status | role | dtype | shape | max \\|Δ\\| | mean \\|Δ\\| | rel L2 | changed elements "
+                "| cause |", "|---|---|---|---|---|---|---:|---:|---:|---:|---|"]
         for t in rows[:max_rows]:
             mark = "🔴 drift" if t.drift else "🟡 stale" if t.stale else "≤ tol" if flag(t) == "<=tol" else ""
             out.append(
                 f"| {mark} | {_md_code(t.name)} | {_STATUS_LABEL[t.status]} | {t.role} | "
                 f"{_md_escape(fmt_dtype(t))} | {fmt_shape(t)} | {fmt_num(t.max_abs_delta)} | "
-                f"{fmt_num(t.mean_abs_delta)} | {fmt_num(t.rel_l2)} | {fmt_changed(t)} |"
+                f"{fmt_num(t.mean_abs_delta)} | {fmt_num(t.rel_l2)} | {fmt_changed(t)} | "
+                f"{_md_escape(words(t.cause, t.cause_detail))} |"
             )
         if len(rows) > max_rows:
             out.append("")
@@ -429,6 +441,8 @@ def render_table(report: DiffReport, file: IO[str], *, show_all: bool = False,
     if hidden:
         console.print(f"({_plural(hidden, 'identical tensor')} hidden; --all shows them)", style="dim")
     console.print(summary_line(report), highlight=False, markup=False, soft_wrap=True)
+    for line in cause_lines(report):  # why, just above the verdict (which stays the last line)
+        console.print(Text(printable(line), style="red"), soft_wrap=True)
     failed, _ = report.verdict()
     style = "bold red" if failed else "bold yellow" if report.stale else "bold green"
     console.print(Text(verdict_line(report), style=style), soft_wrap=True)
@@ -437,17 +451,19 @@ def render_table(report: DiffReport, file: IO[str], *, show_all: bool = False,
 #: Table columns: (key, header, right-aligned). The first two always stay.
 _COLUMNS = (("flag", "", False), ("name", "tensor", False), ("status", "status", False), ("role", "role", False),
             ("dtype", "dtype", False), ("shape", "shape", False), ("max", "max |Δ|", True),
-            ("mean", "mean |Δ|", True), ("rel", "rel L2", True), ("changed", "changed", True))
+            ("mean", "mean |Δ|", True), ("rel", "rel L2", True), ("changed", "changed", True),
+            ("cause", "cause", False))
 #: On a narrow terminal, columns are dropped in this order until the rest fit
 #: with the names readable (a name folded three characters wide helps nobody).
-_DROP_ORDER = ("mean", "dtype", "shape", "role", "changed", "rel", "status")
+_DROP_ORDER = ("mean", "dtype", "shape", "cause", "role", "changed", "rel", "status")
 _NAME_MIN = 24
 
 
 def _cells(t: TensorDiff) -> dict[str, str]:
     return {"flag": flag(t), "name": printable(t.name), "status": _STATUS_LABEL[t.status], "role": t.role,
             "dtype": fmt_dtype(t), "shape": fmt_shape(t), "max": fmt_num(t.max_abs_delta),
-            "mean": fmt_num(t.mean_abs_delta), "rel": fmt_num(t.rel_l2), "changed": fmt_changed(t)}
+            "mean": fmt_num(t.mean_abs_delta), "rel": fmt_num(t.rel_l2), "changed": fmt_changed(t),
+            "cause": t.cause or ""}
 
 
 def _table(rows: list[TensorDiff], width: int) -> tuple[Any, list[str]]:
