@@ -147,7 +147,8 @@ def classify(s: Sums) -> tuple[str, dict[str, Any]]:
     old2, d2 = s.old_norm, s.delta_norm
     # ||new||² = ||old||² + 2 Σ old·Δ + ||Δ||², all from the same sums.
     new_sq = old2 * old2 + 2 * s.sum_old_delta + d2 * d2
-    new_norm = math.sqrt(new_sq) if new_sq > 0 and math.isfinite(new_sq) else 0.0
+    tiny = 1e-6 * old2  # below this, ||new|| is the rounding of the sum above: new is all zeros
+    new_norm = math.sqrt(new_sq) if new_sq > tiny * tiny and math.isfinite(new_sq) else 0.0
     cos_d = _cos(s.sum_old_delta, d2, old2)
     cos_new = _cos(old2 * old2 + s.sum_old_delta, new_norm, old2)
     rel = _ratio(d2, old2)
