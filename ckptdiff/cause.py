@@ -261,10 +261,18 @@ def explain(cause: str | None, detail: dict[str, Any] | None) -> str:
     return f"{words(cause, detail)} — {_HINT.get(cause, '')}"
 
 
+def evidence(detail: dict[str, Any] | None) -> str:
+    """The numbers behind a cause on one line: ``c=0.003196, cosine=1, rel_l2=0.003196``."""
+    if not detail:
+        return ""
+    return ", ".join(f"{k}={_g(v, 4) if isinstance(v, float) else v}" for k, v in detail.items())
+
+
 def _g(x: Any, digits: int = 2) -> str:
     if isinstance(x, (int, float)) and math.isfinite(x):
-        return f"{x:.{digits}g}" if abs(x) >= 1e-4 or x == 0 else f"{x:.{digits}e}"
+        return f"{x:.{digits}g}"
     return "?"
 
 
-__all__ = ["CAUSES", "Sums", "sums_of", "classify", "with_low_rank", "words", "explain", "running_stat"]
+__all__ = ["CAUSES", "Sums", "sums_of", "classify", "with_low_rank", "words", "explain", "evidence",
+           "running_stat"]

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import __version__
-from .cause import explain, words
+from .cause import evidence, explain, words
 from .render import fmt_num, ordered, summary_line, verdict_line
 from .report import TensorDiff
 from .timeline import Timeline
@@ -52,7 +52,7 @@ svg text.frozen{font-weight:600}svg text.drift{fill:#c00;font-weight:600}
 .legend span{display:inline-block;width:18px;height:12px;vertical-align:middle;margin:0 2px 0 10px;border:1px solid #ccc}
 .charts{display:flex;flex-wrap:wrap;gap:16px}.chart{border:1px solid #ddd;border-radius:6px;padding:6px}
 table{border-collapse:collapse;font-size:12px}th,td{padding:3px 8px;border-bottom:1px solid #eee;text-align:left}
-th{position:sticky;top:0;background:#fafafa}td{white-space:nowrap}td.n{text-align:right;font-variant-numeric:tabular-nums}
+th{position:sticky;top:0;background:#fafafa}td{white-space:nowrap}td.ev{white-space:normal}td.n{text-align:right;font-variant-numeric:tabular-nums}
 tr.drift td{color:#9b1c1c}tr.stale td{color:#7a5300}code{font-size:12px}
 """
 
@@ -182,12 +182,6 @@ def _metrics(tl: Timeline) -> str:
     return '<h2>Metrics</h2><div class="charts">' + "".join(charts) + "</div>"
 
 
-def _evidence(t: TensorDiff) -> str:
-    if not t.cause_detail:
-        return ""
-    return ", ".join(f"{k}={v if not isinstance(v, float) else fmt_num(v)}" for k, v in t.cause_detail.items())
-
-
 def _table(tl: Timeline) -> str:
     rows = ordered(tl.final, show_all=False)
     head = ("", "tensor", "status", "role", "dtype", "shape", "rel L2", "max |Δ|", "cause", "evidence")
@@ -200,7 +194,7 @@ def _table(tl: Timeline) -> str:
                    f"<td>{_e(t.role)}</td><td>{_e(t.dtype_new or t.dtype_old or '-')}</td>"
                    f"<td>{_e(tuple(shape) if shape is not None else '-')}</td>"
                    f'<td class="n">{_e(fmt_num(t.rel_l2))}</td><td class="n">{_e(fmt_num(t.max_abs_delta))}</td>'
-                   f"<td>{_e(words(t.cause, t.cause_detail))}</td><td>{_e(_evidence(t))}</td></tr>")
+                   f"<td>{_e(words(t.cause, t.cause_detail))}</td><td class="ev">{_e(evidence(t.cause_detail))}</td></tr>")
     out.append("</tbody></table>")
     if len(rows) > MAX_TABLE_ROWS:
         out.append(f"<p>…and {len(rows) - MAX_TABLE_ROWS} more (see <code>ckptdiff diff --format json</code>).</p>")

@@ -9,10 +9,11 @@ has a single column.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .checkpoint import Checkpoint
 from .report import DiffReport
 
 
@@ -95,4 +96,43 @@ def from_pair(old: str, new: str, *, manifest: Any = None, atol: float = 0.0, rt
                     columns=[Column(new)], reports=[rep])
 
 
-__all__ = ["Column", "Timeline", "from_store", "from_pair"]
+
+
+def drift_causes(path: str, drifted: Mapping[str, Sequence[str]], *, atol: float = 0.0,
+                 rtol: float = 0.0) -> dict[str, dict[str, tuple[str | None, dict[str, Any] | None]]]:
+    """``{snapshot id: {tensor: (cause, cause_detail)}}`` for the drifted tensors ``log`` found.
+
+    Only those tensors are read (the first snapshot's and each drifted
+    one's), through the engine, so a cause here is the one ``diff`` gives.
+    A tensor that was removed or reshaped has no cause (None).
+    """
+    from .engine import diff
+    from .store import Store
+
+    out: dict[str, dict[str, tuple[str | None, dict[str, Any] | None]]] = {}
+    with Store.open(path) as store:
+        infos = store.list()
+        if not infos:
+            return out
+        base = store.open_snapshot(infos[0].id)
+        try:
+            for sid, names in drifted.items():
+                if not names:
+                    continue
+                snap = store.open_snapshot(sid)
+                try:
+                    rep = diff(_subset(base, names), _subset(snap, names), atol=atol, rtol=rtol)
+                finally:
+                    snap.close()
+                out[sid] = {t.name: (t.cause, t.cause_detail) for t in rep.tensors}
+        finally:
+            base.close()
+    return out
+
+
+def _subset(ck: Checkpoint, names: Sequence[str]) -> Checkpoint:
+    """Some tensors of ``ck`` as a checkpoint of their own (closing it leaves ``ck`` open)."""
+    return Checkpoint(ck.path, ck.format, {n: ck[n] for n in names if n in ck}, dict(ck.metadata), ck.manifest)
+
+
+__all__ = ["Column", "Timeline", "from_store", "from_pair", "drift_causes"]

@@ -35,6 +35,7 @@ COLUMNS = (
     ("dtype", "dtype"),
     ("max", "max |Δ|"),
     ("rel", "rel L2"),
+    ("cause", "cause"),
     ("hash", "hash"),
 )
 
@@ -77,6 +78,7 @@ def cell_texts(r: TensorDiff) -> list[str]:
         fmt.pair(r.dtype_old, r.dtype_new),
         _delta(r, r.max_abs_delta),
         _delta(r, r.rel_l2),
+        "…" if r.status == "pending" else (r.cause or ""),
         fmt.short_hash(r.hash_new or r.hash_old),
     ]
 
@@ -93,7 +95,7 @@ class TensorTable(LineTable):
     columns = COLUMNS
     right_aligned = frozenset({"max", "rel"})
     #: Columns whose text arrives later get room up front, so the layout does not jump.
-    min_width = {"flag": 7, "max": 9, "rel": 9, "hash": 10}
+    min_width = {"flag": 7, "max": 9, "rel": 9, "cause": 13, "hash": 10}
     max_width = {"name": 72}
 
     BINDINGS = [
