@@ -194,7 +194,8 @@ def _table(tl: Timeline) -> str:
                    f"<td>{_e(t.role)}</td><td>{_e(t.dtype_new or t.dtype_old or '-')}</td>"
                    f"<td>{_e(tuple(shape) if shape is not None else '-')}</td>"
                    f'<td class="n">{_e(fmt_num(t.rel_l2))}</td><td class="n">{_e(fmt_num(t.max_abs_delta))}</td>'
-                   f"<td>{_e(words(t.cause, t.cause_detail))}</td><td class="ev">{_e(evidence(t.cause_detail))}</td></tr>")
+                   f"<td>{_e(words(t.cause, t.cause_detail))}</td>"
+                   f'<td class="ev">{_e(evidence(t.cause_detail))}</td></tr>')
     out.append("</tbody></table>")
     if len(rows) > MAX_TABLE_ROWS:
         out.append(f"<p>…and {len(rows) - MAX_TABLE_ROWS} more (see <code>ckptdiff diff --format json</code>).</p>")
