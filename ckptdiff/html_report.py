@@ -25,8 +25,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import __version__
-from .cause import evidence, explain, words
-from .render import fmt_num, ordered, summary_line, verdict_line
+from .cause import evidence, words
+from .render import cause_groups, fmt_num, ordered, summary_line, verdict_line
 from .report import TensorDiff
 from .timeline import Timeline
 
@@ -204,29 +204,12 @@ def _table(tl: Timeline) -> str:
     return "".join(out)
 
 
-#: Names listed per cause in the verdict box (the table has them all).
-WHY_NAMES = 4
-
-
-def _why(report: Any) -> list[str]:
-    """Drifted tensors grouped by their cause in words: 100 decayed layers are one line, not 100."""
-    groups: dict[str, list[str]] = {}
-    for t in report.drifted:
-        if t.cause:
-            groups.setdefault(explain(t.cause, t.cause_detail), []).append(t.name)
-    out = []
-    for text, names in groups.items():
-        shown = ", ".join(names[:WHY_NAMES]) + (f" and {len(names) - WHY_NAMES} more" if len(names) > WHY_NAMES else "")
-        out.append(f"{shown} drifted: {text}")
-    return out
-
-
 def render_html(tl: Timeline) -> str:
     """The whole page."""
     final = tl.final
     failed, _ = final.verdict()
     cls = "fail" if failed else "warn" if final.stale else "pass"
-    why = _why(final)
+    why = cause_groups(final)
     last = tl.columns[-1].label
     parts = [
         "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">",

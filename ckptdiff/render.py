@@ -96,6 +96,20 @@ def cause_lines(report: DiffReport) -> list[str]:
     return [f"{t.name} drifted: {explain(t.cause, t.cause_detail)}" for t in report.drifted if t.cause]
 
 
+def cause_groups(report: DiffReport, names: int = 4) -> list[str]:
+    """:func:`cause_lines` with the tensors that share a cause (in words) on one line, up to
+    ``names`` of them by name: 300 decayed layers are one line in a PR comment, not 300."""
+    groups: dict[str, list[str]] = {}
+    for t in report.drifted:
+        if t.cause:
+            groups.setdefault(explain(t.cause, t.cause_detail), []).append(t.name)
+    out = []
+    for text, group in groups.items():
+        more = f" and {len(group) - names} more" if len(group) > names else ""
+        out.append(f"{', '.join(group[:names])}{more} drifted: {text}")
+    return out
+
+
 def summary_line(report: DiffReport) -> str:
     s = report.summary()
     parts = [f"{s[k]} {_STATUS_LABEL[k]}" for k in STATUSES if s[k]]
@@ -322,9 +336,9 @@ def render_markdown(report: DiffReport, show_all: bool = False, max_rows: int = 
     s = report.summary()
     icon = "❌" if failed else "⚠️" if s["stale"] else "✅"
     out = [f"### ckptdiff {icon} {_md_escape(verdict_line(report))}", ""]
-    why = cause_lines(report)
+    why = cause_groups(report)
     if why:
-        out += [f"- {_md_escape(line)}" for line in why[:max_rows]] + [""]
+        out += [f"- {_md_escape(line)}" for line in why] + [""]
     man = _md_code(report.manifest_source, in_table=False) if report.manifest_source else "none"
     out.append(
         f"{_md_code(report.old.path, False)} → {_md_code(report.new.path, False)} · manifest: {man} · "

@@ -275,3 +275,14 @@ def test_shipped_drifted_sample_says_why_in_words(capsys):
     out = capsys.readouterr().out
     assert ("backbone.3.weight drifted: weight decay, Δ = −0.0032·W — frozen parameters are still in an "
             "optimizer with weight_decay > 0") in out
+
+
+def test_markdown_groups_tensors_that_share_a_cause(capsys):
+    from ckptdiff.cli import main
+
+    main(["diff", "sample_ckpts/base.safetensors", "sample_ckpts/finetune_drifted.safetensors",
+          "-m", "sample_ckpts/manifest.json", "--format", "markdown"])
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("- ")]
+    decay = [x for x in lines if "weight decay" in x]
+    assert len(decay) == 1 and "and 2 more drifted: weight decay, Δ = −0.0032·W" in decay[0]
+    assert len(lines) == 4  # decay, and one line per running-statistics buffer
