@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 from ckptdiff.checkpoint import Checkpoint
+from ckptdiff.timeline import subset
 from ckptdiff.manifest import Manifest
 from ckptdiff.report import DiffReport, TensorDiff
 
@@ -22,12 +23,6 @@ BATCH_TENSORS = 16
 def _engine_diff():  # imported late: ``import ckptdiff.tui`` should not pull the kernel in
     from ckptdiff.engine import diff
     return diff
-
-
-def subset(ckpt: Checkpoint, names: Sequence[str]) -> Checkpoint:
-    """A view of some tensors of ``ckpt``; closing it does not close ``ckpt``."""
-    return Checkpoint(ckpt.path, ckpt.format, {n: ckpt[n] for n in names if n in ckpt},
-                      dict(ckpt.metadata), ckpt.manifest)
 
 
 def measure(old: Checkpoint, new: Checkpoint, names: Sequence[str], manifest: Manifest | None,
