@@ -89,7 +89,7 @@ class Sums:
 
 def sums_of(name: str, shape: list[int] | tuple[int, ...], stats: Any) -> Sums:
     """A :class:`Sums` from a :class:`ckptdiff.stats.DeltaStats` (read only)."""
-    from .stats import ROUND_NAMES
+    from .stats_types import ROUND_NAMES
 
     numel = 1
     for d in shape:

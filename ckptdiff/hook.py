@@ -588,9 +588,11 @@ class Tracker:
         message = "baseline at attach (resumed run)" if self.resumed else "baseline at attach"
 
         def job(store: Any) -> str:
-            sid = store.snapshot(refs, step=self.current_step, tag="baseline", message=message,
-                                 manifest=self.manifest, source="hook", parent="latest",
-                                 progress=True)  # a bar only on a terminal, for a large model
+            from .progress import byte_bar
+
+            with byte_bar("snapshot") as progress:  # a bar only on a terminal, for a large model
+                sid = store.snapshot(refs, step=self.current_step, tag="baseline", message=message,
+                                     manifest=self.manifest, source="hook", parent="latest", progress=progress)
             self._baseline_hashes = {n: e.hash for n, e in store.entries(sid).items()}
             return sid
 

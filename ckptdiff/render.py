@@ -13,10 +13,12 @@ one format knows them all.
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Sequence
 from typing import IO, Any
 
+from .display import dtype_of as fmt_dtype
+from .display import num as fmt_num
+from .display import shape as _shape
+from .display import shape_of as fmt_shape
 from .cause import explain, words
 from .report import STATUSES, DiffReport, TensorDiff
 from .textsafe import printable
@@ -121,18 +123,6 @@ def summary_line(report: DiffReport) -> str:
     return line
 
 
-def fmt_num(x: float | None) -> str:
-    if x is None:
-        return "-"
-    if math.isnan(x):
-        return "nan"
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    if x == 0:
-        return "0"
-    return f"{x:.4g}"
-
-
 def fmt_changed(t: TensorDiff) -> str:
     if t.changed_elements is None:
         return "-"
@@ -145,22 +135,6 @@ def fmt_changed(t: TensorDiff) -> str:
     if t.inf_new:
         extra.append(f"+{t.inf_new:,} Inf")
     return out + (" " + ", ".join(extra) if extra else "")
-
-
-def fmt_dtype(t: TensorDiff) -> str:
-    if t.dtype_old and t.dtype_new and t.dtype_old != t.dtype_new:
-        return f"{t.dtype_old}->{t.dtype_new}"
-    return t.dtype_new or t.dtype_old or "-"
-
-
-def _shape(s: Sequence[int] | None) -> str:
-    return "-" if s is None else "(" + ", ".join(str(d) for d in s) + ("," if len(s) == 1 else "") + ")"
-
-
-def fmt_shape(t: TensorDiff) -> str:
-    if t.shape_old is not None and t.shape_new is not None and t.shape_old != t.shape_new:
-        return f"{_shape(t.shape_old)}->{_shape(t.shape_new)}"
-    return _shape(t.shape_new if t.shape_new is not None else t.shape_old)
 
 
 def flag(t: TensorDiff) -> str:

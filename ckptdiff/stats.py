@@ -22,11 +22,12 @@ NaN/Inf; ``changed_elements`` counts every bitwise-different element.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from types import ModuleType
 from typing import TYPE_CHECKING
+
+from .stats_types import FIRST_ROWS, ROUND_NAMES, _Norm
 
 if TYPE_CHECKING:
     from .dtypes import DType
@@ -45,64 +46,18 @@ def _load_c() -> ModuleType | None:
 _C = _load_c()
 _C_KIND: dict[str, int] = {name: i for i, name in enumerate(_C.KINDS)} if _C is not None else {}
 
-#: Narrower formats a changed tensor may be a rounding of, as bits of ``DeltaStats.round_mask``
-#: (the C module's ROUND_NAMES, in the same order).
-ROUND_NAMES = ("float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2")
-#: Which of them are narrower than each dtype (the others would say nothing).
+#: Which of ROUND_NAMES are narrower than each dtype (the others would say nothing).
 _ROUND_CANDIDATES = {
     "float64": 0b11111,
     "float32": 0b11110,
     "float16": 0b11000,
     "bfloat16": 0b11000,
 }
-#: How many changed rows are listed by index (the rest are only counted).
-FIRST_ROWS = 8
 
 
 def backend() -> str:
     """``"c"`` when the C module measures changed tensors, ``"numpy"`` otherwise."""
     return "c" if _C is not None else "numpy"
-
-
-class _Norm:
-    """A Euclidean norm accumulated as ``scale * sqrt(ssq)``.
-
-    float64 tensors can hold values whose squares overflow (1e200) or
-    underflow (1e-200); those blocks are added scaled by their largest
-    magnitude, as LAPACK's dnrm2 does. Narrower dtypes cannot overflow in
-    float64 and take the plain, cheaper path (scale 1).
-    """
-
-    __slots__ = ("scale", "ssq")
-
-    def __init__(self) -> None:
-        self.scale = 1.0
-        self.ssq = 0.0
-
-    def _merge(self, scale: float, ssq: float) -> None:
-        if ssq == 0.0:
-            return
-        if self.ssq == 0.0:
-            self.scale, self.ssq = scale, ssq
-        elif scale > self.scale:
-            self.ssq = self.ssq * (self.scale / scale) ** 2 + ssq
-            self.scale = scale
-        elif scale == self.scale:  # also inf == inf, where the ratio would be NaN
-            self.ssq += ssq
-        else:
-            self.ssq += ssq * (scale / self.scale) ** 2
-
-    @property
-    def is_zero(self) -> bool:
-        return self.ssq == 0.0
-
-    def ratio(self, other: _Norm) -> float:
-        """``self / other`` without overflowing on the way."""
-        if other.is_zero:
-            return 0.0 if self.is_zero else math.inf
-        if self.is_zero:
-            return 0.0
-        return (self.scale / other.scale) * math.sqrt(self.ssq / other.ssq)
 
 
 class DeltaStats:

@@ -11,12 +11,11 @@ from __future__ import annotations
 import math
 import os
 import threading
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from .stats import DeltaStats, _Norm
+from .stats_types import DeltaSums as DeltaStats  # the sums of a stats.DeltaStats, without importing it back
+from .stats_types import FIRST_ROWS, _Norm
 
 _UINT_OF_SIZE = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 _LOCAL = threading.local()
@@ -125,7 +124,7 @@ def add_changed(s: DeltaStats, ca: memoryview, cb: memoryview, elem_offset: int 
 
 
 #: (mantissa bits, smallest normal exponent, largest finite value, overflow gives NaN) of
-#: each format in stats.ROUND_NAMES: the same table as _cstats.c's ROUND_FMT.
+#: each format in stats_types.ROUND_NAMES: the same table as _cstats.c's ROUND_FMT.
 _ROUND_FMT = ((23, -126, 3.4028234663852886e38, False), (10, -14, 65504.0, False),
               (7, -126, 3.3895313892515355e38, False), (3, -6, 448.0, True), (2, -14, 57344.0, False))
 #: Elements tried before a whole block: an ordinary update fails every format within a few.
@@ -165,8 +164,6 @@ def _round_check(s: DeltaStats, xa: np.ndarray, xb: np.ndarray) -> None:
 
 def _rows(s: DeltaStats, neq: np.ndarray, start: int) -> None:
     """Count the rows holding a changed element of this block (``start``: its first element's index)."""
-    from .stats import FIRST_ROWS
-
     rows = (np.flatnonzero(neq) + start) // s.row_len
     rows = rows[np.concatenate(([True], rows[1:] != rows[:-1]))]
     if rows.size and rows[0] == s._last_row:

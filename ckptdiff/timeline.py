@@ -53,7 +53,7 @@ def _label(index: int, step: int | None, tag: str | None) -> str:
 def from_store(path: str, *, manifest: Any = None, atol: float = 0.0, rtol: float = 0.0,
                rank: int | None = None, refs: Sequence[str] | None = None) -> Timeline:
     """Every snapshot of the store at ``path`` (or only ``refs``) diffed against the first."""
-    from .engine import diff
+    from .api import diff
     from .errors import CkptError
     from .store import Store
 
@@ -89,7 +89,7 @@ def from_store(path: str, *, manifest: Any = None, atol: float = 0.0, rtol: floa
 def from_pair(old: str, new: str, *, manifest: Any = None, atol: float = 0.0, rtol: float = 0.0,
               rank: int | None = None) -> Timeline:
     """One diff as a one-column timeline."""
-    from .engine import diff
+    from .api import diff
 
     rep = diff(old, new, manifest=manifest, atol=atol, rtol=rtol, rank=rank)
     return Timeline(title=f"{old} → {new}", baseline=old, names=[t.name for t in rep.tensors],
@@ -106,7 +106,7 @@ def drift_causes(path: str, drifted: Mapping[str, Sequence[str]], *, atol: float
     one's), through the engine, so a cause here is the one ``diff`` gives.
     A tensor that was removed or reshaped has no cause (None).
     """
-    from .engine import diff
+    from .api import diff
     from .store import Store
 
     out: dict[str, dict[str, tuple[str | None, dict[str, Any] | None]]] = {}
@@ -121,7 +121,7 @@ def drift_causes(path: str, drifted: Mapping[str, Sequence[str]], *, atol: float
                     continue
                 snap = store.open_snapshot(sid)
                 try:
-                    rep = diff(subset(base, names), subset(snap, names), atol=atol, rtol=rtol)
+                    rep = diff(_subset(base, names), _subset(snap, names), atol=atol, rtol=rtol)
                 finally:
                     snap.close()
                 out[sid] = {t.name: (t.cause, t.cause_detail) for t in rep.tensors}
@@ -130,9 +130,10 @@ def drift_causes(path: str, drifted: Mapping[str, Sequence[str]], *, atol: float
     return out
 
 
-def subset(ck: Checkpoint, names: Sequence[str]) -> Checkpoint:
+def _subset(ck: Checkpoint, names: Sequence[str]) -> Checkpoint:
     """Some tensors of ``ck`` as a checkpoint of their own (closing it leaves ``ck`` open)."""
-    return Checkpoint(ck.path, ck.format, {n: ck[n] for n in names if n in ck}, dict(ck.metadata), ck.manifest)
+    return Checkpoint(ck.path, ck.format, {n: ck[n] for n in names if n in ck}, dict(ck.metadata), ck.manifest,
+                      auxiliary=ck.auxiliary)
 
 
-__all__ = ["Column", "Timeline", "from_store", "from_pair", "drift_causes", "subset"]
+__all__ = ["Column", "Timeline", "from_store", "from_pair", "drift_causes"]

@@ -1,6 +1,6 @@
 """``ckptdiff diff OLD NEW``: compare two checkpoints, tensor by tensor, for people and for CI.
 
-The command is a thin edge around :func:`ckptdiff.engine.diff` and
+The command is a thin edge around :func:`ckptdiff.diff` and
 :mod:`ckptdiff.render`: parse flags, attach a progress bar when a person is
 watching, render, and turn the verdict into diff(1)'s exit codes.
 """
@@ -16,9 +16,6 @@ from typing import Any
 from ..errors import CkptError, NothingSelected
 from ..render import FORMATS
 from ..report import FAIL_ON
-
-#: Below this many bytes to read a diff is over before a bar would be useful.
-PROGRESS_MIN_BYTES = 64 << 20
 
 DESCRIPTION = """\
 Compare two checkpoints tensor by tensor and say, for each tensor, whether it
@@ -122,12 +119,13 @@ def _rank(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..engine import diff
+    from ..api import diff
+    from ..progress import byte_bar
 
     inputs = (args.old, args.new) + ((args.manifest,) if args.manifest else ())
     _check_output(args.output, inputs)  # fail before a long diff, not after it
     try:
-        with _progress(enabled=not args.no_progress) as progress:
+        with byte_bar("diffing", enabled=not args.no_progress) as progress:
             report = diff(
                 args.old, args.new,
                 manifest=args.manifest,
@@ -173,47 +171,6 @@ def _emit(report: Any, args: argparse.Namespace) -> None:
         return
     render(report, args.format, sys.stdout, show_all=args.show_all)
     sys.stdout.flush()
-
-
-class _progress:
-    """Context manager yielding a ``progress(done, total)`` callback, or None.
-
-    The rich bar goes to stderr, only when stderr is a terminal (never in CI
-    logs or pipes) and only once the diff is big enough to take a moment.
-    """
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled and _stderr_is_tty()
-        self._bar: Any = None
-        self._task: Any = None
-
-    def __enter__(self) -> Any:
-        return self._update if self.enabled else None
-
-    def _update(self, done: int, total: int) -> None:
-        if self._bar is None:
-            if total < PROGRESS_MIN_BYTES:
-                return
-            from rich.console import Console
-            from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
-            self._bar = Progress(
-                TextColumn("diffing"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
-                console=Console(stderr=True), transient=True,
-            )
-            self._bar.start()
-            self._task = self._bar.add_task("diff", total=total)
-        self._bar.update(self._task, completed=done)
-
-    def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-
-
-def _stderr_is_tty() -> bool:
-    try:
-        return sys.stderr.isatty()
-    except (AttributeError, ValueError):
-        return False
 
 
 def _is_special(path: str) -> bool:
