@@ -33,6 +33,13 @@ changed shape/dtype is DRIFT; a *trainable* tensor that is bitwise identical
 is STALE (trainable but never updated, e.g. left out of the optimizer).
 Manifest file: {"trainable": ["head.*"], "frozen": ["backbone.*"]} (fnmatch
 globs on full names; with only "trainable", everything else is frozen).
+
+With --lora ADAPTER_DIR (a PEFT adapter: adapter_config.json and
+adapter_model.safetensors or .bin), OLD is the base model and NEW the merged
+one: each tensor the adapter targets must equal BASE + scaling * B @ A within
+the rounding of its dtype (merge-exact, else merge-off by the largest error),
+each modules_to_save tensor the adapter's copy, and every other tensor BASE,
+bitwise (else changed-outside).
 """
 
 EPILOG = """\
@@ -44,6 +51,7 @@ examples:
   ckptdiff diff a.safetensors b.safetensors --format json --output diff.json
   ckptdiff diff a.h5 b.h5 --include 'encoder.*' --exclude '*.num_batches_tracked'
   ckptdiff diff runs/store@first runs/store@latest --format markdown >> "$GITHUB_STEP_SUMMARY"
+  ckptdiff diff base.safetensors merged.safetensors --lora out/adapter   # verify a LoRA merge
 
 tolerance:
   Equality is bitwise: one ulp, -0.0 vs +0.0 or a new NaN is a change and is
@@ -55,7 +63,8 @@ exit codes (as diff(1)):
   0  passes the policy (--fail-on)
   1  fails the policy: a frozen tensor drifted (--fail-on drift, the default
      when a manifest is known) or any tensor differs (--fail-on change, the
-     default without a manifest)
+     default without a manifest); with --lora, a target is merge-off or a
+     tensor changed outside the adapter
   2  trouble: a missing, unreadable or corrupt file, a bad manifest, bad flags
 """
 
@@ -83,6 +92,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("new", metavar="NEW", help="the checkpoint to check against OLD")
     p.add_argument("--manifest", "-m", metavar="FILE",
                    help="trainable-key manifest JSON (default: the one embedded in NEW, else in OLD, else none)")
+    p.add_argument("--lora", metavar="ADAPTER_DIR",
+                   help="verify that NEW is OLD with this PEFT LoRA adapter merged in, and nothing else changed")
     p.add_argument("--atol", type=tolerance, default=0.0, metavar="A",
                    help="absolute tolerance for drift (default 0: any change of a frozen tensor is drift)")
     p.add_argument("--rtol", type=tolerance, default=0.0, metavar="R",
@@ -124,17 +135,24 @@ def run(args: argparse.Namespace) -> int:
 
     inputs = (args.old, args.new) + ((args.manifest,) if args.manifest else ())
     _check_output(args.output, inputs)  # fail before a long diff, not after it
+    if args.lora:
+        _check_lora_flags(args)
     try:
         with byte_bar("diffing", enabled=not args.no_progress) as progress:
-            report = diff(
-                args.old, args.new,
-                manifest=args.manifest,
-                atol=args.atol, rtol=args.rtol,
-                include=args.include, exclude=args.exclude,
-                fail_on=args.fail_on,
-                progress=progress,
-                rank=args.rank,
-            )
+            if args.lora:
+                from ..lora import verify_merge
+                report = verify_merge(args.old, args.new, args.lora, include=args.include, exclude=args.exclude,
+                                      fail_on=args.fail_on, progress=progress)
+            else:
+                report = diff(
+                    args.old, args.new,
+                    manifest=args.manifest,
+                    atol=args.atol, rtol=args.rtol,
+                    include=args.include, exclude=args.exclude,
+                    fail_on=args.fail_on,
+                    progress=progress,
+                    rank=args.rank,
+                )
     except NothingSelected as e:
         # The same error, in the words of the flags the user typed.
         flags = " ".join(f"--include {g!r}" for g in e.include)
@@ -142,6 +160,18 @@ def run(args: argparse.Namespace) -> int:
         raise CkptError(e.describe(flags)) from None
     _emit(report, args)
     return report.exit_code
+
+
+def _check_lora_flags(args: argparse.Namespace) -> None:
+    """Flags that would change what a merge check means are refused, not silently ignored."""
+    if args.manifest:
+        raise CkptError("--manifest and --lora do not mix: --lora makes the manifest from the adapter")
+    if args.atol or args.rtol:
+        raise CkptError("--atol/--rtol do not apply with --lora: the merge tolerance comes from the dtype, "
+                        "and every tensor outside the adapter must be bitwise identical")
+    if args.fail_on == "change":
+        raise CkptError("--fail-on change does not apply with --lora (every merged target changes); "
+                        "use drift (the default) or never")
 
 
 def _emit(report: Any, args: argparse.Namespace) -> None:

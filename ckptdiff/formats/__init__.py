@@ -26,6 +26,7 @@ TORCH_LEGACY = "torch-legacy"
 HDF5 = "hdf5"
 NPY = "npy"
 NPZ = "npz"
+PEFT_ADAPTER = "peft-adapter"
 
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 _NPY_MAGIC = b"\x93NUMPY"
@@ -52,6 +53,8 @@ def sniff(path: str) -> str:
         single = os.path.join(path, "model.safetensors")
         if os.path.isfile(single):
             return SAFETENSORS
+        if os.path.isfile(os.path.join(path, "adapter_config.json")):
+            return PEFT_ADAPTER
         raise UnsupportedFormatError(
             "is a directory without model.safetensors.index.json, model.safetensors or a ckptdiff store", path)
     if not stat.S_ISREG(st.st_mode):
@@ -118,6 +121,9 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     if fmt == NPZ:
         from .numpy_format import open_npz
         return open_npz(spec)
+    if fmt == PEFT_ADAPTER:
+        from .peft_adapter import open_peft_adapter
+        return open_peft_adapter(spec)
     raise UnsupportedFormatError(f"no reader for format {fmt}", spec)
 
 
