@@ -123,7 +123,11 @@ def verdict_line(report: DiffReport) -> str:
         base = "PASS: all tensors are bitwise identical"
     else:
         base = f"PASS (--fail-on never): {_differ(differ)}, {s['drifted']} drifted"
-    if s["stale"]:
+    if s["stale"] and s["identical"] == s["total"]:
+        # The same content on both sides (a snapshot against the file it was taken from):
+        # nothing trained between them by design, so "never changed" would be a false alarm.
+        base += "; the two sides are bitwise identical, so no trainable tensor changed either"
+    elif s["stale"]:
         base += f"; warning: {_plural(s['stale'], 'trainable tensor')} never changed"
     return base
 

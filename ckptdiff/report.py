@@ -71,7 +71,7 @@ class TensorDiff:
     nan_new: int | None = None        # NaNs in new at positions where old had none
     inf_new: int | None = None        # likewise for +-Inf
     #: Elements beyond ``atol + rtol*|old|`` (or that became NaN/Inf): what decides drift.
-    #: Equals ``changed_elements`` at zero tolerance. Added after the first schema draft.
+    #: Equals ``changed_elements`` at zero tolerance.
     out_of_tolerance: int | None = None
     #: Why a 'changed' tensor moved: one of ckptdiff.cause.CAUSES; cause_detail holds the
     #: numbers behind it (docs/causes.md). Added in ckptdiff 0.x without a schema change.

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ckptdiff.display import dtype_of, num, shape_of  # re-exported: the screens' one formatter
+from ckptdiff.store.model import is_per_tensor_metric
 
 __all__ = ["ago", "num", "metric", "shape_of", "dtype_of", "short_hash", "metric_columns", "PREFERRED_METRICS"]
 
@@ -57,11 +58,15 @@ def short_hash(h: str | None, n: int = 10) -> str:
 
 
 def metric_columns(all_metrics: Sequence[Mapping[str, Any]], limit: int = 2) -> list[str]:
-    """The metric names worth a column: preferred ones first, then the most common."""
+    """The metric names worth a column: preferred ones first, then the most common.
+
+    Per-tensor metrics (``drift_max_abs/<tensor>``) are never a column: they belong to one
+    snapshot, and the drift column already counts the tensors that moved.
+    """
     counts: dict[str, int] = {}
     for m in all_metrics:
         for k, v in m.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not is_per_tensor_metric(k):
                 counts[k] = counts.get(k, 0) + 1
     chosen = [k for k in PREFERRED_METRICS if k in counts][:limit]
     rest = sorted((k for k in counts if k not in chosen), key=lambda k: (-counts[k], k))

@@ -22,7 +22,7 @@ from textual.message import Message
 from ckptdiff.report import TensorDiff
 
 from . import fmt
-from .line_table import LineTable
+from .line_table import Cell, LineTable
 from .rows import SORT_KEYS, TableQuery, merge_measured
 
 #: (column key, header label). The key doubles as the sort key.
@@ -84,11 +84,20 @@ def cells(r: TensorDiff) -> list[Text]:
     return [Text(v, style=style) for v in cell_texts(r)]
 
 
+#: The "▲ DRIFT" flag's own style: it stays red on the cursor row, where the row's red does not.
+DRIFT_FLAG = Style.parse(DRIFT_STYLE)
+
+
+def _flagged(texts: list[str], drift: bool) -> list[Cell]:
+    return [(t, DRIFT_FLAG if drift and i == 0 else None) for i, t in enumerate(texts)]
+
+
 class TensorTable(LineTable):
     """Rows of a diff, filtered and sorted by ``query_state``."""
 
     columns = COLUMNS
     right_aligned = frozenset({"max", "rel"})
+    cursor_keeps = frozenset({DRIFT_FLAG})
     #: Columns whose text arrives later get room up front, so the layout does not jump.
     min_width = {"flag": 7, "max": 9, "rel": 9, "cause": 13, "hash": 10}
     max_width = {"name": 72}
@@ -152,7 +161,7 @@ class TensorTable(LineTable):
                     index = i
                     break
         styles = {s: Style.parse(s) if s else Style() for s in ("", DRIFT_STYLE, STALE_STYLE, IDENTICAL_STYLE)}
-        self.set_data([[(t, None) for t in cell_texts(r)] for r in shown],
+        self.set_data([_flagged(cell_texts(r), r.drift) for r in shown],
                       [styles[row_style(r)] for r in shown], cursor=index)
 
     def row_cells(self, name: str) -> list[Text]:

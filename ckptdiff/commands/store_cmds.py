@@ -92,10 +92,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("log", help="list a store's snapshots with changes and drift", **_fmt(
         "One row per snapshot, oldest first: id, time, step, tag, tensors changed vs its\n"
         "parent, drift (frozen tensors, per the manifest, whose bytes, dtype or shape differ\n"
-        "from the first snapshot's; '-' when no manifest is known) and metrics. Reads no\n"
-        "tensor data, unless --causes asks why each drifted tensor moved (weight decay,\n"
-        "optimizer step, running statistics, ...; see docs/causes.md): then the drifted\n"
-        "tensors, and only those, are diffed against the first snapshot.\n\n"
+        "from the first snapshot's; '-' when no manifest is known) and metrics. Per-tensor\n"
+        "metrics (drift_max_abs/<tensor>) are shown as their maximum; 'ckptdiff show'\n"
+        "lists them. On a terminal each row is cut to its width. Reads no tensor data,\n"
+        "unless --causes asks why each drifted tensor moved (weight decay, optimizer step,\n"
+        "running statistics, ...; see docs/causes.md): then the drifted tensors, and only\n"
+        "those, are diffed against the first snapshot.\n\n"
         "examples:\n  ckptdiff log runs/store\n  ckptdiff log runs/store --causes\n"
         "  ckptdiff log runs/store --format json | jq '.snapshots[-1]'"))
     p.add_argument("dir", metavar="DIR", help="the store directory")
@@ -179,6 +181,37 @@ def _metric_str(metrics: dict[str, Any]) -> str:
     for k, v in metrics.items():
         parts.append(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}")
     return " ".join(parts)
+
+
+def _log_metrics(metrics: dict[str, Any]) -> str:
+    """A history row's metrics: the run's own, and per-tensor ones folded into one summary each."""
+    from ..store.model import PER_TENSOR_METRIC_PREFIXES, is_per_tensor_metric
+
+    text = _metric_str({k: v for k, v in metrics.items() if not is_per_tensor_metric(k)})
+    for prefix in PER_TENSOR_METRIC_PREFIXES:
+        values = [v for k, v in metrics.items() if k.startswith(prefix) and isinstance(v, (int, float))]
+        if values:
+            n = len(values)
+            summary = f"{prefix[:-1]}={max(values):.6g} (max of {n} tensor{'s' if n != 1 else ''})"
+            text = f"{text} {summary}" if text else summary
+    return text
+
+
+def _terminal_width() -> int | None:
+    """The terminal's width when stdout is one; None when output goes to a pipe or a file."""
+    import shutil
+
+    return shutil.get_terminal_size().columns if sys.stdout.isatty() else None
+
+
+def _fit(text: str, width: int | None) -> str:
+    """Cut each line to ``width`` terminal cells with an ellipsis: one screen line per row."""
+    if width is None:
+        return text
+    from rich.cells import cell_len, set_cell_size
+
+    return "\n".join(line if cell_len(line) <= width else set_cell_size(line, width - 1) + "…"
+                     for line in text.split("\n"))
 
 
 _MAX_CELL = 64
@@ -318,9 +351,10 @@ def run_log(args: argparse.Namespace) -> int:
         table.append([
             i.id[:12], _when(i.created_at), "" if i.step is None else str(i.step), i.tag or "",
             "root" if r.changed is None else str(r.changed), "-" if r.drift is None else str(r.drift),
-            _metric_str(i.metrics),
+            _log_metrics(i.metrics),
         ])
-    print(_table(["ID", "CREATED", "STEP", "TAG", "CHANGED", "DRIFT", "METRICS"], table, right=(2, 4, 5)))
+    print(_fit(_table(["ID", "CREATED", "STEP", "TAG", "CHANGED", "DRIFT", "METRICS"], table, right=(2, 4, 5)),
+               _terminal_width()))
     if args.causes:
         _print_causes(rows, causes)
     logical = sum(r.info.total_bytes for r in rows)

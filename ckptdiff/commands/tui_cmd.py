@@ -50,10 +50,12 @@ exit codes:
      bad flags, Textual not installed (one line on stderr). Problems found
      while it runs are shown on its status line instead.
 
-Needs the 'tui' extra:  pip install 'ckptdiff[tui]'
+Needs Textual, the 'tui' extra: pip install '.[tui]' in a ckptdiff checkout,
+or pip install 'textual>=0.80' beside an installed ckptdiff.
 """
 
-INSTALL_HINT = "the TUI needs Textual, which is not installed: pip install 'ckptdiff[tui]'"
+INSTALL_HINT = ("the TUI needs Textual, which is not installed: pip install 'textual>=0.80' "
+                "(or, in a ckptdiff checkout, pip install '.[tui]')")
 
 
 def register(subparsers: Any) -> None:

@@ -1,6 +1,6 @@
 """The engine's fast paths must give exactly the slow path's answers.
 
-Fast paths under test (issue 6): identical chunks hashed once (one BLAKE3
+Fast paths under test: identical chunks hashed once (one BLAKE3
 state shared until the sides first differ, then forked), tensors spread over
 worker threads, whole-tensor handling of small tensors, and ``read_into``
 sources streamed through reused buffers instead of mmap views. Each is

@@ -16,7 +16,7 @@ from ckptdiff.render import ordered
 from ckptdiff.report import DiffReport, SideInfo, TensorDiff
 from ckptdiff.timeline import Column, Timeline
 
-SAMPLES = Path(__file__).resolve().parent.parent / "sample_ckpts"
+SAMPLES = Path(__file__).resolve().parents[2] / "sample_ckpts"
 
 
 class _Page(HTMLParser):

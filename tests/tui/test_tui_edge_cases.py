@@ -1,4 +1,4 @@
-"""Bugs found by using the TUI in a real terminal (tmux): hostile names, an empty store."""
+"""The TUI on awkward input: hostile tensor names, an empty store, a terminal shorter than the history."""
 
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +20,8 @@ import pytest
 import ckptdiff
 from ckptdiff.cause import CAUSES, Sums, classify, explain
 from ckptdiff.checkpoint import Checkpoint
+
+SAMPLES = Path(__file__).resolve().parents[2] / "sample_ckpts"
 
 torch = pytest.importorskip("torch")
 from safetensors.torch import save_file  # noqa: E402
@@ -260,8 +263,8 @@ def test_classify_is_pure_and_total():
 def test_shipped_drifted_sample_says_why_in_words(capsys):
     from ckptdiff.cli import main
 
-    rc = main(["diff", "sample_ckpts/base.safetensors", "sample_ckpts/finetune_drifted.safetensors",
-               "-m", "sample_ckpts/manifest.json", "--format", "json"])
+    rc = main(["diff", str(SAMPLES / "base.safetensors"), str(SAMPLES / "finetune_drifted.safetensors"),
+               "-m", str(SAMPLES / "manifest.json"), "--format", "json"])
     data = json.loads(capsys.readouterr().out)
     assert rc == 1
     by = {t["name"]: t for t in data["tensors"]}
@@ -270,8 +273,8 @@ def test_shipped_drifted_sample_says_why_in_words(capsys):
         assert by[name]["cause_detail"]["c"] == pytest.approx(0.003196, rel=1e-3)
     for name in ("backbone.1.running_mean", "backbone.1.running_var", "backbone.1.num_batches_tracked"):
         assert by[name]["cause"] == "running_stats"
-    main(["diff", "sample_ckpts/base.safetensors", "sample_ckpts/finetune_drifted.safetensors",
-          "-m", "sample_ckpts/manifest.json"])
+    main(["diff", str(SAMPLES / "base.safetensors"), str(SAMPLES / "finetune_drifted.safetensors"),
+          "-m", str(SAMPLES / "manifest.json")])
     out = capsys.readouterr().out
     assert ("backbone.3.weight drifted: weight decay, Δ = −0.0032·W — frozen parameters are still in an "
             "optimizer with weight_decay > 0") in out
@@ -280,8 +283,8 @@ def test_shipped_drifted_sample_says_why_in_words(capsys):
 def test_markdown_groups_tensors_that_share_a_cause(capsys):
     from ckptdiff.cli import main
 
-    main(["diff", "sample_ckpts/base.safetensors", "sample_ckpts/finetune_drifted.safetensors",
-          "-m", "sample_ckpts/manifest.json", "--format", "markdown"])
+    main(["diff", str(SAMPLES / "base.safetensors"), str(SAMPLES / "finetune_drifted.safetensors"),
+          "-m", str(SAMPLES / "manifest.json"), "--format", "markdown"])
     lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("- ")]
     decay = [x for x in lines if "weight decay" in x]
     assert len(decay) == 1 and "and 2 more drifted: weight decay, Δ = −0.0032·W" in decay[0]

@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 import ckptdiff  # noqa: E402
 from ckptdiff.manifest import Manifest  # noqa: E402
 
-SAMPLES = Path(__file__).resolve().parents[1] / "sample_ckpts"
+SAMPLES = Path(__file__).resolve().parents[2] / "sample_ckpts"
 
 
 def _manifest(tmp_path: Path, data: dict) -> Path:

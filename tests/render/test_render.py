@@ -62,6 +62,21 @@ def test_verdict_and_summary_lines():
     assert "no manifest" in summary_line(same)
 
 
+def test_identical_sides_are_not_a_stale_warning():
+    """A snapshot diffed against the file it came from: same content by design, not an alarm."""
+    arrays = {"enc.w": np.ones(3, np.float32), "head.w": np.zeros(2, np.float32)}
+    man = Manifest(trainable=("head.*",))
+    same = diff(Checkpoint.from_arrays(arrays), Checkpoint.from_arrays(dict(arrays)), manifest=man)
+    assert same.summary()["stale"] == 1
+    assert verdict_line(same) == ("PASS: no frozen tensor drifted; the two sides are bitwise identical, "
+                                  "so no trainable tensor changed either")
+    moved = diff(Checkpoint.from_arrays(arrays), Checkpoint.from_arrays({**arrays, "enc.w": np.zeros(3, np.float32)}),
+                 manifest=man)
+    assert verdict_line(moved) == "FAIL: 1 frozen tensor drifted"
+    moved.fail_on = "never"
+    assert verdict_line(moved).endswith("; warning: 1 trainable tensor never changed")
+
+
 def test_fmt_num():
     assert [fmt_num(x) for x in (None, 0.0, float("inf"), float("nan"), 0.00040001, 1234567.0)] == \
         ["-", "0", "inf", "nan", "0.0004", "1.235e+06"]

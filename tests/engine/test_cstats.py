@@ -1,6 +1,6 @@
 """The C statistics module (ckptdiff._cstats) against numpy and ml_dtypes.
 
-The engine-level property test (test_diff_engine) already runs both
+The engine-level property test (tests/engine/test_engine.py) already runs both
 implementations against an independent float64 reference; these tests pin
 what only the C module has: its own decoding tables, float64 extremes, loads
 from unaligned addresses, and its argument checks.
