@@ -51,17 +51,14 @@ def _label(index: int, step: int | None, tag: str | None) -> str:
 
 
 def from_store(path: str, *, manifest: Any = None, atol: float = 0.0, rtol: float = 0.0,
-               rank: int | None = None, refs: Sequence[str] | None = None) -> Timeline:
-    """Every snapshot of the store at ``path`` (or only ``refs``) diffed against the first."""
+               rank: int | None = None) -> Timeline:
+    """Every snapshot of the store at ``path`` diffed against the first."""
     from .api import diff
     from .errors import CkptError
     from .store import Store
 
     with Store.open(path) as store:
         infos = store.list()
-        if refs is not None:
-            wanted = {store.resolve(r).id for r in refs}
-            infos = [i for i in infos if i.id in wanted]
         if not infos:
             raise CkptError("the store holds no snapshots yet", path)
         base = store.open_snapshot(infos[0].id)
