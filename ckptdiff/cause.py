@@ -141,7 +141,8 @@ def classify(s: Sums) -> tuple[str, dict[str, Any]]:
     if stat is not None:
         return "running_stats", {"buffer": stat, "rel_l2": _round(_ratio(s.delta_norm, s.old_norm))}
     if s.round_formats and s.changed:
-        # The narrowest format that fits says the most (a bf16 rounding can be an fp8 one only by chance).
+        # ROUND_NAMES runs from the most precise format down: the first that fits is the exact claim
+        # (new values that are bf16 roundings are fp8 ones only by chance, and the other way round).
         return "precision_roundtrip", {"dtype": s.round_formats[0],
                                        "max_abs_delta": _round(s.max_abs_delta)}
     old2, d2 = s.old_norm, s.delta_norm
