@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .hook_model import Slot
+from .model import Slot
 
 _SAME_WIDTH_INT = {1: "int8", 2: "int16", 4: "int32", 8: "int64"}
 

@@ -23,9 +23,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from . import dtypes
-from .errors import CkptError, FormatError
-from .manifest import Manifest
+from .. import dtypes
+from ..errors import CkptError, FormatError
+from ..manifest import Manifest
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -77,6 +77,24 @@ class ModelTensors:
     @property
     def total_bytes(self) -> int:
         return sum(s.nbytes for s in self.slots)
+
+    def refresh(self) -> None:
+        """Follow tensors the model replaced since attach (``module.weight = nn.Parameter(...)``).
+
+        The per-step check watches tensor objects; a module attribute pointed
+        at a new object is only seen here, once per snapshot (one state_dict
+        walk, ~1 ms for hundreds of tensors). The new object's different
+        storage makes it a suspect, so a frozen one is checksummed at the next
+        check and reported if its values differ from the baseline.
+        """
+        import torch
+
+        current = self.module.state_dict(keep_vars=True)
+        for slot in self.slots:
+            t = current.get(slot.name)
+            if isinstance(t, torch.Tensor) and t is not slot.tensor:
+                slot.dtype = _check_tensor(slot.name, t)
+                slot.tensor = t
 
 
 def unwrap(model: Any) -> Any:

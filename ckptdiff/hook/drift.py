@@ -16,25 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .checkpoint import TensorRef
+from ..checkpoint import TensorRef
 
 _CHUNK = 4 << 20
-
-
-class DriftWarning(UserWarning):
-    """A frozen tensor moved (``on_drift="warn"``)."""
-
-
-class AuditWarning(UserWarning):
-    """The attach-time audit found a likely mistake."""
-
-
-class StoreWarning(UserWarning):
-    """Writing a snapshot failed; training goes on (see ``Tracker.errors``)."""
-
-
-class StaleWarning(UserWarning):
-    """A trainable tensor is still bitwise equal to its baseline after a snapshot interval."""
 
 
 @dataclass(frozen=True)
@@ -141,5 +125,4 @@ def compare(baseline: TensorRef, current: TensorRef) -> tuple[int, float]:
     return changed, max(worst, 0.0)
 
 
-__all__ = ["DriftEvent", "FrozenDriftError", "DriftWarning", "AuditWarning", "StoreWarning", "StaleWarning",
-           "compare", "hint_for"]
+__all__ = ["DriftEvent", "FrozenDriftError", "compare", "hint_for"]

@@ -21,9 +21,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import dtypes
-from .checkpoint import TensorRef
-from .hook_model import Slot
+from .. import dtypes
+from ..checkpoint import TensorRef
+from .model import Slot
 
 
 @dataclass(eq=False)
