@@ -17,7 +17,7 @@ before it. On CPU the same code path copies synchronously.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,8 +84,14 @@ class HostStaging:
             s = self._streams[device] = torch.cuda.Stream(device=device)
         return s
 
-    def capture(self, slots: Sequence[tuple[int, Slot]]) -> Capture:
-        """Start copying ``slots`` (index, slot) to host; returns at once on CUDA, after the copy on CPU."""
+    def capture(self, slots: Sequence[tuple[int, Slot]], whole: Callable[[Slot], Any] | None = None) -> Capture:
+        """Start copying ``slots`` (index, slot) to host; returns at once on CUDA, after the copy on CPU.
+
+        ``whole(slot)`` gives a sharded slot's full tensor (a collective:
+        called for each sharded slot in index order, one at a time, so only
+        one gathered tensor is alive at once). It is copied on the training
+        stream, so its memory is reused only after the copy.
+        """
         import torch
 
         used = {i for i, _ in slots}
@@ -97,8 +103,9 @@ class HostStaging:
         side: dict[Any, list[tuple[Any, Any]]] = {}
         current: dict[Any, list[tuple[Any, Any]]] = {}
         for i, slot in slots:
-            t = slot.tensor.detach()
-            stamps[i] = (slot.tensor._version, slot.tensor.data_ptr())
+            stamps[i] = slot.stamp()
+            gathered = slot.sharded and whole is not None
+            t = whole(slot) if gathered else slot.tensor.detach()
             nbytes = t.numel() * t.element_size()
             on_cuda = t.device.type == "cuda"
             host = self._buffer(i, nbytes, pinned=on_cuda)
@@ -106,7 +113,7 @@ class HostStaging:
             if not on_cuda:
                 dst.copy_(t)
             else:
-                (side if slot.kind == "param" else current).setdefault(t.device, []).append((dst, t))
+                (side if slot.kind == "param" and not gathered else current).setdefault(t.device, []).append((dst, t))
             total += nbytes
             ref_view = _view_of(host)
             dt = dtypes.from_torch(t.dtype).name  # not slot.dtype: model.half() after attach changes it
@@ -133,16 +140,18 @@ class HostStaging:
         return cap
 
 
-def stream_refs(slots: Sequence[Slot], chunk_bytes: int = 16 << 20) -> dict[str, TensorRef]:
+def stream_refs(slots: Sequence[Slot], chunk_bytes: int = 16 << 20,
+                gathered: Mapping[int, Any] | None = None) -> dict[str, TensorRef]:
     """Lazy refs that read live tensors when the store asks (for the baseline, written while attach waits).
 
     CPU tensors are exposed zero-copy; CUDA tensors are copied to host one
     chunk at a time, so the baseline of any model size needs only
-    ``chunk_bytes`` of host memory.
+    ``chunk_bytes`` of host memory. ``gathered`` holds the full host copy of
+    each sharded slot, by slot index.
     """
     refs: dict[str, TensorRef] = {}
-    for slot in slots:
-        t = slot.tensor
+    for k, slot in enumerate(slots):
+        t = gathered[k] if gathered and k in gathered else slot.tensor
         if t.device.type == "cpu":
             maker: dict[str, Any] = {"view": _live_cpu_view(t)}
         else:

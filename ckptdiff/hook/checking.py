@@ -5,8 +5,13 @@ baseline's". Each suspect is then captured, compared exactly with the
 baseline bytes in the store (:func:`.drift.compare`) on the writer thread,
 and recorded as a snapshot tagged ``drift``; a suspect whose bytes turn out
 equal is re-based and cleared. Each tensor is reported once, then no longer
-checked. On CUDA (unless ``on_drift="raise"``) the checksums are read one
-check later, so the check never syncs the training thread.
+checked. On CUDA (unless ``on_drift="raise"``, or under torch.distributed)
+the checksums are read one check later, so the check never syncs the
+training thread.
+
+Under torch.distributed each rank checks its own tensors (its DDP replica,
+its FSDP2 shards); the tracker then agrees on one verdict for all ranks
+(:mod:`.distributed`), measured exactly by the rank that writes the history.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Any
 
 from .alerts import DriftWarning, warn
 from .capture import Capture
+from .distributed import Collectives
 from .drift import DriftEvent, FrozenDriftError, compare, hint_for
 from .failures import FailureLog
 from .fingerprint import FrozenWatch, Pending
@@ -45,6 +51,7 @@ class DriftChecker:
         self.defer = defer
         self.pending: Pending | None = None
         self.events: list[DriftEvent] = []
+        self._index = {slot.name: k for k, slot in enumerate(self.watch.slots)}
 
     def drifted_slots(self) -> list[int]:
         """Slot indices of the frozen tensors already reported (snapshots keep recording them)."""
@@ -65,39 +72,40 @@ class DriftChecker:
                 suspects += [(i, pend.step) for i in self.watch.collect(pend)]
         return suspects
 
-    def confirm(self, suspects: list[tuple[int, int]], step: int, chain: SnapshotChain,
-                failures: FailureLog) -> list[DriftEvent]:
-        """Confirm exactly against the baseline and record a ``drift`` snapshot; the events found."""
-        watch_idx = list(dict.fromkeys(i for i, _ in suspects))
-        when = min(s for _, s in suspects)  # the step the check ran (deferred reads arrive a check later)
-        last_clean = {i: self.watch.last_clean[i] for i in watch_idx}
-        try:
-            cap = chain.capture(drifted=self.drifted_slots(), extra=[self.frozen_idx[i] for i in watch_idx])
-
-            def job(store: Any) -> tuple[list[DriftEvent], list[int]]:
-                return self._confirm_and_record(store, cap, chain, failures, watch_idx, when, step, last_clean)
-
-            events, cleared = chain.writer.call(job, "recording a drift")
-        except Exception as e:  # noqa: BLE001 - the drift is still reported, on the checksum's word
-            failures.record(f"recording the drift at step {when}: {e}")
-            events = [self.unconfirmed(i, when, last_clean[i]) for i in watch_idx]
-            cleared = []
-        for i in cleared:
-            self.watch.mark_clean(i, step)
-        for i in watch_idx:
-            if i not in cleared:
-                self.watch.mark_drifted(i)
-        self.events.extend(events)
-        return events
+    def index_of(self, event: DriftEvent) -> int:
+        """The watch index of the tensor an event is about."""
+        return self._index[event.name]
 
     def unconfirmed(self, i: int, step: int, last_clean: int) -> DriftEvent:
-        """An event on the checksum's word only (no baseline bytes to measure against)."""
+        """An event on the checksum's word only (no baseline bytes to measure against on this rank)."""
         s = self.watch.slots[i]
         return DriftEvent(step, tuple(s.names), s.kind, s.tensor.numel(), None, None, last_clean)
 
-    def _confirm_and_record(self, store: Any, cap: Capture, chain: SnapshotChain, failures: FailureLog,
-                            watch_idx: list[int], step: int, snap_step: int, last_clean: dict[int, int]
-                            ) -> tuple[list[DriftEvent], list[int]]:
+    def settle(self, events: Sequence[DriftEvent], cleared: Sequence[int], step: int) -> None:
+        """Stop checking what was reported (once per tensor); re-base what the exact comparison cleared."""
+        for i in cleared:
+            self.watch.mark_clean(i, step)
+        for e in events:
+            self.watch.mark_drifted(self.index_of(e))
+        self.events.extend(events)
+
+    def agree(self, comm: Collectives, agreed: list[int], events: list[DriftEvent], when: int,
+              last_clean: dict[int, int]) -> tuple[list[DriftEvent], list[int]]:
+        """Every rank reports the same tensors at the same step, each event naming the ranks that saw it.
+
+        ``events`` are this rank's verdicts on the ``agreed`` suspects; returns
+        the events every rank reports and the suspects no rank found moved.
+        """
+        own = {self.index_of(e): e for e in events}
+        by_rank = comm.flags_by_rank(len(self.watch.slots), own)
+        final = []
+        for i in sorted(set().union(*by_rank)):
+            e = own.get(i) or self.unconfirmed(i, when, last_clean[i])
+            final.append(dataclasses.replace(e, ranks=tuple(r for r, seen in enumerate(by_rank) if i in seen)))
+        return final, [i for i in agreed if not any(i in seen for seen in by_rank)]
+
+    def confirm(self, store: Any, cap: Capture, chain: SnapshotChain, failures: FailureLog, watch_idx: list[int],
+                step: int, snap_step: int, last_clean: dict[int, int]) -> tuple[list[DriftEvent], list[int]]:
         """Writer thread: exact comparison with the baseline bytes, then the ``drift`` snapshot.
 
         ``step`` is when the drift was seen; ``snap_step`` when the bytes were

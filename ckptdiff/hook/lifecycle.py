@@ -86,7 +86,7 @@ class AtExit:
         tracker = self._ref()
         if tracker is not None:
             try:
-                tracker._close(raise_drift=False)
+                tracker._close(raise_drift=False, collective=False)  # other ranks may be gone already
             except Exception:  # noqa: BLE001 - never fail interpreter exit
                 pass
 

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from .metrics import METRICS_REDUCE
 from .model import TrackerError
 
 ON_DRIFT = ("warn", "raise", "record")
@@ -25,10 +26,13 @@ class Options:
     start_step: int | None = None
     audit: bool = True
     rank0_only: bool = True
+    replica_check_every: int | None = None
+    metrics_reduce: str | None = None
 
     @classmethod
     def parse(cls, *, store: Any, every: Any, check_every: Any, backstop_every: Any, on_drift: Any,
-              on_store_error: Any, start_step: Any, audit: Any, rank0_only: Any) -> Options:
+              on_store_error: Any, start_step: Any, audit: Any, rank0_only: Any, replica_check_every: Any = None,
+              metrics_reduce: Any = None) -> Options:
         """Validate the arguments as the user passed them; a TrackerError names the bad one."""
         every = _positive_int("every", every)
         if on_drift not in ON_DRIFT:
@@ -37,10 +41,15 @@ class Options:
             raise TrackerError(f"on_store_error must be one of {', '.join(ON_STORE_ERROR)}, got {on_store_error!r}")
         if start_step is not None and (isinstance(start_step, bool) or not isinstance(start_step, int)):
             raise TrackerError(f"start_step must be an integer, got {start_step!r}")
+        if metrics_reduce not in METRICS_REDUCE:
+            raise TrackerError(f"metrics_reduce must be None or 'mean', got {metrics_reduce!r}")
+        if replica_check_every is not None:
+            replica_check_every = _positive_int("replica_check_every", replica_check_every)
         return cls(store_path=_store_path(store), every=every, check_every=_positive_int("check_every", check_every),
                    backstop_every=_positive_int("backstop_every", every if backstop_every is None else backstop_every),
                    on_drift=on_drift, on_store_error=on_store_error, start_step=start_step, audit=bool(audit),
-                   rank0_only=bool(rank0_only))
+                   rank0_only=bool(rank0_only), replica_check_every=replica_check_every,
+                   metrics_reduce=metrics_reduce)
 
 
 def _positive_int(name: str, v: Any) -> int:

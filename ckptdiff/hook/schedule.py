@@ -24,8 +24,10 @@ class SnapshotSchedule:
         slots = tensors.slots
         self.frozen_idx = [i for i, s in enumerate(slots) if s.role == "frozen"]
         self.trainable_idx = [i for i, s in enumerate(slots) if s.role == "trainable"]
+        #: DTensor slots: every rank must take part when a snapshot gathers one.
+        self.sharded_idx = [i for i, s in enumerate(slots) if s.sharded]
         #: (version, data_ptr) of each slot when the last written snapshot captured it.
-        self.stamps = [(s.tensor._version, s.tensor.data_ptr()) for s in slots]
+        self.stamps = [s.stamp() for s in slots]
 
     def due(self, steps: int) -> bool:
         """The periodic snapshot comes due after every ``every`` updates since attach."""
@@ -39,8 +41,7 @@ class SnapshotSchedule:
         chosen = set(self.trainable_idx) | set(drifted) | set(extra)
         for i, s in enumerate(slots):
             if i not in chosen:
-                v, p = self.stamps[i]
-                if s.tensor._version != v or s.tensor.data_ptr() != p:
+                if s.stamp() != self.stamps[i]:
                     chosen.add(i)
         return sorted(chosen)
 

@@ -10,7 +10,7 @@ its own step.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from .capture import Capture, HostStaging, stream_refs
@@ -39,9 +39,13 @@ class SnapshotChain:
         #: (device, event) pairs the next optimizer step waits on before overwriting parameters.
         self.param_wait: list[tuple[Any, Any]] = []
 
-    def write_baseline(self, *, step: int, manifest: Any, resumed: bool) -> None:
-        """Write every tensor as it is now (streamed from the live tensors); raises what the store raised."""
-        refs = stream_refs(self.tensors.slots)
+    def write_baseline(self, *, step: int, manifest: Any, resumed: bool, gathered: Mapping[int, Any]) -> None:
+        """Write every tensor as it is now; raises what the store raised.
+
+        Tensors are streamed from the live ones, except sharded ones, which
+        come from ``gathered`` (their full host copies, by slot index).
+        """
+        refs = stream_refs(self.tensors.slots, gathered=gathered)
         message = "baseline at attach (resumed run)" if resumed else "baseline at attach"
 
         def job(store: Any) -> str:
@@ -56,11 +60,10 @@ class SnapshotChain:
         self.last_id = self.baseline_id
         self.count += 1
 
-    def capture(self, *, drifted: Iterable[int] = (), extra: Iterable[int] = ()) -> Capture:
-        """Start copying what the next snapshot holds (see :meth:`SnapshotSchedule.select`)."""
+    def capture(self, chosen: Sequence[int], whole: Callable[[Any], Any] | None = None) -> Capture:
+        """Start copying the slots ``chosen`` for the next snapshot (``whole`` gathers a sharded one)."""
         slots = self.tensors.slots
-        chosen = self.schedule.select(has_parent=self.last_id is not None, drifted=drifted, extra=extra)
-        cap = self.staging.capture([(i, slots[i]) for i in chosen])
+        cap = self.staging.capture([(i, slots[i]) for i in chosen], whole)
         if cap.param_events:
             if self.hooked_optimizer:
                 self.param_wait = cap.param_events  # waited on in the next step's pre-hook
