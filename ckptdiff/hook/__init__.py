@@ -22,7 +22,8 @@ Snapshot bytes are copied to (pinned, reused) host buffers on the training
 thread and hashed and written by one background thread with at most one
 snapshot in flight (:mod:`.writer`). A store failure is recorded in
 :attr:`Tracker.errors` and warned about, never raised into the training loop
-unless ``on_store_error="raise"``. :mod:`.tracker` says where each part lives.
+unless ``on_store_error="raise"``. :mod:`.tracker` says where each part lives;
+under torch.distributed the hook runs on every rank (:mod:`.distributed`).
 
 torch is imported only inside this package's functions, never by
 ``import ckptdiff`` nor by ``import ckptdiff.hook``.
@@ -37,7 +38,7 @@ from typing import Any
 
 from .alerts import AuditWarning, DriftWarning, StaleWarning, StoreWarning
 from .audit import AuditFinding, AuditReport, run_audit
-from .drift import DriftEvent, FrozenDriftError
+from .drift import DriftEvent, FrozenDriftError, ReplicaDivergence, ReplicaDivergenceError
 from .lifecycle import open_tracker
 from .model import TrackerError
 from .tracker import Tracker
@@ -62,10 +63,29 @@ def audit(model: Any = None, optimizer: Any = None, *, trainable: str | Sequence
 def track(model: Any, optimizer: Any = None, store: str | os.PathLike[str] = "runs/exp1", every: int = 100,
           trainable: str | Sequence[str] | None = None, on_drift: str = "warn", check_every: int = 1,
           **options: Any) -> Tracker:
-    """Attach a :class:`Tracker` to ``model`` (and ``optimizer``); see the module docstring."""
+    """Attach a :class:`Tracker` to ``model`` (and ``optimizer``); see the module docstring.
+
+    Args:
+        model: the ``torch.nn.Module`` (DDP, DataParallel, ``torch.compile`` and FSDP2 models as they are).
+        optimizer: a ``torch.optim.Optimizer``, or a wrapper holding one in ``.optimizer`` (accelerate).
+        store: the snapshot store directory; ``{rank}`` in it is replaced by the rank.
+        every: a snapshot every this many steps.
+        trainable: glob pattern(s) naming the trainable tensors (default: what the optimizer updates).
+        on_drift: ``"warn"``, ``"raise"`` (``FrozenDriftError`` from ``optimizer.step()``, on every rank
+            together under torch.distributed) or ``"record"``.
+        check_every: the drift check every this many steps.
+        **options: ``backstop_every``, ``start_step``, ``on_store_error`` (``"warn"``/``"raise"``),
+            ``audit``, ``rank0_only`` (default True: rank 0 writes; False needs ``{rank}`` in ``store``),
+            ``replica_check_every`` (compare frozen replicas across ranks every N steps),
+            ``metrics_reduce`` (None: rank 0's metrics; ``"mean"``: averaged over ranks).
+
+    Returns:
+        The attached :class:`Tracker`; close it (or use it as a context manager) when training ends.
+    """
     return Tracker(model, optimizer, store=store, every=every, trainable=trainable, on_drift=on_drift,
                    check_every=check_every, **options)
 
 
 __all__ = ["track", "audit", "open_tracker", "Tracker", "FrozenDriftError", "DriftEvent", "AuditFinding",
-           "AuditReport", "DriftWarning", "AuditWarning", "StoreWarning", "StaleWarning", "TrackerError"]
+           "AuditReport", "DriftWarning", "AuditWarning", "StoreWarning", "StaleWarning", "TrackerError",
+           "ReplicaDivergence", "ReplicaDivergenceError"]

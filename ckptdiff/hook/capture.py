@@ -88,9 +88,10 @@ class HostStaging:
         """Start copying ``slots`` (index, slot) to host; returns at once on CUDA, after the copy on CPU.
 
         ``whole(slot)`` gives a sharded slot's full tensor (a collective:
-        called for each sharded slot in index order, one at a time, so only
-        one gathered tensor is alive at once). It is copied on the training
-        stream, so its memory is reused only after the copy.
+        called for each sharded slot in index order). Each is copied as soon
+        as it is gathered, on the training stream (so its memory is reused
+        only after the copy), and dropped: the gathered tensors are never all
+        alive at once.
         """
         import torch
 
@@ -112,8 +113,11 @@ class HostStaging:
             dst = host.view(t.dtype).view(t.shape)
             if not on_cuda:
                 dst.copy_(t)
+            elif gathered:  # copied now, on the training stream, so the gathered tensor can go at once
+                dst.copy_(t, non_blocking=True)
+                current.setdefault(t.device, [])  # the event recorded below covers this copy
             else:
-                (side if slot.kind == "param" and not gathered else current).setdefault(t.device, []).append((dst, t))
+                (side if slot.kind == "param" else current).setdefault(t.device, []).append((dst, t))
             total += nbytes
             ref_view = _view_of(host)
             dt = dtypes.from_torch(t.dtype).name  # not slot.dtype: model.half() after attach changes it

@@ -81,13 +81,13 @@ class Slot:
         self.local = local_of(tensor)
 
 
-def is_dtensor(t: Any) -> bool:
+def _is_dtensor(t: Any) -> bool:
     return type(t).__name__ == "DTensor" and hasattr(t, "_local_tensor")
 
 
 def local_of(t: Any) -> Any:
     """This rank's part of ``t``: a DTensor's local shard, else ``t`` itself."""
-    if is_dtensor(t):
+    if _is_dtensor(t):
         import torch
 
         with torch.no_grad():

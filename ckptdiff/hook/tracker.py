@@ -351,6 +351,8 @@ class Tracker:
     def _check(self, step: int, *, everything: bool = False) -> None:
         """The drift check; suspects are confirmed, agreed on by every rank, then reported."""
         drift = self._drift
+        if not drift.watch.slots:
+            return  # nothing frozen: nothing to check, nothing to agree on (the same on every rank)
         suspects = drift.check(step, everything=everything)
         mine = list(dict.fromkeys(i for i, _ in suspects))
         agreed = self._comm.union(len(drift.watch.slots), mine) if self._comm.ready else mine
@@ -427,9 +429,9 @@ class Tracker:
             return None
         step = self.current_step
         self._last_snapshot_steps = self.steps
-        chain, stale, failures = self._chain, self._stale if self._chain is not None else None, self._failures
-        if chain is None or cap is None or stale is None:
-            return None
+        if self._chain is None or cap is None:
+            return None  # this rank took part in the gathers; the writing rank writes
+        chain, stale, failures = self._chain, self._stale, self._failures
 
         def job(store: Any) -> str:
             sid = chain.write(store, cap, step=step, tag=tag, message=message, metrics=seal.take())
