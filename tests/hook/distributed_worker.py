@@ -101,6 +101,12 @@ def ddp(out: dict[str, object], store: str) -> None:
             break
     tracker.close()
     out["raise"] = {"raised_at": raised, "events": _events(tracker)}
+
+    # rank0_only=False: every rank writes its own history, one chain per rank.
+    tracker = ckptdiff.track(model, opt, store=os.path.join(store, "rank{rank}"), every=2, rank0_only=False)
+    _run(model, opt, [], rank, 2, tracker, first_step=9)
+    tracker.close()
+    out["per_rank"] = {"store": tracker.store_path, "writes": tracker.writes}
     dist.barrier()
     dist.destroy_process_group()
 

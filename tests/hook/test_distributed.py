@@ -149,6 +149,16 @@ def test_ddp_run_leaves_one_coherent_history_with_the_metrics_rank_said(ddp_run)
 
 
 @pytest.mark.distributed
+def test_ddp_rank0_only_false_keeps_one_chain_per_rank(ddp_run):
+    reports, store = ddp_run
+    for rank, r in enumerate(reports):
+        assert r["per_rank"] == {"store": os.path.join(store, f"rank{rank}"), "writes": True}
+        infos = _coherent(r["per_rank"]["store"])
+        assert [(i.step, i.tag) for i in infos] == [(0, "baseline"), (2, None)]
+        assert infos[1].metrics == {"loss": rank + 10.0, "metrics_rank": rank}  # this rank's own values
+
+
+@pytest.mark.distributed
 def test_fsdp2_drift_is_caught_on_every_rank_and_raised_together(fsdp_run):
     reports, _ = fsdp_run
     assert [r["raised_at"] for r in reports] == [3, 3]
@@ -201,6 +211,7 @@ def test_rank0_only_false_needs_one_store_per_rank(monkeypatch, tmp_path):
     assert [i.tag for i in Store.open(str(tmp_path / "runs" / "rank1")).list()] == ["baseline"]
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's own imports
 def test_wrapped_models_and_optimizers_are_accepted_as_they_are(tmp_path):
     class Prepared:  # accelerate's AcceleratedOptimizer, duck-typed: not an Optimizer, holds one
         def __init__(self, inner):
