@@ -130,7 +130,7 @@ async def one_run(app_cls: type, path: str, n_snap: int, n_tensors: int) -> dict
 
 def eager(path: str) -> float:
     """Everything the first screen would show, computed before drawing (no UI)."""
-    from ckptdiff.engine import diff
+    from ckptdiff import diff
     from ckptdiff.store import Store
 
     t0 = time.perf_counter()

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import ckptdiff
 from ckptdiff import Checkpoint, CkptError, Manifest, TensorRef, compare, stats, stats_numpy  # the kernel modules
-from ckptdiff.engine import diff
+from ckptdiff import diff
 
 UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 DTYPES = [np.float64, np.float32, np.float16, ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn,
@@ -568,9 +568,20 @@ def test_a_source_that_runs_short_is_a_ckpt_error():
 
 
 def test_public_api_is_the_function():
-    import ckptdiff.engine  # noqa: F401  importing the module must not shadow the function
+    import ckptdiff.api
+    import ckptdiff.engine  # noqa: F401  importing the modules must not shadow the function
     assert callable(ckptdiff.diff) and ckptdiff.diff.__name__ == "diff"
-    assert ckptdiff.diff is ckptdiff.engine.diff
+    assert ckptdiff.diff is ckptdiff.api.diff
+
+
+def test_the_engine_takes_open_checkpoints_only(tmp_path):
+    """Paths are resolved before the engine (ckptdiff.diff does it); the engine itself refuses them."""
+    import ckptdiff.engine
+
+    with pytest.raises(TypeError, match="open Checkpoints"):
+        ckptdiff.engine.diff(str(tmp_path / "a.safetensors"), ck(t=np.ones(1)))
+    with pytest.raises(TypeError, match="Manifest or None"):
+        ckptdiff.engine.diff(ck(t=np.ones(1)), ck(t=np.ones(1)), manifest={"frozen": ["t"]})
 
 
 def _rss_file_kb() -> int:

@@ -10,7 +10,7 @@ from safetensors.numpy import save_file
 
 from ckptdiff import Checkpoint
 from ckptdiff.cli import main
-from ckptdiff.engine import diff
+from ckptdiff import diff
 
 
 @pytest.fixture()
@@ -55,19 +55,19 @@ def test_unknown_ref_exits_2(store_dir, capsys):
 
 
 def test_progress_bar_path_runs_when_stderr_is_a_terminal(tmp_path, capsys, monkeypatch):
-    import ckptdiff.commands.diff as cmd
-    monkeypatch.setattr(cmd, "_stderr_is_tty", lambda: True)
-    monkeypatch.setattr(cmd, "PROGRESS_MIN_BYTES", 0)
+    import ckptdiff.progress as bar
+    monkeypatch.setattr(bar, "stderr_is_tty", lambda: True)
+    monkeypatch.setattr(bar, "MIN_BYTES", 0)
     save_file({"w": np.zeros(1 << 16, np.float32)}, str(tmp_path / "a.safetensors"))
     save_file({"w": np.ones(1 << 16, np.float32)}, str(tmp_path / "b.safetensors"))
     calls = []
-    real = cmd._progress._update
+    real = bar._Bar.update
 
     def spy(self, done, total):
         calls.append((done, total))
         real(self, done, total)
 
-    monkeypatch.setattr(cmd._progress, "_update", spy)
+    monkeypatch.setattr(bar._Bar, "update", spy)
     rc = main(["diff", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), "-f", "json"])
     out = capsys.readouterr().out
     assert rc == 1 and json.loads(out)["summary"]["changed"] == 1

@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 nn = torch.nn
 
 from ckptdiff import Checkpoint, Manifest  # noqa: E402
-from ckptdiff.engine import diff  # noqa: E402
+from ckptdiff import diff  # noqa: E402
 
 MANIFEST = Manifest(trainable=("head.*",), source="test manifest")
 BACKBONE_PARAMS = {"backbone.0.weight", "backbone.0.bias", "backbone.1.weight", "backbone.1.bias",

@@ -19,7 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ckptdiff import Checkpoint, CkptError
-from ckptdiff.engine import _map_tensors, diff
+from ckptdiff import diff
+from ckptdiff.engine import _map_tensors
 from ckptdiff.render import dumps_indent2, render, render_json
 from ckptdiff.report import TensorDiff
 

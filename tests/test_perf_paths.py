@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from ckptdiff import Checkpoint, CkptError, TensorRef
-from ckptdiff.engine import diff
+from ckptdiff import diff
 
 
 def reader_ref(name: str, arr: np.ndarray, *, short: int | None = None) -> TensorRef:

@@ -20,7 +20,7 @@ from safetensors.numpy import save_file
 
 from ckptdiff import Checkpoint, Manifest
 from ckptdiff.cli import main
-from ckptdiff.engine import diff
+from ckptdiff import diff
 from ckptdiff.errors import CkptError
 from ckptdiff.render import render_github, render_markdown, render_table, verdict_line
 from ckptdiff.store import Store

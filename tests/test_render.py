@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ckptdiff import Checkpoint, Manifest
-from ckptdiff.engine import diff
+from ckptdiff import diff
 from ckptdiff.render import (
     fmt_num,
     ordered,

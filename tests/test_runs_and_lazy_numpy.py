@@ -26,7 +26,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from ckptdiff import dtypes, engine, stats, stats_numpy
-from ckptdiff.engine import diff
+from ckptdiff import diff
 from ckptdiff.errors import CkptError
 from ckptdiff.formats import open_checkpoint
 

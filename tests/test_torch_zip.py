@@ -227,7 +227,7 @@ def test_read_into_streams_the_same_bytes_as_the_view(tmp_path):
 def test_diff_of_pt_pair_equals_diff_of_the_same_safetensors_pair(tmp_path):
     from safetensors.torch import save_file
 
-    from ckptdiff.engine import diff
+    from ckptdiff import diff
 
     torch.manual_seed(3)
     a = {"emb": torch.randn(300, 64), "norm": torch.ones(64), "head": torch.randn(64, 10).to(torch.bfloat16)}

@@ -84,9 +84,8 @@ class DetailScreen(Screen):
             "  • STALE: a trainable tensor never changed" if r.stale else "")
         grid.add_row("status", Text(verdict, style=style))
         grid.add_row("role", r.role)
-        grid.add_row("dtype", fmt.pair(r.dtype_old, r.dtype_new))
-        grid.add_row("shape", fmt.pair(fmt.shape(r.shape_old) if r.shape_old is not None else None,
-                                       fmt.shape(r.shape_new) if r.shape_new is not None else None))
+        grid.add_row("dtype", fmt.dtype_of(r))
+        grid.add_row("shape", fmt.shape_of(r))
         grid.add_row("elements", "-" if r.numel is None else f"{r.numel:,}")
         grid.add_row("max |Δ|", fmt.num(r.max_abs_delta))
         grid.add_row("mean |Δ|", fmt.num(r.mean_abs_delta))

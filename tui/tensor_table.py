@@ -63,18 +63,13 @@ def _delta(r: TensorDiff, x: float | None) -> str:
 
 def cell_texts(r: TensorDiff) -> list[str]:
     """The row's cells as plain strings, in COLUMNS order."""
-    if r.status in ("shape_changed", "added", "removed"):
-        shape = fmt.pair(fmt.shape(r.shape_old) if r.shape_old is not None else None,
-                         fmt.shape(r.shape_new) if r.shape_new is not None else None)
-    else:
-        shape = fmt.shape(r.shape_new if r.shape_new is not None else r.shape_old)
     return [
         "▲ DRIFT" if r.drift else ("• stale" if r.stale else ""),
         r.name,
         r.role,
         r.status,
-        shape,
-        fmt.pair(r.dtype_old, r.dtype_new),
+        fmt.shape_of(r),
+        fmt.dtype_of(r),
         _delta(r, r.max_abs_delta),
         _delta(r, r.rel_l2),
         fmt.short_hash(r.hash_new or r.hash_old),

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import CkptError
+from ..progress import byte_bar
+from ..resolve import store_ref
 from ..textsafe import printable
 
 _REF_HELP = ("REF is an id or a unique id prefix (4+ hex digits), a tag, step:N (the newest\n"
@@ -197,24 +199,6 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence
     return "\n".join(lines)
 
 
-def split_ref(spec: str, *, bare_means_latest: bool = True) -> tuple[str, str]:
-    """``DIR@REF`` -> (DIR, REF); a bare DIR means its latest snapshot where that is harmless."""
-    from ..store import is_store
-
-    if "@" in spec and not is_store(spec):
-        base, _, ref = spec.rpartition("@")
-        if base and ref.strip():
-            return base, ref
-        if base:
-            raise CkptError("nothing after '@': name a snapshot, e.g. DIR@latest, DIR@step:500 or DIR@<tag>", spec)
-    if is_store(spec):
-        if bare_means_latest:
-            return spec, "latest"
-        raise CkptError("name the snapshot to remove as DIR@REF (e.g. DIR@latest or DIR@step:500); "
-                        "a bare store directory is refused so that a typo cannot delete history", spec)
-    raise CkptError("expected DIR@REF naming a snapshot in a store (e.g. runs/store@latest)", spec)
-
-
 def _store_dir(path: str) -> str:
     """The DIR argument of log/verify/gc: a store, not a snapshot of one."""
     from ..store import is_store
@@ -267,8 +251,8 @@ def run_init(args: argparse.Namespace) -> int:
 
 
 def run_snapshot(args: argparse.Namespace) -> int:
-    from ..formats import open_checkpoint
     from ..manifest import Manifest
+    from ..resolve import open_checkpoint
     from ..store import Store, is_store
 
     from ..store.refs import check_tag
@@ -294,8 +278,9 @@ def run_snapshot(args: argparse.Namespace) -> int:
                   "uncompressed store (compression is chosen by 'ckptdiff init --compress')", file=sys.stderr)
         with store:
             src = ckpt.path if ckpt.format == "store" else os.path.abspath(args.checkpoint)
-            sid = store.snapshot(ckpt, step=step, tag=args.tag, message=args.message, metrics=metrics,
-                                 manifest=manifest, source=src, progress=True)
+            with byte_bar("snapshot") as progress:
+                sid = store.snapshot(ckpt, step=step, tag=args.tag, message=args.message, metrics=metrics,
+                                     manifest=manifest, source=src, progress=progress)
     print(sid)
     return 0
 
@@ -334,7 +319,7 @@ def run_show(args: argparse.Namespace) -> int:
     from ..store import Store
     from ..store.history import effective_manifest, roles_manifest
 
-    root, ref = split_ref(args.ref)
+    root, ref = store_ref(args.ref)
     with Store.open(root) as s:
         info = s.resolve(ref)
         entries = s.entries(info.id)
@@ -373,10 +358,11 @@ def run_show(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     from ..store import Store
 
-    root, ref = split_ref(args.ref)
+    root, ref = store_ref(args.ref)
     fmt = args.format or _export_format(args.out)
     with Store.open(root) as s:
-        info = s.export(ref, args.out, fmt, overwrite=args.force, progress=True)
+        with byte_bar("export") as progress:
+            info = s.export(ref, args.out, fmt, overwrite=args.force, progress=progress)
     print(f"exported snapshot {info.id} ({info.n_tensors} tensors, {human_bytes(info.total_bytes)}) "
           f"to {args.out} as {fmt}", file=sys.stderr)
     return 0
@@ -401,7 +387,8 @@ def run_verify(args: argparse.Namespace) -> int:
     from ..store import Store
 
     with Store.open(_store_dir(args.dir)) as s:
-        res = s.verify(progress=True)
+        with byte_bar("verify") as progress:
+            res = s.verify(progress=progress)
     if args.format == "json":
         _dump(res.to_dict())
         return 0 if res.ok else 1
@@ -425,7 +412,7 @@ def run_verify(args: argparse.Namespace) -> int:
 def run_rm(args: argparse.Namespace) -> int:
     from ..store import Store
 
-    root, ref = split_ref(args.ref, bare_means_latest=False)
+    root, ref = store_ref(args.ref, bare_means_latest=False)
     with Store.open(root) as s:
         info = s.remove(ref)
         free = s.reclaimable_bytes()

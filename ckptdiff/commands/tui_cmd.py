@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
 def _check_store(path: str) -> None:
     """Open and close the store now, so a wrong path fails before the screen changes."""
     from ..errors import CkptError
-    from ..formats import split_store_ref
+    from ..resolve import split_store_ref
     from ..store import Store, is_store
 
     if not is_store(path):
@@ -122,8 +122,8 @@ def _check_store(path: str) -> None:
 
 
 def _check_checkpoints(old: str, new: str, manifest: str | None) -> None:
-    from ..formats import open_checkpoint
     from ..manifest import Manifest
+    from ..resolve import open_checkpoint
 
     for p in (old, new):
         open_checkpoint(p).close()

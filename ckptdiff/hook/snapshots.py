@@ -49,9 +49,11 @@ class SnapshotChain:
         message = "baseline at attach (resumed run)" if resumed else "baseline at attach"
 
         def job(store: Any) -> str:
-            sid = store.snapshot(refs, step=step, tag="baseline", message=message, manifest=manifest,
-                                 source="hook", parent="latest",
-                                 progress=True)  # a bar only on a terminal, for a large model
+            from ..progress import byte_bar
+
+            with byte_bar("snapshot") as progress:  # a bar only on a terminal, for a large model
+                sid = store.snapshot(refs, step=step, tag="baseline", message=message, manifest=manifest,
+                                     source="hook", parent="latest", progress=progress)
             self.baseline_hashes = {n: e.hash for n, e in store.entries(sid).items()}
             return sid
 

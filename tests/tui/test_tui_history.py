@@ -355,7 +355,7 @@ def test_quick_rows_agree_with_the_engine(history) -> None:
     """The hash-only first picture and the engine's report agree on every status/drift/stale."""
     from ckptdiff.tui.history import HistoryModel
 
-    from ckptdiff.engine import diff
+    from ckptdiff import diff
 
     model = HistoryModel.load(history.path)
     last = len(model) - 1

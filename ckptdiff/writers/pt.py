@@ -30,12 +30,12 @@ import zipfile
 from collections.abc import Callable, Iterable
 
 from ..checkpoint import TensorRef
-from ..formats.torch_zip import STORAGE_DTYPES
+from ..dtypes import STORAGE_DTYPES
 
 ARCHIVE = "archive"
 ALIGN = 64
 #: Tensor dtypes torch pickles with a legacy typed storage class (element counts):
-#: the reader's table (torch_zip), turned around.
+#: the reader's table (dtypes.STORAGE_DTYPES), turned around.
 LEGACY_STORAGE = {dtype: cls for cls, dtype in STORAGE_DTYPES.items()}
 _PAD_ID = 0xCD64  # a private zip extra-field id; readers skip unknown ids
 
