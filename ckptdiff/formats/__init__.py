@@ -26,6 +26,8 @@ HDF5 = "hdf5"
 NPY = "npy"
 NPZ = "npz"
 STORE = "store"
+DCP = "dcp"
+DCP_PART = "dcp-part"
 
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 _NPY_MAGIC = b"\x93NUMPY"
@@ -47,8 +49,11 @@ def sniff(path: str) -> str:
     """Name the format of ``path`` from its content; CkptError if none matches."""
     st = _stat(path)
     if stat.S_ISDIR(st.st_mode):
-        if os.path.isfile(os.path.join(path, "model.safetensors.index.json")):
+        if any(os.path.isfile(os.path.join(path, n)) for n in ("model.safetensors.index.json",
+                                                                "pytorch_model.bin.index.json")):
             return SHARDED
+        if os.path.isfile(os.path.join(path, ".metadata")):
+            return DCP
         from ..store import is_store  # local import: the store is optional for plain diffs
         if is_store(path):
             return STORE
@@ -56,11 +61,16 @@ def sniff(path: str) -> str:
         if os.path.isfile(single):
             return SAFETENSORS
         raise UnsupportedFormatError(
-            "is a directory without model.safetensors.index.json, model.safetensors or a ckptdiff store", path)
+            "is a directory without model.safetensors.index.json, model.safetensors, pytorch_model.bin.index.json, "
+            "a torch.distributed.checkpoint .metadata or a ckptdiff store", path)
     if not stat.S_ISREG(st.st_mode):
         raise UnsupportedFormatError("not a regular file", path)
     if st.st_size == 0:
         raise UnsupportedFormatError("file is empty (0 bytes)", path)
+    if path.endswith(".index.json"):
+        return SHARDED
+    if path.endswith(".distcp") or os.path.basename(path) == ".metadata":
+        return DCP_PART
     try:
         with open(path, "rb") as f:
             head = f.read(16)
@@ -149,6 +159,12 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     if fmt == SHARDED:
         from .sharded import open_sharded
         return open_sharded(spec)
+    if fmt == DCP:
+        from .dcp import open_dcp
+        return open_dcp(spec)
+    if fmt == DCP_PART:
+        raise CkptError("is one file of a torch.distributed.checkpoint; pass its directory instead: "
+                        f"{os.path.dirname(os.path.abspath(spec))}", spec)
     if fmt in (TORCH, TORCH_LEGACY):
         from .torch_format import open_torch
         return open_torch(spec, legacy=(fmt == TORCH_LEGACY))
