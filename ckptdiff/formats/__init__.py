@@ -17,6 +17,7 @@ import zipfile
 
 from ..checkpoint import Checkpoint
 from ..errors import CkptError, UnsupportedFormatError
+from ..localpath import refuse_url
 
 SAFETENSORS = "safetensors"
 SHARDED = "safetensors-sharded"
@@ -146,6 +147,7 @@ def _check_not_a_bad_ref(spec: str) -> None:
 def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     """Open any supported checkpoint, a sharded directory, or a store ``DIR@REF``."""
     spec = os.fspath(path)
+    refuse_url(spec, "checkpoint")
     ref = split_store_ref(spec)
     if ref is not None:
         from ..store import open_snapshot
