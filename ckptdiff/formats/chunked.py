@@ -39,6 +39,8 @@ class Chunk:
     offsets: tuple[int, ...]
     sizes: tuple[int, ...]
     view: Callable[[], memoryview]
+    #: ``(fd, offset)`` when the bytes lie contiguously in an open file (for ``pread``).
+    span: tuple[int, int] | None = None
 
     @property
     def numel(self) -> int:

@@ -42,7 +42,7 @@ from ..checkpoint import Checkpoint, TensorRef, check_shape
 from ..dtypes import DTYPES, TORCH_NAMES
 from ..errors import CkptError, FormatError
 from . import torch_zip
-from ._common import json_safe, map_file, numel, open_binary, with_path
+from ._common import json_safe, map_file, numel, open_binary, pread_into, with_path
 from .chunked import Chunk, assembled_pieces, check_tiling
 from .sharded import member_path
 
@@ -73,7 +73,8 @@ class _Record:
         self.fields = {k: v for k, v in state.items() if isinstance(k, str)}
 
     def get(self, key: str) -> Any:
-        return self.fields.get(key)
+        fields = getattr(self, "fields", None)  # unset when the pickle never BUILDs the object
+        return fields.get(key) if fields is not None else None
 
 
 class _Metadata(_Record):
@@ -181,7 +182,7 @@ def _read_torch_save(window: _Window) -> tuple[Any, dict[str, tuple[int, int]]]:
     with zipfile.ZipFile(window) as zf:  # type: ignore[arg-type]
         _prefix, members = torch_zip._member_offsets(zf, window, window.length)
     start, length = members["data.pkl"]
-    if length > MAX_METADATA_BYTES:
+    if length > MAX_BYTES_ITEM:  # one tensor's or one value's pickle is a few hundred bytes
         raise torch_zip.Unsupported("data.pkl too large")
     return torch_zip._Unpickler(io.BytesIO(window.pread(start, length))).load(), members
 
@@ -246,14 +247,19 @@ class _Files:
         return hit
 
     def close(self) -> None:
-        for fd, _size, mv in self.open.values():
+        """Close every descriptor; an mmap still viewed by a caller is left to the GC."""
+        for ck in self.safetensors.values():
+            ck.close()
+        for fd, _size, _mv in self.open.values():
             os.close(fd)
+        for _fd, _size, mv in self.open.values():
             if mv is not None:
                 mv.release()
         for mm in self._maps:
-            mm.close()
-        for ck in self.safetensors.values():
-            ck.close()
+            try:
+                mm.close()
+            except BufferError:
+                pass
         self.open.clear()
         self._maps.clear()
         self.safetensors.clear()
@@ -462,7 +468,7 @@ def _locate_chunk(files: _Files, storage: dict[tuple[str, Any], _Record], fqn: s
     lo = start + member[0] + begin
     _fd, _size, whole = files.get(rel, where)
     assert whole is not None  # the range check above proved the file non-empty
-    return Chunk(c.offsets, c.sizes, lambda: whole[lo:lo + nbytes])
+    return Chunk(c.offsets, c.sizes, lambda: whole[lo:lo + nbytes], span=(fd, lo))
 
 
 def _safetensors_chunk(files: _Files, rel: str, fqn: str, dtype: str, c: Chunk, nbytes: int,
@@ -512,9 +518,14 @@ def _place(tree: dict[str, Any], fqn: str, planner: Any, value: Any, where: str)
 def _ref(name: str, t: _DcpTensor, where: str) -> TensorRef:
     itemsize = DTYPES[t.dtype].itemsize
     source = f"{len(t.chunks)} chunks" if len(t.chunks) > 1 else None
-    if len(t.chunks) == 1 or numel(t.shape) == 0:
-        only = t.chunks[0].view if t.chunks else (lambda: memoryview(b""))
-        return TensorRef(name, t.dtype, t.shape, view=only, source=source)
+    if not t.chunks:  # an empty tensor
+        return TensorRef(name, t.dtype, t.shape, view=lambda: memoryview(b""))
+    if len(t.chunks) == 1:  # stored whole: a slice of the file, read like a safetensors tensor
+        only = t.chunks[0]
+        span = only.span
+        return TensorRef(name, t.dtype, t.shape, view=only.view, source=source, file_span=span,
+                         read_into=pread_into(span[0], span[1], span[1] + numel(t.shape) * itemsize)
+                         if span is not None else None)
     return TensorRef(name, t.dtype, t.shape, pieces=assembled_pieces(t.shape, itemsize, t.chunks), source=source)
 
 
