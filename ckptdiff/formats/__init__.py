@@ -68,7 +68,7 @@ def sniff(path: str) -> str:
         raise UnsupportedFormatError("not a regular file", path)
     if st.st_size == 0:
         raise UnsupportedFormatError("file is empty (0 bytes)", path)
-    if path.endswith(".index.json"):
+    if path.endswith((".safetensors.index.json", ".bin.index.json")):
         return SHARDED
     if path.endswith(".distcp") or os.path.basename(path) == ".metadata":
         return DCP_PART

@@ -133,6 +133,11 @@ def _path(*parts: Any) -> str:
     return posixpath.join(*parts) if parts else ""
 
 
+#: torch dtypes outside ckptdiff's table: such tensors are listed under ``skipped``, not read.
+_OTHER_TORCH_DTYPES = frozenset(
+    "complex32 complex64 complex128 cfloat cdouble chalf qint8 quint8 qint32 quint4x2 quint2x4 "
+    "float8_e4m3fnuz float8_e5m2fnuz float8_e8m0fnu float4_e2m1fn_x2 bits8 bits16 bits1x8 bits2x4 bits4x2 "
+    "int1 int2 int3 int4 int5 int6 int7 uint1 uint2 uint3 uint4 uint5 uint6 uint7".split())
 _MD = "torch.distributed.checkpoint.metadata"
 _PATH_CLASSES = ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath", "Path")
 _GLOBALS: dict[tuple[str, str], Any] = {
@@ -160,6 +165,8 @@ class _MetadataUnpickler(torch_zip._Unpickler):
             return hit
         if module == "torch" and name in TORCH_NAMES:
             return torch_zip._DType(TORCH_NAMES[name])
+        if module == "torch" and name in _OTHER_TORCH_DTYPES:
+            return torch_zip._DType(name)
         raise torch_zip.Unsupported(f"pickle global {module}.{name}")
 
     def persistent_load(self, pid: Any) -> Any:

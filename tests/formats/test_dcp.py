@@ -305,3 +305,16 @@ def test_reading_streams_chunks_not_the_whole_tensor(two_ranks):
         whole = np.frombuffer(b"".join(runs), dtype=np.float32).reshape(6, 11)
         assert whole.tolist() == (np.arange(66, dtype=np.float32).reshape(6, 11) / 4).tolist()
         assert b"".join(bytes(c) for c in ref.chunks(20)) == b"".join(runs)
+
+
+def test_tensors_of_dtypes_outside_the_table_are_listed_as_skipped(tmp_path):
+    import warnings
+
+    d = str(tmp_path / "c")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"w": torch.arange(4, dtype=torch.int16), "z": torch.zeros(3, dtype=torch.complex64)},
+                 checkpoint_id=d)
+    with open_checkpoint(d) as ck:
+        assert list(ck) == ["w"] and ck["w"].numpy().tolist() == [0, 1, 2, 3]
+        assert ck.metadata["skipped"] == ["z"]
