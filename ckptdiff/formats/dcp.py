@@ -195,12 +195,13 @@ def _read_torch_save(window: _Window) -> tuple[Any, dict[str, tuple[int, int]]]:
 
 
 class _Window(io.RawIOBase):
-    """A read-only, seekable file object over bytes ``start..start+length`` of a descriptor
-    (zipfile finds a zip's directory from its end, so it must see only that item)."""
+    """A read-only, seekable file object over one item's bytes (a slice of the mapped file):
+    zipfile finds a zip's directory from its end, so it must see only that item. Reads copy
+    only what zipfile asks for (headers, the pickle), never the tensor data."""
 
-    def __init__(self, fd: int, start: int, length: int) -> None:
+    def __init__(self, view: memoryview) -> None:
         super().__init__()
-        self.fd, self.start, self.length, self.pos = fd, start, length, 0
+        self.view, self.length, self.pos = view, view.nbytes, 0
 
     def readable(self) -> bool:
         return True
@@ -216,16 +217,19 @@ class _Window(io.RawIOBase):
         self.pos = max(0, base + offset)
         return self.pos
 
+    def read(self, n: int | None = -1) -> bytes:
+        end = self.length if n is None or n < 0 else min(self.length, self.pos + n)
+        out = self.view[self.pos:end].tobytes() if end > self.pos else b""
+        self.pos = max(self.pos, end)
+        return out
+
     def readinto(self, buf: Any) -> int:
-        mv = memoryview(buf).cast("B")
-        n = max(0, min(mv.nbytes, self.length - self.pos))
-        got = os.preadv(self.fd, [mv[:n]], self.start + self.pos) if n else 0
-        self.pos += got
-        return got
+        data = self.read(memoryview(buf).nbytes)
+        memoryview(buf).cast("B")[:len(data)] = data
+        return len(data)
 
     def pread(self, offset: int, n: int) -> bytes:
-        self.seek(offset)
-        return self.read(n) or b""
+        return self.view[offset:offset + n].tobytes()
 
 
 # -- opening ----------------------------------------------------------------------------------
@@ -259,13 +263,11 @@ class _Files:
             ck.close()
         for fd, _size, _mv in self.open.values():
             os.close(fd)
-        for _fd, _size, mv in self.open.values():
-            if mv is not None:
-                mv.release()
-        for mm in self._maps:
+        for closer in [mv.release for _fd, _size, mv in self.open.values() if mv is not None] + \
+                [mm.close for mm in self._maps]:
             try:
-                mm.close()
-            except BufferError:
+                closer()
+            except BufferError:  # a caller still holds a view: the GC unmaps it with the last one
                 pass
         self.open.clear()
         self._maps.clear()
@@ -383,22 +385,23 @@ def _nonneg(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
-def _range(files: _Files, rel: str, start: int, length: int, fqn: str, where: str) -> int:
-    fd, size, _mv = files.get(rel, where)
-    if start + length > size:
+def _range(files: _Files, rel: str, start: int, length: int, fqn: str, where: str) -> tuple[int, memoryview]:
+    """(descriptor, view of the item's bytes) after checking the range lies inside its file."""
+    fd, size, whole = files.get(rel, where)
+    if start + length > size or whole is None:
         raise FormatError(f"item {fqn!r}: bytes {start}..{start + length} lie outside {rel} "
                           f"({size} bytes)", where)
-    return fd
+    return fd, whole[start:start + length]
 
 
 def _bytes_item(files: _Files, storage: dict[tuple[str, Any], _Record], fqn: str, where: str) -> Any:
     """A non-tensor item (a learning rate, a step count): its value when it is plain data."""
     rel, start, length = _location(storage, fqn, None, where)
-    fd = _range(files, rel, start, length, fqn, where)
+    _fd, item = _range(files, rel, start, length, fqn, where)
     if length > MAX_BYTES_ITEM:
         return f"<{length} bytes>"
     try:
-        obj, _members = _read_torch_save(_Window(fd, start, length))
+        obj, _members = _read_torch_save(_Window(item))
     except Exception:  # noqa: BLE001 - anything but plain data (or a mangled zip) is shown as its size
         return f"<{length} bytes>"
     return json_safe(obj) if not _holds_tensor(obj) else f"<{length} bytes>"
@@ -449,13 +452,14 @@ def _locate_chunk(files: _Files, storage: dict[tuple[str, Any], _Record], fqn: s
                   c: Chunk, where: str) -> Chunk:
     """The chunk with a view of its stored bytes, after checking they are what the metadata says."""
     rel, start, length = _location(storage, fqn, c.offsets, where)
-    fd = _range(files, rel, start, length, fqn, where)
+    fd, item = _range(files, rel, start, length, fqn, where)
     nbytes = c.numel * itemsize
-    head = os.pread(fd, 9, start)
-    if len(head) == 9 and head[8:9] == b"{":  # DCP's safetensors layout: one safetensors file per rank
+    whole = files.get(rel, where)[2]
+    assert whole is not None  # _range proved the file non-empty
+    if whole[8:9] == b"{":  # DCP's safetensors layout: the whole file is one safetensors file
         return Chunk(c.offsets, c.sizes, _safetensors_chunk(files, rel, fqn, dtype, c, nbytes, where))
     try:
-        obj, members = _read_torch_save(_Window(fd, start, length))
+        obj, members = _read_torch_save(_Window(item))
     except torch_zip.Unsupported as e:
         raise FormatError(f"tensor {fqn!r}: chunk at {c.offsets} is not a plain torch.save tensor ({e})",
                           where) from None
@@ -472,10 +476,8 @@ def _locate_chunk(files: _Files, storage: dict[tuple[str, Any], _Record], fqn: s
     begin = obj.offset * itemsize
     if member is None or begin + nbytes > member[1]:
         raise FormatError(f"tensor {fqn!r}: chunk at {c.offsets} points past its stored bytes", where)
-    lo = start + member[0] + begin
-    _fd, _size, whole = files.get(rel, where)
-    assert whole is not None  # the range check above proved the file non-empty
-    return Chunk(c.offsets, c.sizes, lambda: whole[lo:lo + nbytes], span=(fd, lo))
+    lo = member[0] + begin
+    return Chunk(c.offsets, c.sizes, lambda: item[lo:lo + nbytes], span=(fd, start + lo))
 
 
 def _safetensors_chunk(files: _Files, rel: str, fqn: str, dtype: str, c: Chunk, nbytes: int,
