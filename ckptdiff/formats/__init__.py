@@ -50,8 +50,8 @@ def sniff(path: str) -> str:
     """Name the format of ``path`` from its content; CkptError if none matches."""
     st = _stat(path)
     if stat.S_ISDIR(st.st_mode):
-        if any(os.path.isfile(os.path.join(path, n)) for n in ("model.safetensors.index.json",
-                                                                "pytorch_model.bin.index.json")):
+        from .sharded import find_index
+        if find_index(path) is not None:
             return SHARDED
         if os.path.isfile(os.path.join(path, ".metadata")):
             return DCP

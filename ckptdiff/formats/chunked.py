@@ -98,7 +98,8 @@ def _check_no_overlap(name: str, chunks: list[Chunk], where: str) -> None:
         active.append(c)
 
 
-def assembled_pieces(shape: tuple[int, ...], itemsize: int, chunks: Sequence[Chunk]) -> Callable[[], Iterator[memoryview]]:
+def assembled_pieces(shape: tuple[int, ...], itemsize: int,
+                     chunks: Sequence[Chunk]) -> Callable[[], Iterator[memoryview]]:
     """A ``TensorRef.pieces`` callable yielding the tiled tensor's bytes in C order.
 
     ``chunks`` must have passed :func:`check_tiling`.

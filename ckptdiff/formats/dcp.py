@@ -277,10 +277,10 @@ class _Files:
 class _DcpTensor:
     """A tensor leaf of the rebuilt state-dict tree (what torch_format's walk names)."""
 
-    __slots__ = ("fqn", "dtype", "shape", "chunks")
+    __slots__ = ("dtype", "shape", "chunks")
 
-    def __init__(self, fqn: str, dtype: str, shape: tuple[int, ...], chunks: list[Chunk]) -> None:
-        self.fqn, self.dtype, self.shape, self.chunks = fqn, dtype, shape, chunks
+    def __init__(self, dtype: str, shape: tuple[int, ...], chunks: list[Chunk]) -> None:
+        self.dtype, self.shape, self.chunks = dtype, shape, chunks
 
 
 class _Shim:
@@ -314,8 +314,11 @@ def open_dcp(directory: str | os.PathLike[str]) -> Checkpoint:
         tensors, metadata, trainable, extras = _flatten_checkpoint(_Shim, tree, d)
         if skipped:
             metadata["skipped"] = skipped
-        refs = {name: _ref(name, t, d) for name, t in tensors.items()}
+        refs = {name: _ref(name, t) for name, t in tensors.items()}
         ckpt = _finish(d, refs, metadata, trainable, extras, fmt=FORMAT)
+    except (TypeError, AttributeError, KeyError) as e:  # a crafted structure that no check above foresaw
+        files.close()
+        raise FormatError(f"malformed DCP metadata ({type(e).__name__}: {str(e)[:200]})", meta_path) from None
     except BaseException:
         files.close()
         raise
@@ -359,7 +362,8 @@ def _tables(md: _Record, where: str) -> tuple[dict[str, Any], dict[tuple[str, An
         if not isinstance(index, _MetadataIndex) or not isinstance(info, _StorageInfo):
             raise FormatError("DCP storage_data maps something other than an index to a storage location", where)
         fqn, offset = index.get("fqn"), index.get("offset")
-        if not isinstance(fqn, str) or not (offset is None or isinstance(offset, tuple)):
+        if not isinstance(fqn, str) or not (offset is None or isinstance(offset, tuple)
+                                            and all(_nonneg(v) for v in offset)):
             raise FormatError("DCP storage_data has a malformed index", where)
         keyed[(fqn, offset)] = info
     return sd_meta, keyed
@@ -376,7 +380,7 @@ def _location(storage: dict[tuple[str, Any], _Record], fqn: str, offset: Any,
         raise FormatError(f"item {fqn!r} has a malformed storage location", where)
     transforms = info.get("transform_descriptors")
     if transforms:
-        raise FormatError(f"item {fqn!r} is stored through transforms {list(transforms)!r} "
+        raise FormatError(f"item {fqn!r} is stored through transforms {transforms!r} "
                           "(compression or another extension) that ckptdiff does not implement", where)
     return rel, start, length
 
@@ -424,7 +428,8 @@ def _tensor_item(files: _Files, storage: dict[tuple[str, Any], _Record], fqn: st
     """The tensor's dtype, global shape and validated chunks; None for a dtype ckptdiff cannot hold."""
     props, size, chunks = item.get("properties"), item.get("size"), item.get("chunks")
     dtype = props.get("dtype") if isinstance(props, _TensorProperties) else None
-    if not isinstance(dtype, torch_zip._DType) or not isinstance(size, tuple) or not isinstance(chunks, list):
+    if not isinstance(dtype, torch_zip._DType) or not isinstance(dtype.name, str) or \
+            not isinstance(size, tuple) or not isinstance(chunks, list):
         raise FormatError(f"tensor {fqn!r} has malformed metadata", where)
     if dtype.name not in DTYPES:
         return None
@@ -445,7 +450,7 @@ def _tensor_item(files: _Files, storage: dict[tuple[str, Any], _Record], fqn: st
         out.append(Chunk(offsets, sizes, lambda: memoryview(b"")))
     kept = check_tiling(fqn, shape, out, where)
     located = [_locate_chunk(files, storage, fqn, dtype.name, itemsize, c, where) for c in kept]
-    return _DcpTensor(fqn, dtype.name, shape, located)
+    return _DcpTensor(dtype.name, shape, located)
 
 
 def _locate_chunk(files: _Files, storage: dict[tuple[str, Any], _Record], fqn: str, dtype: str, itemsize: int,
@@ -468,11 +473,12 @@ def _locate_chunk(files: _Files, storage: dict[tuple[str, Any], _Record], fqn: s
     except Exception as e:  # a mangled zip: zipfile raises several kinds
         raise FormatError(f"tensor {fqn!r}: chunk at {c.offsets} in {rel} is corrupt "
                           f"({type(e).__name__}: {str(e)[:200]})", where) from None
-    if not isinstance(obj, torch_zip.PtTensor) or obj.dtype != dtype or obj.shape != c.sizes:
+    if not isinstance(obj, torch_zip.PtTensor) or obj.dtype != dtype or obj.shape != c.sizes or \
+            not isinstance(obj.storage, torch_zip._Storage) or not _nonneg(obj.offset):
         got = f"{obj.dtype} {obj.shape}" if isinstance(obj, torch_zip.PtTensor) else type(obj).__name__
         raise FormatError(f"tensor {fqn!r}: chunk at {c.offsets} holds {got}, the metadata says "
                           f"{dtype} {c.sizes}", where)
-    member = members.get(f"data/{obj.storage.key}")
+    member = members.get(f"data/{obj.storage.key}")  # a key that is no str names no member
     begin = obj.offset * itemsize
     if member is None or begin + nbytes > member[1]:
         raise FormatError(f"tensor {fqn!r}: chunk at {c.offsets} points past its stored bytes", where)
@@ -524,7 +530,7 @@ def _place(tree: dict[str, Any], fqn: str, planner: Any, value: Any, where: str)
     group[rest] = value
 
 
-def _ref(name: str, t: _DcpTensor, where: str) -> TensorRef:
+def _ref(name: str, t: _DcpTensor) -> TensorRef:
     itemsize = DTYPES[t.dtype].itemsize
     source = f"{len(t.chunks)} chunks" if len(t.chunks) > 1 else None
     if not t.chunks:  # an empty tensor

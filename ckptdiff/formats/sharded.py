@@ -129,24 +129,24 @@ def _read_index(index_path: str) -> tuple[dict[str, str], dict[str, Any]]:
     return dict(weight_map), dict(meta)
 
 
-def member_path(d: str, root: str, shard: str, index_path: str, what: str = "shard") -> str:
+def member_path(d: str, root: str, name: str, index_path: str, what: str = "shard") -> str:
     """Resolve a file name read from an index or metadata file (``what``: how to call it in
     messages), refusing anything that leaves the directory ``d`` (whose realpath is ``root``)."""
-    if os.path.isabs(shard) or shard.startswith(("/", "\\")) or (len(shard) > 1 and shard[1] == ":"):
-        raise FormatError(f"{what} {shard!r} is an absolute path; it must be a file inside the directory",
+    if os.path.isabs(name) or name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
+        raise FormatError(f"{what} {name!r} is an absolute path; it must be a file inside the directory",
                           index_path)
-    parts = shard.replace("\\", "/").split("/")
+    parts = name.replace("\\", "/").split("/")
     if ".." in parts:
-        raise FormatError(f"{what} {shard!r} points outside the directory", index_path)
-    full = os.path.join(d, shard)
+        raise FormatError(f"{what} {name!r} points outside the directory", index_path)
+    full = os.path.join(d, name)
     try:
         real = os.path.realpath(full, strict=True)
     except FileNotFoundError:
-        raise CkptError(f"{what} {shard!r} listed in the index is missing", full) from None
+        raise CkptError(f"{what} {name!r} listed in the index is missing", full) from None
     except OSError as e:
-        raise CkptError(f"cannot resolve {what} {shard!r}: {e.strerror or e}", full) from None
+        raise CkptError(f"cannot resolve {what} {name!r}: {e.strerror or e}", full) from None
     if os.path.commonpath([root, real]) != root:
-        raise FormatError(f"{what} {shard!r} resolves outside the directory (to {real})", index_path)
+        raise FormatError(f"{what} {name!r} resolves outside the directory (to {real})", index_path)
     if not os.path.isfile(real):
-        raise CkptError(f"{what} {shard!r} is not a regular file", full)
+        raise CkptError(f"{what} {name!r} is not a regular file", full)
     return real

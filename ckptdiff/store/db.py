@@ -176,4 +176,5 @@ def read_meta(conn: sqlite3.Connection, where: str) -> dict[str, str]:
     return meta
 
 
-__all__ = ["DB_NAME", "FORMAT_VERSION", "INIT_PREFIX", "add_auxiliary_column", "connect", "create", "has_column", "read_meta"]
+__all__ = ["DB_NAME", "FORMAT_VERSION", "INIT_PREFIX", "add_auxiliary_column", "connect", "create", "has_column",
+           "read_meta"]

@@ -31,8 +31,8 @@ from blake3 import blake3
 
 from ..checkpoint import Checkpoint, TensorRef
 from ..errors import CkptError, FormatError
-from ..manifest import Manifest
 from ..localpath import refuse_url
+from ..manifest import Manifest
 from ..textsafe import printable
 from . import compress as compress_mod
 from . import db, refs
@@ -79,7 +79,8 @@ def _being_created(root: str, entries: list[str]) -> bool:
     try:
         if "blobs" in entries and os.listdir(os.path.join(root, "blobs")):
             return False
-        if "tmp" in entries and not all(n.startswith(db.INIT_PREFIX) for n in os.listdir(os.path.join(root, "tmp"))):
+        building = os.listdir(os.path.join(root, "tmp")) if "tmp" in entries else []
+        if not all(n.startswith(db.INIT_PREFIX) for n in building):
             return False
         return LOCK_NAME not in entries or os.path.getsize(os.path.join(root, LOCK_NAME)) == 0
     except OSError:  # a file where a directory should be, or the reverse

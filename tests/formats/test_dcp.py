@@ -160,7 +160,8 @@ def test_safetensors_storage_layout_reads_like_the_torch_save_one(tmp_path, caps
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dcp.save({"model": sd}, storage_writer=FileSystemWriter(d, serialization_format=SerializationFormat.SAFETENSORS))
+        writer = FileSystemWriter(d, serialization_format=SerializationFormat.SAFETENSORS)
+        dcp.save({"model": sd}, storage_writer=writer)
     save_file(sd, str(tmp_path / "flat.safetensors"))
     assert _diff_exit(d, str(tmp_path / "flat.safetensors"), capsys) == (0, "")
 
@@ -318,3 +319,26 @@ def test_tensors_of_dtypes_outside_the_table_are_listed_as_skipped(tmp_path):
     with open_checkpoint(d) as ck:
         assert list(ck) == ["w"] and ck["w"].numpy().tolist() == [0, 1, 2, 3]
         assert ck.metadata["skipped"] == ["z"]
+
+
+def test_mangled_metadata_is_read_or_refused_never_a_crash(two_ranks, tmp_path):
+    """Byte flips anywhere in a real .metadata: open either works or raises CkptError (one line)."""
+    from ckptdiff.errors import CkptError
+
+    d = _copy(two_ranks, "fsdp2", tmp_path)
+    path = os.path.join(d, ".metadata")
+    with open(path, "rb") as f:
+        good = f.read()
+    rng = np.random.default_rng(0)
+    for _ in range(150):
+        bad = bytearray(good)
+        for pos in rng.integers(0, len(bad), size=int(rng.integers(1, 4))):
+            bad[pos] = int(rng.integers(0, 256))
+        with open(path, "wb") as f:
+            f.write(bad)
+        try:
+            with open_checkpoint(d) as ck:
+                for ref in ck.values():
+                    ref.read()
+        except CkptError as e:
+            assert "\n" not in str(e)
