@@ -18,7 +18,7 @@ save) is a zero-copy slice of the file, like a safetensors tensor.
 Trust: ``.metadata`` is read with the ``.pt`` reader's unpickler machinery
 and an allow-list of exactly the classes DCP pickles, each mapped to an inert
 stand-in defined here; every chunk is read through the same allow-listed
-reader of ``torch.save`` zips. Before a byte is read: chunks must tile each
+reader of ``torch.save`` zips. Before any tensor byte is read: chunks must tile each
 tensor exactly, files must lie inside the directory, byte ranges inside
 their file, and no item may need a transform (DCP's compression extensions),
 which is refused rather than misread.

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from ckptdiff.cli import main
+from ckptdiff.errors import CkptError
 from ckptdiff.store import Store
 
 WRITERS = 8
@@ -68,7 +69,7 @@ def test_concurrent_snapshots_into_a_new_store_all_land(tmp_path, empty_dir_exis
 def test_init_refuses_a_store_that_exists_and_create_opens_it(tmp_path):
     root = tmp_path / "store"
     Store.init(root).close()
-    with pytest.raises(Exception, match="already a ckptdiff store"):
+    with pytest.raises(CkptError, match="already a ckptdiff store"):
         Store.init(root)
     with Store.open(root, create=True) as s:
         assert s.list() == []
@@ -78,6 +79,6 @@ def test_a_directory_with_other_files_is_still_refused(tmp_path):
     root = tmp_path / "store"
     (root / "tmp").mkdir(parents=True)
     (root / "tmp" / "notes.txt").write_text("mine")
-    with pytest.raises(Exception, match="not empty and is not a ckptdiff store"):
+    with pytest.raises(CkptError, match="not empty and is not a ckptdiff store"):
         Store.open(root, create=True)
     assert (root / "tmp" / "notes.txt").read_text() == "mine"

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from ckptdiff.cli import main
+from ckptdiff.errors import CkptError
 from ckptdiff.localpath import url_scheme
 from ckptdiff.store import Store
 
@@ -41,7 +42,7 @@ def test_every_command_refuses_a_url_store_in_one_line(tmp_path, monkeypatch, ca
 def test_the_api_refuses_a_url_too(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for call in (lambda: Store.init("s3://b/s"), lambda: Store.open("gs://b/s", create=True)):
-        with pytest.raises(Exception, match="local filesystem"):
+        with pytest.raises(CkptError, match="local filesystem"):
             call()
     assert os.listdir(tmp_path) == []
 
