@@ -45,6 +45,7 @@ from . import torch_zip
 from ._common import json_safe, map_file, numel, open_binary, pread_into, with_path
 from .chunked import Chunk, assembled_pieces, check_tiling
 from .sharded import member_path
+from .torch_format import WRAPPER_KEYS, _finish, _flatten_checkpoint
 
 FORMAT = "dcp"
 METADATA_NAME = ".metadata"
@@ -291,8 +292,6 @@ class _Shim:
 
 def open_dcp(directory: str | os.PathLike[str]) -> Checkpoint:
     """Open a DCP directory: every tensor assembled from its chunks, byte items as metadata."""
-    from .torch_format import _finish, _flatten_checkpoint
-
     d = os.fspath(directory)
     meta_path = os.path.join(d, METADATA_NAME)
     md = _load_metadata(meta_path)
@@ -300,7 +299,7 @@ def open_dcp(directory: str | os.PathLike[str]) -> Checkpoint:
     files = _Files(d)
     try:
         tree: dict[str, Any] = {}
-        planner = md.get("planner_data")
+        paths = _paths(list(sd_meta), md.get("planner_data"))
         skipped: list[str] = []
         for fqn, item in sd_meta.items():
             if isinstance(item, _BytesStorageMetadata):
@@ -310,7 +309,7 @@ def open_dcp(directory: str | os.PathLike[str]) -> Checkpoint:
                 if value is None:
                     skipped.append(fqn)
                     continue
-            _place(tree, fqn, planner, value, meta_path)
+            _place(tree, paths[fqn], value, fqn, meta_path)
         tensors, metadata, trainable, extras = _flatten_checkpoint(_Shim, tree, d)
         if skipped:
             metadata["skipped"] = skipped
@@ -508,18 +507,32 @@ def _safetensors_chunk(files: _Files, rel: str, fqn: str, dtype: str, c: Chunk, 
     return lambda: ref.buffer() or memoryview(b"")
 
 
-def _place(tree: dict[str, Any], fqn: str, planner: Any, value: Any, where: str) -> None:
+def _paths(names: list[str], planner: Any) -> dict[str, tuple[str, ...]]:
+    """Each flattened name as the path of keys it had in the saved state dict.
+
+    DCP's planner records the paths (``("model", "0.weight")``); without them
+    every dot separates keys, which names the tensors the same. A single
+    top-level container around a model wrapper (the DCP tutorial's
+    ``{"app": AppState(model, optimizer)}``) is peeled, as the ``.pt``
+    reader peels ``state_dict``, so the model and its optimizer state are
+    told apart as they are for any other save.
+    """
+    paths: dict[str, tuple[str, ...]] = {}
+    for fqn in names:
+        path = planner.get(fqn) if isinstance(planner, dict) else None
+        ok = isinstance(path, tuple) and path and ".".join(str(p) for p in path) == fqn
+        paths[fqn] = tuple(str(p) for p in path) if ok else tuple(fqn.split("."))
+    if len({p[0] for p in paths.values()}) == 1 and all(len(p) > 1 for p in paths.values()) \
+            and {p[1] for p in paths.values()} & set(WRAPPER_KEYS):
+        paths = {fqn: p[1:] for fqn, p in paths.items()}
+    return paths
+
+
+def _place(tree: dict[str, Any], path: tuple[str, ...], value: Any, fqn: str, where: str) -> None:
     """Put an item back in a two-level tree (top-level key, rest of the name), so torch_format's
-    walk sees what a ``.pt`` of the same state dict holds: ``{"model": {...}, "optim": {...}}``.
-    DCP's planner records each name's path; without it the first dotted part is the top key."""
-    path = planner.get(fqn) if isinstance(planner, dict) else None
-    if isinstance(path, tuple) and path and ".".join(str(p) for p in path) == fqn:
-        top = str(path[0])
-        rest = fqn[len(top) + 1:] if len(path) > 1 else None
-    else:
-        top, dot, rest_ = fqn.partition(".")
-        rest = rest_ if dot else None
-    if rest is None:
+    walk sees what a ``.pt`` of the same state dict holds: ``{"model": {...}, "optim": {...}}``."""
+    top, rest = path[0], ".".join(path[1:])
+    if not rest:
         if top in tree:
             raise FormatError(f"two items are named {fqn!r}", where)
         tree[top] = value

@@ -134,6 +134,30 @@ def test_one_process_save_reads_as_torch_loads_it_and_diffs_identical(one_rank, 
         assert ck.format == "dcp"
 
 
+def test_a_stateful_app_container_is_peeled_like_a_wrapper(tmp_path, one_rank, capsys):
+    """The DCP tutorial saves ``{"app": AppState(model, optimizer)}``: names come out as for a plain save."""
+    import warnings
+
+    from torch.distributed.checkpoint.stateful import Stateful
+
+    msd, osd = _model_and_optimizer()
+
+    class AppState(Stateful):
+        def state_dict(self):
+            return {"model": msd, "optim": osd}
+
+        def load_state_dict(self, state_dict):
+            raise NotImplementedError
+
+    d = str(tmp_path / "app")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"app": AppState()}, checkpoint_id=d)
+    with open_checkpoint(d) as ck:
+        assert ck.auxiliary == ("optim",) and "0.weight" in ck
+    assert _diff_exit(d, one_rank[1], capsys) == (0, "")
+
+
 def test_optimizer_state_that_changes_is_not_drift(one_rank, tmp_path, capsys):
     """Same weights, different optimizer moments: with a manifest freezing everything, no drift."""
     from safetensors.torch import load_file, save_file
