@@ -345,12 +345,13 @@ def test_tensors_of_dtypes_outside_the_table_are_listed_as_skipped(tmp_path):
         assert ck.metadata["skipped"] == ["z"]
 
 
-def test_mangled_metadata_is_read_or_refused_never_a_crash(two_ranks, tmp_path):
-    """Byte flips anywhere in a real .metadata: open either works or raises CkptError (one line)."""
+@pytest.mark.parametrize("target", [".metadata", "__1_0.distcp"])
+def test_mangled_files_are_read_or_refused_never_a_crash(two_ranks, tmp_path, target):
+    """Byte flips anywhere in a real .metadata or data file: reading works or raises CkptError (one line)."""
     from ckptdiff.errors import CkptError
 
     d = _copy(two_ranks, "fsdp2", tmp_path)
-    path = os.path.join(d, ".metadata")
+    path = os.path.join(d, target)
     with open(path, "rb") as f:
         good = f.read()
     rng = np.random.default_rng(0)
