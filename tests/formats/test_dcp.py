@@ -19,6 +19,7 @@ import pytest
 
 from ckptdiff.cli import main
 from ckptdiff.formats import open_checkpoint, sniff
+from fmt_helpers import write_hf_shards
 
 torch = pytest.importorskip("torch")
 dcp = pytest.importorskip("torch.distributed.checkpoint")
@@ -104,6 +105,16 @@ def test_two_rank_saves_diff_identical_to_the_same_weights_as_safetensors(two_ra
     assert sniff(d) == "dcp"
     assert _diff_exit(d, os.path.join(two_ranks, f"{kind}.safetensors"), capsys) == (0, "")
     assert _diff_exit(os.path.join(two_ranks, f"{kind}.safetensors"), d, capsys) == (0, "")
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "bin"])
+def test_fsdp2_save_diffs_identical_to_the_same_state_as_hf_shards(two_ranks, tmp_path, kind, capsys):
+    from safetensors.torch import load_file
+
+    flat = load_file(os.path.join(two_ranks, "fsdp2.safetensors"))
+    index = write_hf_shards(str(tmp_path / kind), flat, kind, 3)
+    for target in (index, str(tmp_path / kind)):
+        assert _diff_exit(os.path.join(two_ranks, "fsdp2"), target, capsys) == (0, "")
 
 
 def test_fsdp2_tensors_are_assembled_from_one_chunk_per_rank(two_ranks):

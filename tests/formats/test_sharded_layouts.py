@@ -9,7 +9,6 @@ directory; any two must diff as bitwise identical, exit 0.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 
@@ -18,6 +17,7 @@ import pytest
 
 from ckptdiff.cli import main
 from ckptdiff.formats import open_checkpoint, sniff
+from fmt_helpers import write_hf_index, write_hf_shards
 
 torch = pytest.importorskip("torch")
 
@@ -34,33 +34,6 @@ def _weights() -> dict:
     }
 
 
-def _write_index(d: str, name: str, weight_map: dict, total: int) -> str:
-    path = os.path.join(d, name)
-    with open(path, "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
-    return path
-
-
-def _write_shards(d: str, sd: dict, kind: str, n: int) -> str:
-    from safetensors.torch import save_file
-
-    os.makedirs(d, exist_ok=True)
-    names = sorted(sd)
-    weight_map = {}
-    for i in range(n):
-        part = {k: sd[k].clone() for k in names[i::n]}
-        if kind == "safetensors":
-            shard = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            save_file(part, os.path.join(d, shard), metadata={"format": "pt"})
-        else:
-            shard = f"pytorch_model-{i + 1:05d}-of-{n:05d}.bin"
-            torch.save(part, os.path.join(d, shard))
-        weight_map.update({k: shard for k in part})
-    total = sum(t.numel() * t.element_size() for t in sd.values())
-    index = "model.safetensors.index.json" if kind == "safetensors" else "pytorch_model.bin.index.json"
-    return _write_index(d, index, weight_map, total)
-
-
 @pytest.fixture(scope="module")
 def layouts(tmp_path_factory) -> dict[str, str]:
     import torch.distributed.checkpoint as dcp
@@ -70,9 +43,9 @@ def layouts(tmp_path_factory) -> dict[str, str]:
     sd = _weights()
     out = {"safetensors": str(root / "model.safetensors")}
     save_file(sd, out["safetensors"])
-    out["st-index"] = _write_shards(str(root / "st"), sd, "safetensors", 3)
+    out["st-index"] = write_hf_shards(str(root / "st"), sd, "safetensors", 3)
     out["st-dir"] = str(root / "st")
-    out["bin-index"] = _write_shards(str(root / "bin"), sd, "bin", 2)
+    out["bin-index"] = write_hf_shards(str(root / "bin"), sd, "bin", 2)
     out["bin-dir"] = str(root / "bin")
     out["dcp"] = str(root / "dcp")
     with warnings.catch_warnings():
@@ -124,7 +97,7 @@ def test_a_bin_index_pointing_elsewhere_is_refused(tmp_path, capsys, shard, mess
     d = tmp_path / "bad"
     d.mkdir()
     torch.save({"w": torch.zeros(2)}, tmp_path / "outside.bin")
-    index = _write_index(str(d), "pytorch_model.bin.index.json", {"w": shard}, 8)
+    index = write_hf_index(str(d), "pytorch_model.bin.index.json", {"w": shard}, 8)
     for target in (str(d), index):
         assert main(["diff", target, target, "--quiet", "--no-progress"]) == 2
         err = capsys.readouterr().err.strip()
@@ -135,6 +108,6 @@ def test_a_shard_that_is_not_a_tensor_file_is_refused(tmp_path, capsys):
     d = tmp_path / "bad"
     d.mkdir()
     np.save(d / "w.npy", np.zeros(2, np.float32))
-    _write_index(str(d), "pytorch_model.bin.index.json", {"w": "w.npy"}, 8)
+    write_hf_index(str(d), "pytorch_model.bin.index.json", {"w": "w.npy"}, 8)
     assert main(["diff", str(d), str(d), "--quiet", "--no-progress"]) == 2
     assert "shards must be safetensors or PyTorch files" in capsys.readouterr().err
