@@ -174,16 +174,18 @@ class _MetadataUnpickler(torch_zip._Unpickler):
         raise torch_zip.Unsupported("a persistent id")
 
 
-def _unpickle_metadata(raw: bytes) -> Any:
-    """The one place ``.metadata`` is unpickled: the ``.pt`` reader's bounded unpickler
-    machinery, with DCP's allow-list. Raises torch_zip.Unsupported or whatever the
-    pickle machinery raises on malformed input; the caller turns both into one line."""
-    return _MetadataUnpickler(io.BytesIO(raw)).load()
+def _unpickle(raw: bytes, *, dcp_metadata: bool) -> Any:
+    """The one place this module unpickles anything, with the ``.pt`` reader's unpickler
+    machinery (and its bounds): ``.metadata`` with DCP's allow-list, a chunk's or value's
+    ``data.pkl`` with the ``.pt`` reader's own. Raises torch_zip.Unsupported, or whatever
+    the pickle machinery raises on malformed input; callers turn both into one line."""
+    unpickler = _MetadataUnpickler if dcp_metadata else torch_zip._Unpickler
+    return unpickler(io.BytesIO(raw)).load()
 
 
 def _read_torch_save(window: _Window) -> tuple[Any, dict[str, tuple[int, int]]]:
-    """The one place a ``torch.save`` zip inside a .distcp range is read: the ``.pt``
-    reader's zip member table and allow-listed unpickler. Returns the unpickled object
+    """A ``torch.save`` zip inside a .distcp range, read with the ``.pt`` reader's zip
+    member table (which checks the members) and unpickler. Returns the unpickled object
     and member -> (offset in the window, length)."""
     import zipfile
 
@@ -192,7 +194,7 @@ def _read_torch_save(window: _Window) -> tuple[Any, dict[str, tuple[int, int]]]:
     start, length = members["data.pkl"]
     if length > MAX_BYTES_ITEM:  # one tensor's or one value's pickle is a few hundred bytes
         raise torch_zip.Unsupported("data.pkl too large")
-    return torch_zip._Unpickler(io.BytesIO(window.pread(start, length))).load(), members
+    return _unpickle(window.pread(start, length), dcp_metadata=False), members
 
 
 class _Window(io.RawIOBase):
@@ -331,7 +333,7 @@ def _load_metadata(meta_path: str) -> _Record:
     if len(raw) > MAX_METADATA_BYTES:
         raise FormatError(f"{METADATA_NAME} is larger than {MAX_METADATA_BYTES >> 20} MiB", meta_path)
     try:
-        md = _unpickle_metadata(raw)
+        md = _unpickle(raw, dcp_metadata=True)
     except torch_zip.Unsupported as e:
         raise FormatError(f"refused: {METADATA_NAME} holds {e}, which a DCP checkpoint never pickles; "
                           "ckptdiff never runs code from a checkpoint", meta_path) from None
