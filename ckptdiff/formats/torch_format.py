@@ -42,7 +42,8 @@ def _import_torch(path: str) -> Any:
     try:
         import torch
     except ImportError:
-        raise CkptError("reading PyTorch files needs torch: pip install 'ckptdiff[torch]'", path) from None
+        raise CkptError("reading PyTorch files needs torch: pip install torch "
+                        "(or, in a ckptdiff checkout, pip install '.[torch]')", path) from None
     return torch
 
 

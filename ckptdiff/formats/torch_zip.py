@@ -33,16 +33,10 @@ from collections.abc import Callable
 from typing import Any
 
 from ..checkpoint import Checkpoint, TensorRef, check_shape
-from ..dtypes import DTYPES, TORCH_NAMES
+from ..dtypes import DTYPES, STORAGE_DTYPES, TORCH_NAMES
 from ..errors import FormatError
 from ._common import numel, pread_into, with_path
 
-#: torch's legacy typed storage classes -> canonical dtype.
-STORAGE_DTYPES = {
-    "DoubleStorage": "float64", "FloatStorage": "float32", "HalfStorage": "float16",
-    "BFloat16Storage": "bfloat16", "LongStorage": "int64", "IntStorage": "int32",
-    "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8", "BoolStorage": "bool",
-}
 #: data.pkl larger than this is not a plain state_dict; leave it to torch.
 MAX_PICKLE_BYTES = 256 << 20
 

@@ -99,6 +99,7 @@ def _diff_exit(old: str, new: str, capsys) -> tuple[int, str]:
 
 # -- real saves ---------------------------------------------------------------------------------
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("kind", ["fsdp2", "ddp", "tp"])
 def test_two_rank_saves_diff_identical_to_the_same_weights_as_safetensors(two_ranks, kind, capsys):
     d = os.path.join(two_ranks, kind)
@@ -107,6 +108,7 @@ def test_two_rank_saves_diff_identical_to_the_same_weights_as_safetensors(two_ra
     assert _diff_exit(os.path.join(two_ranks, f"{kind}.safetensors"), d, capsys) == (0, "")
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("kind", ["safetensors", "bin"])
 def test_fsdp2_save_diffs_identical_to_the_same_state_as_hf_shards(two_ranks, tmp_path, kind, capsys):
     from safetensors.torch import load_file
@@ -117,6 +119,7 @@ def test_fsdp2_save_diffs_identical_to_the_same_state_as_hf_shards(two_ranks, tm
         assert _diff_exit(os.path.join(two_ranks, "fsdp2"), target, capsys) == (0, "")
 
 
+@pytest.mark.distributed
 def test_fsdp2_tensors_are_assembled_from_one_chunk_per_rank(two_ranks):
     with open_checkpoint(os.path.join(two_ranks, "fsdp2")) as ck:
         assert ck["0.weight"].source == "2 chunks" and ck["0.weight"].shape == (8, 6)
@@ -125,6 +128,7 @@ def test_fsdp2_tensors_are_assembled_from_one_chunk_per_rank(two_ranks):
         assert ck["tp.weight"].source == "2 chunks"  # split along columns: streamed row by row
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("kind", ["fsdp2", "ddp", "tp"])
 def test_two_rank_tensors_equal_what_torch_loads(two_ranks, kind, tmp_path):
     expected = _torch_oracle(os.path.join(two_ranks, kind), tmp_path)
@@ -232,12 +236,14 @@ def _first_storage(md, fqn: str):
     return next(k for k in md.storage_data if k.fqn == fqn)
 
 
+@pytest.mark.distributed
 def test_a_gap_between_chunks_is_refused(two_ranks, tmp_path, capsys):
     d = _copy(two_ranks, "fsdp2", tmp_path)
     _rewrite_metadata(d, lambda md: md.state_dict_metadata["model.0.weight"].chunks.pop())
     _refused(d, capsys, "'model.0.weight'", "cover 24 of 48 elements")
 
 
+@pytest.mark.distributed
 def test_overlapping_chunks_are_refused(two_ranks, tmp_path, capsys):
     d = _copy(two_ranks, "fsdp2", tmp_path)
 
@@ -248,6 +254,7 @@ def test_overlapping_chunks_are_refused(two_ranks, tmp_path, capsys):
     _refused(d, capsys, "overlap")
 
 
+@pytest.mark.distributed
 def test_a_chunk_outside_the_tensor_is_refused(two_ranks, tmp_path, capsys):
     d = _copy(two_ranks, "fsdp2", tmp_path)
 
@@ -258,6 +265,7 @@ def test_a_chunk_outside_the_tensor_is_refused(two_ranks, tmp_path, capsys):
     _refused(d, capsys, "outside the tensor")
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("where", ["../evil.distcp", "/etc/hostname"])
 def test_a_data_file_outside_the_directory_is_refused(two_ranks, tmp_path, capsys, where):
     d = _copy(two_ranks, "fsdp2", tmp_path)
@@ -270,6 +278,7 @@ def test_a_data_file_outside_the_directory_is_refused(two_ranks, tmp_path, capsy
     _refused(d, capsys, repr(where))
 
 
+@pytest.mark.distributed
 def test_a_symlinked_data_file_resolving_outside_is_refused(two_ranks, tmp_path, capsys):
     d = _copy(two_ranks, "fsdp2", tmp_path)
     shutil.move(os.path.join(d, "__1_0.distcp"), tmp_path / "elsewhere.distcp")
@@ -277,6 +286,7 @@ def test_a_symlinked_data_file_resolving_outside_is_refused(two_ranks, tmp_path,
     _refused(d, capsys, "resolves outside the directory")
 
 
+@pytest.mark.distributed
 def test_a_byte_range_past_the_end_of_its_file_is_refused(two_ranks, tmp_path, capsys):
     d = _copy(two_ranks, "fsdp2", tmp_path)
 
@@ -287,6 +297,7 @@ def test_a_byte_range_past_the_end_of_its_file_is_refused(two_ranks, tmp_path, c
     _refused(d, capsys, "lie outside")
 
 
+@pytest.mark.distributed
 def test_a_truncated_data_file_is_refused(two_ranks, tmp_path, capsys):
     d = _copy(two_ranks, "fsdp2", tmp_path)
     path = os.path.join(d, "__1_0.distcp")
@@ -294,6 +305,7 @@ def test_a_truncated_data_file_is_refused(two_ranks, tmp_path, capsys):
     _refused(d, capsys, "lie outside")
 
 
+@pytest.mark.distributed
 def test_transforms_are_refused_not_misread(two_ranks, tmp_path, capsys):
     d = _copy(two_ranks, "fsdp2", tmp_path)
 
@@ -309,6 +321,7 @@ class _Payload:
         return (os.system, ("touch pwned",))
 
 
+@pytest.mark.distributed
 def test_metadata_that_would_run_code_is_refused_without_running_it(two_ranks, tmp_path, capsys, monkeypatch):
     d = _copy(two_ranks, "ddp", tmp_path)
     monkeypatch.chdir(tmp_path)
@@ -317,6 +330,7 @@ def test_metadata_that_would_run_code_is_refused_without_running_it(two_ranks, t
     assert not os.path.exists(tmp_path / "pwned")
 
 
+@pytest.mark.distributed
 def test_garbage_metadata_is_one_line(two_ranks, tmp_path, capsys):
     d = _copy(two_ranks, "ddp", tmp_path)
     with open(os.path.join(d, ".metadata"), "wb") as f:
@@ -324,6 +338,7 @@ def test_garbage_metadata_is_one_line(two_ranks, tmp_path, capsys):
     _refused(d, capsys, ".metadata")
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("part", ["__0_0.distcp", ".metadata"])
 def test_one_file_of_the_directory_is_refused_naming_the_directory(two_ranks, capsys, part):
     d = os.path.join(two_ranks, "fsdp2")
@@ -331,6 +346,7 @@ def test_one_file_of_the_directory_is_refused_naming_the_directory(two_ranks, ca
     assert err.endswith(os.path.abspath(d))
 
 
+@pytest.mark.distributed
 def test_reading_streams_chunks_not_the_whole_tensor(two_ranks):
     """A column-split tensor comes out in runs of one chunk row each, re-cut to the asked size."""
     with open_checkpoint(os.path.join(two_ranks, "tp")) as ck:
@@ -356,6 +372,7 @@ def test_tensors_of_dtypes_outside_the_table_are_listed_as_skipped(tmp_path):
         assert ck.metadata["skipped"] == ["z"]
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("target", [".metadata", "__1_0.distcp"])
 def test_mangled_files_are_read_or_refused_never_a_crash(two_ranks, tmp_path, target):
     """Byte flips anywhere in a real .metadata or data file: reading works or raises CkptError (one line)."""
