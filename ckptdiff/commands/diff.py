@@ -23,8 +23,9 @@ is identical (bitwise), changed (with max |delta|, mean |delta|, relative L2
 change and the number of elements that differ), added, removed, or changed
 shape or dtype.
 
-OLD and NEW can be any supported file (safetensors, a sharded HF directory,
-PyTorch .pt/.pth/.bin, HDF5 .h5, NumPy .npy/.npz; the format is read from the
+OLD and NEW can be any supported file (safetensors, a sharded HF directory or
+its index file, a torch.distributed.checkpoint directory, PyTorch
+.pt/.pth/.bin, HDF5 .h5, NumPy .npy/.npz; the format is read from the
 content, not the extension) or a snapshot in a store, DIR@REF.
 
 With a manifest (--manifest FILE, or trainable_keys embedded in a checkpoint)

@@ -289,13 +289,14 @@ def run_init(args: argparse.Namespace) -> int:
 
 
 def run_snapshot(args: argparse.Namespace) -> int:
+    from ..localpath import refuse_url
     from ..manifest import Manifest
     from ..resolve import open_checkpoint
-    from ..store import Store, is_store
-
+    from ..store import Store
     from ..store.refs import check_tag
     from ..store.store import check_names
 
+    refuse_url(args.store, "store")  # before the checkpoint is read
     metrics = _parse_metrics(args.metric)
     if args.tag is not None:
         check_tag(args.tag)  # before any tensor is read or written
@@ -309,7 +310,7 @@ def run_snapshot(args: argparse.Namespace) -> int:
             if isinstance(meta_step, int) and not isinstance(meta_step, bool):
                 step = meta_step
         check_names(ckpt)  # before a new store directory is made for a checkpoint it cannot hold
-        store = Store.open(args.store) if is_store(args.store) else Store.init(args.store, compress=args.compress)
+        store = Store.open(args.store, create=True, compress=args.compress)
         if args.compress and not store.compressed:
             # Compression is chosen once per store; say so rather than silently ignore the flag.
             print(f"ckptdiff: note: --compress ignored: {printable(args.store)} already exists as an "
