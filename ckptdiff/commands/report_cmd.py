@@ -64,9 +64,9 @@ def run(args: argparse.Namespace) -> int:
     _check_output(args.output, inputs)
     opts = {"manifest": args.manifest, "atol": args.atol, "rtol": args.rtol, "rank": args.rank}
     if args.second is None:
-        from .tui_cmd import _check_store
+        from ..resolve import check_store
 
-        _check_store(args.first)
+        check_store(args.first)
         tl = from_store(args.first, **opts)
     else:
         tl = from_pair(args.first, args.second, **opts)
