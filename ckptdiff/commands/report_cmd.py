@@ -14,7 +14,7 @@ import sys
 from typing import Any
 
 from .diff import _rank, tolerance
-from .output import check_output, write_output
+from .output import check_output, is_special, write_output
 
 DESCRIPTION = """\
 Write one self-contained HTML file (inline SVG and CSS: no script, no network)
@@ -74,5 +74,6 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(page)
     else:
         write_output(args.output, lambda f: f.write(page))
-        print(f"report written to {args.output} ({len(page.encode()) // 1024} KiB)", file=sys.stderr)
+        if not is_special(args.output):
+            print(f"report written to {args.output} ({len(page.encode()) // 1024} KiB)", file=sys.stderr)
     return tl.final.exit_code
