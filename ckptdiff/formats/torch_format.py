@@ -4,6 +4,15 @@ Security: ``torch.load(weights_only=True)`` uses torch's restricted
 unpickler, which refuses any global outside a small allow-list, so a
 checkpoint can never run code here. There is deliberately no opt-out.
 
+Reference: ``torch.load(weights_only=True)`` itself, so the bytes compared
+are torch's by construction. Stricter: torch's unpickler is plain Python on
+top of C hashing and allocation, so a hostile pickle can still crash the
+process under it (a dict key nested two million deep overflows the C stack
+while it is hashed). Every pickle torch would interpret (the zip's data.pkl,
+the five pickles at the start of a legacy file) is first run through
+:mod:`.safe_pickle`'s bounded interpreter, and refused if it breaks a bound;
+the zip layout is checked by :mod:`.torch_zip` before torch opens it.
+
 Naming: tensors anywhere in nested dicts/lists/tuples get dotted names
 (``optimizer.state.0.exp_avg``); everything else becomes metadata. The usual
 wrappers are peeled off so the same weights get the same names whatever
@@ -29,7 +38,7 @@ from typing import Any
 from ..checkpoint import Checkpoint, TensorRef, check_shape
 from ..errors import CkptError, FormatError
 from ..manifest import Manifest
-from ._common import json_safe, with_path
+from ._common import json_safe, map_file, open_binary, with_path
 
 FORMAT = "torch"
 #: Top-level keys whose value is the model's state_dict, in order of preference.
@@ -57,6 +66,8 @@ def open_torch(path: str | os.PathLike[str], legacy: bool = False) -> Checkpoint
             return open_torch_zip(p, _flatten_checkpoint, _finish)
         except Unsupported:
             pass
+    else:
+        _scan_legacy(p)
     torch = _import_torch(p)
     obj = _load(torch, p, legacy)
     tensors, metadata, trainable, extras = _flatten_checkpoint(torch, obj, p)
@@ -76,6 +87,28 @@ def open_torch(path: str | os.PathLike[str], legacy: bool = False) -> Checkpoint
     # lets it go as soon as no caller holds a view.
     ckpt.on_close(tensors.clear)
     return ckpt
+
+
+#: torch's legacy format opens with five pickles: magic number, protocol, sys info, the object, storage keys.
+LEGACY_PICKLES = 5
+
+
+def _scan_legacy(path: str) -> None:
+    """Validate the pickles at the start of a legacy file with the bounded interpreter, before torch reads them."""
+    from .safe_pickle import PickleRefused, safe_unpickle, scan_only
+
+    with open_binary(path) as f:
+        mm = map_file(f, path)
+    if mm is None:
+        raise FormatError("file is empty (0 bytes)", path)
+    try:
+        pos = 0
+        for _ in range(LEGACY_PICKLES):
+            _, _, pos = safe_unpickle(mm, scan_only, start=pos)
+    except PickleRefused as e:
+        raise FormatError(f"refused: {e}", path) from None
+    finally:
+        mm.close()
 
 
 def _finish(path: str, refs: dict[str, TensorRef], metadata: dict[str, Any], trainable: list[str] | None,

@@ -1,0 +1,396 @@
+"""A pickle interpreter with torch's weights-only rules and hard resource bounds.
+
+Why not ``pickle.Unpickler`` with a restrictive ``find_class``: the C
+unpickler trusts the stream's numbers and shapes. ``LONG_BINPUT 2**27`` makes
+it grow its memo array to that index (gigabytes from a 200-byte file), a
+dict key that is a tuple nested two million deep overflows the C stack when
+it is hashed (a segfault, not an exception), and BUILD sets attributes on
+whatever object sits on the stack. Those are properties of the machine, not
+of the allow-list, so the allow-list cannot fix them.
+
+This module interprets the stream itself, in Python, and accepts exactly the
+opcodes that ``torch.load(weights_only=True)`` accepts (torch's
+``_weights_only_unpickler``: protocol 2 as ``torch.save`` writes it), with
+the same meaning for each. On top of torch's rules it enforces:
+
+* the memo is a dict (never an allocation sized by an index) and a memo
+  index may not exceed the number of instructions read so far;
+* nesting depth: every container records how deep it is; building one
+  deeper than :data:`MAX_DEPTH` is refused before anything hashes it;
+* integer size: ``LONG1`` is at most 255 bytes by construction; the
+  protocol's unbounded forms (``LONG4``, text ``LONG``) are not accepted;
+* opcode count and input size are bounded by the caller's bytes.
+
+Globals are resolved by the caller's ``find_class``; objects it does not
+know become :class:`Opaque` placeholders (``find_class`` may also return one
+deliberately) so that the rest of the stream is still validated, and the
+caller learns from :attr:`SafeUnpickler.opaque` that torch must decide.
+Every refusal raises :class:`PickleRefused` with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+#: Containers nested deeper than this are refused (a real checkpoint is < 20 deep).
+MAX_DEPTH = 500
+#: Refuse streams with more opcodes than this (a state_dict of 100k tensors needs ~3M).
+MAX_OPS = 50_000_000
+
+_UNPACK_I = struct.Struct("<i").unpack_from
+_UNPACK_UI = struct.Struct("<I").unpack_from
+_UNPACK_H = struct.Struct("<H").unpack_from
+_UNPACK_D = struct.Struct(">d").unpack_from
+
+
+class PickleRefused(Exception):
+    """The stream breaks a rule; the message is one line for the user."""
+
+
+class NeedsTorch(Exception):
+    """Raised by a ``find_class`` result or ``persistent_load`` that cannot build this object:
+    interpretation continues with an :class:`Opaque` in its place, and torch decides."""
+
+
+class Opaque:
+    """Stands for something only torch can build (an unknown global, or what it returns).
+
+    Calling it, building it or using it as a persistent id yields another
+    placeholder, so interpretation continues and the whole stream is checked.
+    """
+
+    __slots__ = ("what",)
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __reduce__(self) -> Any:  # never pickled back; keeps copy/pickle from walking it
+        raise TypeError("Opaque placeholders are not picklable")
+
+
+def _compat_names() -> tuple[dict[tuple[str, str], tuple[str, str]], dict[str, str]]:
+    """Python 2 module/name spellings, mapped as torch's unpickler maps them."""
+    from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
+
+    return NAME_MAPPING, IMPORT_MAPPING
+
+
+class SafeUnpickler:
+    """One load of one pickle stream (fresh state: nothing is shared between loads).
+
+    Args:
+        data: the bytes holding the pickle.
+        find_class: ``(module, name) -> object``; return :class:`Opaque` (or
+            raise :class:`PickleRefused`) for anything outside the allow-list.
+        persistent_load: ``pid -> object`` for BINPERSID, after torch's own
+            check (a tuple whose first item is ``'storage'``, or an int).
+        start: offset of the stream in ``data`` (several pickles in one file).
+    """
+
+    def __init__(self, data: bytes | memoryview, find_class: Callable[[str, str], Any],
+                 persistent_load: Callable[[Any], Any] | None = None, start: int = 0) -> None:
+        self.data = data
+        self.pos = start
+        self.find_class = find_class
+        self.persistent_load = persistent_load
+        self.opaque: list[str] = []
+
+    # -- reading --------------------------------------------------------------------------------
+    def _take(self, n: int) -> bytes:
+        end = self.pos + n
+        if end > len(self.data):
+            raise PickleRefused("pickle ends in the middle of an instruction (truncated?)")
+        chunk = bytes(self.data[self.pos:end])
+        self.pos = end
+        return chunk
+
+    def _line(self) -> bytes:
+        data = self.data
+        nl = bytes(data[self.pos:self.pos + 4096]).find(b"\n")
+        if nl < 0:
+            raise PickleRefused("pickle has an unterminated or over-long GLOBAL name")
+        line = bytes(data[self.pos:self.pos + nl])
+        self.pos += nl + 1
+        return line
+
+    # -- the machine ----------------------------------------------------------------------------
+    def load(self) -> Any:
+        """Interpret up to STOP; returns the top object (torch's result)."""
+        stack: list[Any] = []
+        depth: list[int] = []  # nesting depth of each stack item (0 for scalars)
+        metastack: list[tuple[list[Any], list[int]]] = []
+        memo: dict[int, tuple[Any, int]] = {}
+        names, modules = _compat_names()
+        data = self.data
+        n_ops = 0
+
+        def push(obj: Any, d: int = 0) -> None:
+            if d > MAX_DEPTH:
+                raise PickleRefused(f"pickle nests containers more than {MAX_DEPTH} deep")
+            stack.append(obj)
+            depth.append(d)
+
+        def pop() -> tuple[Any, int]:
+            if not stack:
+                raise PickleRefused("pickle pops from an empty stack")
+            return stack.pop(), depth.pop()
+
+        def pop_mark() -> tuple[list[Any], int]:
+            nonlocal stack, depth
+            if not metastack:
+                raise PickleRefused("pickle closes a MARK it never opened")
+            items, ds = stack, depth
+            stack, depth = metastack.pop()
+            return items, max(ds, default=0)
+
+        def top(what: str) -> Any:
+            if not stack:
+                raise PickleRefused(f"pickle applies {what} to an empty stack")
+            return stack[-1]
+
+        def deepen(d: int) -> None:
+            # The container on top now holds something d deep.
+            if d + 1 > depth[-1]:
+                if d + 1 > MAX_DEPTH:
+                    raise PickleRefused(f"pickle nests containers more than {MAX_DEPTH} deep")
+                depth[-1] = d + 1
+
+        while True:
+            n_ops += 1
+            if n_ops > MAX_OPS:
+                raise PickleRefused(f"pickle has more than {MAX_OPS} instructions")
+            if self.pos >= len(data):
+                raise PickleRefused("pickle ends without STOP (truncated?)")
+            op = data[self.pos]
+            self.pos += 1
+            if op == 0x80:  # PROTO
+                self._take(1)
+            elif op == 0x2E:  # STOP
+                obj, _ = pop()
+                return obj
+            elif op == 0x28:  # MARK
+                metastack.append((stack, depth))
+                stack, depth = [], []
+            elif op == 0x4E:  # NONE
+                push(None)
+            elif op == 0x88:  # NEWTRUE
+                push(True)
+            elif op == 0x89:  # NEWFALSE
+                push(False)
+            elif op == 0x4A:  # BININT
+                push(_UNPACK_I(self._take(4))[0])
+            elif op == 0x4B:  # BININT1
+                push(self._take(1)[0])
+            elif op == 0x4D:  # BININT2
+                push(_UNPACK_H(self._take(2))[0])
+            elif op == 0x8A:  # LONG1: at most 255 bytes, so at most ~615 decimal digits
+                n = self._take(1)[0]
+                push(int.from_bytes(self._take(n), "little", signed=True))
+            elif op == 0x47:  # BINFLOAT
+                push(_UNPACK_D(self._take(8))[0])
+            elif op == 0x58:  # BINUNICODE
+                n = _UNPACK_UI(self._take(4))[0]
+                push(str(self._take(n), "utf-8", "surrogatepass"))
+            elif op == 0x55:  # SHORT_BINSTRING (torch.load decodes it as utf-8)
+                n = self._take(1)[0]
+                try:
+                    push(self._take(n).decode("utf-8"))
+                except UnicodeDecodeError:
+                    raise PickleRefused("pickle holds a byte string that is not UTF-8") from None
+            elif op == 0x29:  # EMPTY_TUPLE
+                push(())
+            elif op == 0x5D:  # EMPTY_LIST
+                push([], 1)
+            elif op == 0x7D:  # EMPTY_DICT
+                push({}, 1)
+            elif op == 0x8F:  # EMPTY_SET
+                push(set(), 1)
+            elif op == 0x74:  # TUPLE
+                items, d = pop_mark()
+                push(tuple(items), d + 1)
+            elif op in (0x85, 0x86, 0x87):  # TUPLE1..3
+                n = op - 0x84
+                if len(stack) < n:
+                    raise PickleRefused("pickle builds a tuple from too few items")
+                items, ds = stack[-n:], depth[-n:]
+                del stack[-n:], depth[-n:]
+                push(tuple(items), max(ds) + 1)
+            elif op == 0x61:  # APPEND
+                item, d = pop()
+                target = top("APPEND")
+                if type(target) is not list:
+                    raise PickleRefused(f"pickle appends to a {type(target).__name__}, not a list")
+                deepen(d)
+                target.append(item)
+            elif op == 0x65:  # APPENDS
+                items, d = pop_mark()
+                target = top("APPENDS")
+                if type(target) is not list:
+                    raise PickleRefused(f"pickle extends a {type(target).__name__}, not a list")
+                deepen(d)
+                target.extend(items)
+            elif op == 0x73:  # SETITEM
+                value, dv = pop()
+                key, dk = pop()
+                self._setitems([key, value], max(dk, dv), stack, deepen)
+            elif op == 0x75:  # SETITEMS
+                items, d = pop_mark()
+                if len(items) % 2:
+                    raise PickleRefused("pickle's SETITEMS has a key without a value")
+                self._setitems(items, d, stack, deepen)
+            elif op in (0x71, 0x72):  # BINPUT, LONG_BINPUT
+                idx = self._take(1)[0] if op == 0x71 else _UNPACK_UI(self._take(4))[0]
+                if idx >= n_ops:  # a pickler numbers memo entries 0, 1, 2, ...: never beyond the objects made
+                    raise PickleRefused(f"pickle stores memo entry {idx} after only {n_ops} instructions")
+                memo[idx] = (top("PUT"), depth[-1])
+            elif op in (0x68, 0x6A):  # BINGET, LONG_BINGET
+                idx = self._take(1)[0] if op == 0x68 else _UNPACK_UI(self._take(4))[0]
+                hit = memo.get(idx)
+                if hit is None:
+                    raise PickleRefused(f"pickle reads memo entry {idx}, which was never stored")
+                push(*hit)
+            elif op == 0x63:  # GLOBAL
+                module = self._line().decode("utf-8", "strict")
+                name = self._line().decode("utf-8", "strict")
+                if (module, name) in names:
+                    module, name = names[(module, name)]
+                elif module in modules:
+                    module = modules[module]
+                found = self._call(self.find_class, (module, name))
+                if isinstance(found, Opaque) and found.what not in self.opaque:
+                    self.opaque.append(found.what)
+                push(found)
+            elif op == 0x52:  # REDUCE
+                args, d = pop()
+                func = top("REDUCE")
+                if isinstance(func, Opaque) or any(isinstance(a, Opaque) for a in _items(args)):
+                    result: Any = Opaque("the result of a global only torch can call")
+                elif not callable(func):
+                    raise PickleRefused(f"pickle calls a {type(func).__name__}")
+                else:
+                    if type(args) is not tuple:
+                        raise PickleRefused("pickle calls a function with arguments that are not a tuple")
+                    result = self._call(func, args)
+                stack[-1] = result
+                depth[-1] = d + 1 if isinstance(result, (tuple, list, dict, OrderedDict, Opaque)) else 1
+            elif op == 0x62:  # BUILD
+                state, d = pop()
+                inst = top("BUILD")
+                if isinstance(inst, Opaque):
+                    pass
+                elif type(inst) is OrderedDict and type(state) is dict:
+                    deepen(d)
+                    inst.__dict__.update(state)  # torch sets the attributes (e.g. _metadata) the same way
+                else:
+                    # Tensors and parameters carry state torch applies with its own checks: let torch decide.
+                    stack[-1] = Opaque(f"BUILD on a {type(inst).__name__}")
+                    self.opaque.append(stack[-1].what)
+            elif op == 0x81:  # NEWOBJ: torch builds Parameters and allow-listed classes; leave it to torch
+                args, d = pop()
+                cls, _ = pop()
+                push(Opaque("NEWOBJ"), d + 1)
+                self.opaque.append("NEWOBJ")
+            elif op == 0x51:  # BINPERSID
+                pid, d = pop()
+                if type(pid) is not tuple and type(pid) is not int:
+                    raise PickleRefused(f"pickle's persistent id is a {type(pid).__name__}")
+                if type(pid) is tuple and pid and _ascii(pid[0]) != "storage":
+                    raise PickleRefused("pickle's persistent id does not name a storage")
+                if self.persistent_load is None or any(isinstance(p, Opaque) for p in _items(pid)):
+                    push(Opaque("a persistent object"), d + 1)
+                else:
+                    push(self._call(self.persistent_load, (pid,)), d + 1)
+            else:
+                raise PickleRefused(f"pickle uses opcode {op} ({_opname(op)}), which weights-only loading "
+                                    "does not accept")
+
+    def _call(self, func: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+        """Call a stand-in; anything it cannot build (or chokes on) becomes an Opaque for torch to judge."""
+        try:
+            return func(*args)
+        except PickleRefused:
+            raise
+        except NeedsTorch as e:
+            why = str(e)
+        except Exception as e:  # wrong arity, odd types: torch's own functions decide what that means
+            why = f"{type(e).__name__}: {e}"
+        found = Opaque(why)
+        self.opaque.append(why)
+        return found
+
+    def _setitems(self, items: list[Any], d: int, stack: list[Any], deepen: Callable[[int], None]) -> None:
+        if not stack:
+            raise PickleRefused("pickle sets an item on an empty stack")
+        target = stack[-1]
+        if type(target) not in (dict, OrderedDict, Counter):
+            raise PickleRefused(f"pickle sets an item on a {type(target).__name__}, not a dict")
+        deepen(d)  # before hashing: the key's depth is bounded, so hashing it cannot overflow the C stack
+        try:
+            for i in range(0, len(items), 2):
+                target[items[i]] = items[i + 1]
+        except TypeError as e:  # an unhashable key: torch fails the same way
+            raise PickleRefused(f"pickle uses an unusable dict key ({e})") from None
+
+    @property
+    def end(self) -> int:
+        """Offset just past the STOP that ended :meth:`load`."""
+        return self.pos
+
+
+def _items(obj: Any) -> tuple[Any, ...]:
+    return obj if type(obj) is tuple else ()
+
+
+def _ascii(x: Any) -> Any:
+    return x.decode("ascii") if isinstance(x, bytes) else x
+
+
+def _opname(op: int) -> str:
+    import pickletools
+
+    for desc in pickletools.opcodes:
+        if desc.code == chr(op):
+            return desc.name
+    return "unknown"
+
+
+def safe_unpickle(data: bytes | memoryview, find_class: Callable[[str, str], Any],
+                  persistent_load: Callable[[Any], Any] | None = None,
+                  start: int = 0) -> tuple[Any, list[str], int]:
+    """Interpret one pickle with torch's weights-only rules and ckptdiff's bounds.
+
+    Args:
+        data: the bytes (a whole file is fine; see ``start``).
+        find_class: resolves ``GLOBAL module name``; return an :class:`Opaque`
+            for what only torch can build, raise :class:`PickleRefused` to refuse.
+        persistent_load: builds BINPERSID objects (None: placeholders).
+        start: where the pickle starts in ``data``.
+
+    Returns:
+        ``(object, opaque, end)``: the result, what only torch could build
+        (empty when the result is complete), and the offset after STOP.
+
+    Raises:
+        PickleRefused: the stream is malformed or breaks a bound.
+    """
+    machine = SafeUnpickler(data, find_class, persistent_load, start)
+    try:
+        obj = machine.load()
+    except UnicodeDecodeError:
+        raise PickleRefused("pickle holds text that is not valid UTF-8") from None
+    except RecursionError:  # cannot happen with bounded depth; kept as a last line
+        raise PickleRefused("pickle nested too deeply") from None
+    except MemoryError:
+        raise PickleRefused("pickle needs more memory than is available") from None
+    return obj, machine.opaque, machine.end
+
+
+def scan_only(module: str, name: str) -> Opaque:
+    """A ``find_class`` that resolves nothing: validate a stream torch will load."""
+    return Opaque(f"{module}.{name}")
+
+
+__all__ = ["MAX_DEPTH", "NeedsTorch", "Opaque", "PickleRefused", "SafeUnpickler", "safe_unpickle", "scan_only"]
