@@ -221,17 +221,23 @@ class SafeUnpickler:
             elif op == 0x61:  # APPEND
                 item, d = pop()
                 target = top("APPEND")
-                if type(target) is not list:
+                if isinstance(target, Opaque):
+                    deepen(d)
+                elif type(target) is not list:
                     raise PickleRefused(f"pickle appends to a {type(target).__name__}, not a list")
-                deepen(d)
-                target.append(item)
+                else:
+                    deepen(d)
+                    target.append(item)
             elif op == 0x65:  # APPENDS
                 items, d = pop_mark()
                 target = top("APPENDS")
-                if type(target) is not list:
+                if isinstance(target, Opaque):
+                    deepen(d)
+                elif type(target) is not list:
                     raise PickleRefused(f"pickle extends a {type(target).__name__}, not a list")
-                deepen(d)
-                target.extend(items)
+                else:
+                    deepen(d)
+                    target.extend(items)
             elif op == 0x73:  # SETITEM
                 value, dv = pop()
                 key, dk = pop()
@@ -299,13 +305,14 @@ class SafeUnpickler:
                     raise PickleRefused(f"pickle's persistent id is a {type(pid).__name__}")
                 if type(pid) is tuple and pid and _ascii(pid[0]) != "storage":
                     raise PickleRefused("pickle's persistent id does not name a storage")
-                if self.persistent_load is None or any(isinstance(p, Opaque) for p in _items(pid)):
+                if self.persistent_load is None:
                     push(Opaque("a persistent object"), d + 1)
                 else:
                     push(self._call(self.persistent_load, (pid,)), d + 1)
             else:
-                raise PickleRefused(f"pickle uses opcode {op} ({_opname(op)}), which weights-only loading "
-                                    "does not accept")
+                raise PickleRefused(f"the pickle uses opcode {op} ({_opname(op)}), which weights-only loading "
+                                    "does not accept (not a PyTorch checkpoint?); ckptdiff never runs code from "
+                                    "a checkpoint")
 
     def _call(self, func: Callable[..., Any], args: tuple[Any, ...]) -> Any:
         """Call a stand-in; anything it cannot build (or chokes on) becomes an Opaque for torch to judge."""
@@ -325,6 +332,9 @@ class SafeUnpickler:
         if not stack:
             raise PickleRefused("pickle sets an item on an empty stack")
         target = stack[-1]
+        if isinstance(target, Opaque):  # torch builds it; only the depth is ours to bound
+            deepen(d)
+            return
         if type(target) not in (dict, OrderedDict, Counter):
             raise PickleRefused(f"pickle sets an item on a {type(target).__name__}, not a dict")
         deepen(d)  # before hashing: the key's depth is bounded, so hashing it cannot overflow the C stack

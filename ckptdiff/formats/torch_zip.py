@@ -63,6 +63,12 @@ STORAGE_DTYPES = {
 MAX_PICKLE_BYTES = 256 << 20
 _LOCAL = struct.Struct("<4sHHHHHIIIHH")  # local file header, 30 bytes
 _EOCD = struct.Struct("<4sHHHHIIH")  # end of central directory, 22 bytes
+_ZIP64_END = struct.Struct("<4sQHHIIQQQQ")  # zip64 end of central directory record, 56 bytes
+_ZIP64_LOCATOR = struct.Struct("<4sIQI")  # zip64 end of central directory locator, 20 bytes
+#: General-purpose flags torch.save writes (data descriptor, UTF-8 names); any other (encryption,
+#: masked headers, patches) makes some zip reader read the member differently.
+_KNOWN_FLAGS = 0x8 | 0x800
+_DOS_DIRECTORY = 0x10
 
 
 class Unsupported(NeedsTorch):
@@ -264,6 +270,67 @@ class _Load:
 
 # -- the archive -------------------------------------------------------------------------------
 
+def _check_end_records(f: BinaryIO, size: int, start_dir: int, count: int, path: str) -> int:
+    """The central directory is followed by (zip64 end record, zip64 locator,) end record: nothing else,
+    and every count, size, offset and disk number in them agrees (miniz, torch's reader, checks each).
+    Returns where the central directory ends."""
+    if size < _EOCD.size:
+        raise FormatError("truncated zip archive", path)
+    f.seek(size - _EOCD.size)
+    sig, disk, cd_disk, n_here, n_total, cd_size, cd_offset, comment = _EOCD.unpack(f.read(_EOCD.size))
+    if sig != b"PK\x05\x06" or comment != 0:
+        raise FormatError("zip archive with bytes after its end record (a comment or appended data)", path)
+    cd_end = size - _EOCD.size
+    fields = [(disk, 0, 0xFFFF), (cd_disk, 0, 0xFFFF), (n_here, count, 0xFFFF), (n_total, count, 0xFFFF),
+              (cd_offset, start_dir, 0xFFFFFFFF)]
+    zip64_at = size - _EOCD.size - _ZIP64_LOCATOR.size - _ZIP64_END.size
+    if zip64_at >= start_dir:
+        f.seek(zip64_at)
+        end64 = _ZIP64_END.unpack(f.read(_ZIP64_END.size))
+        locator = _ZIP64_LOCATOR.unpack(f.read(_ZIP64_LOCATOR.size))
+        if end64[0] == b"PK\x06\x06" and locator[0] == b"PK\x06\x07":
+            _sig, rec_size, _made, _need, d64, cd_d64, here64, total64, size64, off64 = end64
+            if (rec_size, d64, cd_d64, here64, total64, off64) != (44, 0, 0, count, count, start_dir) \
+                    or size64 != zip64_at - start_dir or locator[1:] != (0, zip64_at, 1):
+                raise FormatError("zip archive whose zip64 end records disagree with its central directory", path)
+            cd_end = zip64_at
+    fields.append((cd_size, cd_end - start_dir, 0xFFFFFFFF))
+    if any(value not in (want, escape) for value, want, escape in fields):
+        raise FormatError("zip archive whose end record disagrees with its central directory", path)
+    return cd_end
+
+
+def _check_central_lengths(f: BinaryIO, start: int, end: int, count: int, path: str) -> None:
+    """Walk the central directory by its own length fields: ``count`` entries, no comments, exactly filling it.
+
+    (zipfile reads a field that runs past the directory as shorter; torch's reader refuses it.)
+    """
+    f.seek(start)
+    raw = f.read(end - start)
+    pos = n = 0
+    while pos < len(raw):
+        if raw[pos:pos + 4] != b"PK\x01\x02" or pos + 46 > len(raw):
+            break
+        n_name, n_extra, n_comment = struct.unpack_from("<HHH", raw, pos + 28)
+        if n_comment:
+            break
+        pos += 46 + n_name + n_extra
+        n += 1
+    if pos != len(raw) or n != count:
+        raise FormatError("zip central directory whose entries do not fill it exactly", path)
+
+
+def _zip64_extra_only(extra: bytes) -> bool:
+    """Central extra fields: well-formed records, none but zip64 sizes/offsets and timestamps."""
+    pos = 0
+    while pos + 4 <= len(extra):
+        tag, n = struct.unpack_from("<HH", extra, pos)
+        if tag not in (0x0001, 0x5455, 0x7875):  # zip64, extended timestamp, unix uid/gid
+            return False
+        pos += 4 + n
+    return pos == len(extra)
+
+
 def _member_offsets(f: BinaryIO, size: int, path: str) -> tuple[str, dict[str, tuple[int, int]]]:
     """(archive prefix, member name below it -> (absolute data offset, length)), after checking the layout.
 
@@ -281,10 +348,8 @@ def _member_offsets(f: BinaryIO, size: int, path: str) -> tuple[str, dict[str, t
         raise FormatError(f"corrupt zip archive ({str(e)[:200]})", path) from None
     if not infos:
         raise FormatError("zip archive without members", path)
-    f.seek(size - _EOCD.size)
-    eocd = _EOCD.unpack(f.read(_EOCD.size))
-    if eocd[0] != b"PK\x05\x06" or eocd[7] != 0:
-        raise FormatError("zip archive with bytes after its end record (a comment or appended data)", path)
+    cd_end = _check_end_records(f, size, start_dir, len(infos), path)
+    _check_central_lengths(f, start_dir, cd_end, len(infos), path)
     seen: set[str] = set()
     spans: dict[str, tuple[int, int]] = {}
     pos = 0
@@ -296,7 +361,13 @@ def _member_offsets(f: BinaryIO, size: int, path: str) -> tuple[str, dict[str, t
         if info.header_offset != pos:
             where = "before the first member" if pos == 0 else f"between members (at byte {pos})"
             raise FormatError(f"zip archive with {abs(info.header_offset - pos)} unexplained bytes {where}", path)
-        if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1 or info.compress_size != info.file_size:
+        if info.volume != 0 or info.flag_bits & ~_KNOWN_FLAGS or info.external_attr & _DOS_DIRECTORY \
+                or name.endswith("/") or not _zip64_extra_only(info.extra):
+            # a DOS directory bit in the attributes makes torch's reader treat the member as a folder
+            raise FormatError(f"zip member {name[:200]!r} has flags, attributes or fields torch.save never writes",
+                              path)
+
+        if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
             raise FormatError(f"zip member {name[:200]!r} is compressed or encrypted; torch.save stores members "
                               "uncompressed", path)
         f.seek(pos)
@@ -309,7 +380,8 @@ def _member_offsets(f: BinaryIO, size: int, path: str) -> tuple[str, dict[str, t
             local_text = local_name.decode("utf-8" if flags & 0x800 else "cp437")
         except UnicodeDecodeError:
             local_text = None
-        if sig != b"PK\x03\x04" or local_text != info.orig_filename or method != info.compress_type:
+        if sig != b"PK\x03\x04" or local_text != info.orig_filename or method != info.compress_type \
+                or flags != info.flag_bits:
             raise FormatError(f"zip member {name[:200]!r}: local header disagrees with the central directory", path)
         if not flags & 0x8 and (crc, csize, usize) != (info.CRC, info.compress_size, info.file_size) \
                 and (csize, usize) != (0xFFFFFFFF, 0xFFFFFFFF):
