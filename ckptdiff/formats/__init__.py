@@ -147,6 +147,17 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         return open_snapshot(*ref)
     _check_not_a_bad_ref(spec)
     fmt = sniff(spec)
+    from .. import watchdog
+    from ..textsafe import printable
+
+    seconds = watchdog.open_timeout()
+    with watchdog.deadline(seconds, f"{printable(spec)}: opening this {fmt} file (reading its header, pickle or "
+                                    f"directory) took longer than {seconds:g} s. Set {watchdog.OPEN_TIMEOUT_ENV}="
+                                    "SECONDS to wait longer"):
+        return _open_as(fmt, spec)
+
+
+def _open_as(fmt: str, spec: str) -> Checkpoint:
     if fmt == SAFETENSORS:
         from .safetensors_format import open_safetensors
         target = os.path.join(spec, "model.safetensors") if os.path.isdir(spec) else spec

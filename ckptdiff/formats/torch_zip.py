@@ -320,14 +320,11 @@ def _check_central_lengths(f: BinaryIO, start: int, end: int, count: int, path: 
         raise FormatError("zip central directory whose entries do not fill it exactly", path)
 
 
-def _zip64_extra_only(extra: bytes) -> bool:
-    """Central extra fields: well-formed records, none but zip64 sizes/offsets and timestamps."""
+def _well_formed_extra(extra: bytes) -> bool:
+    """An extra field made of whole ``(tag, length, data)`` records, as torch's reader parses it."""
     pos = 0
     while pos + 4 <= len(extra):
-        tag, n = struct.unpack_from("<HH", extra, pos)
-        if tag not in (0x0001, 0x5455, 0x7875):  # zip64, extended timestamp, unix uid/gid
-            return False
-        pos += 4 + n
+        pos += 4 + struct.unpack_from("<H", extra, pos + 2)[0]
     return pos == len(extra)
 
 
@@ -362,7 +359,7 @@ def _member_offsets(f: BinaryIO, size: int, path: str) -> tuple[str, dict[str, t
             where = "before the first member" if pos == 0 else f"between members (at byte {pos})"
             raise FormatError(f"zip archive with {abs(info.header_offset - pos)} unexplained bytes {where}", path)
         if info.volume != 0 or info.flag_bits & ~_KNOWN_FLAGS or info.external_attr & _DOS_DIRECTORY \
-                or name.endswith("/") or not _zip64_extra_only(info.extra):
+                or name.endswith("/") or not _well_formed_extra(info.extra):
             # a DOS directory bit in the attributes makes torch's reader treat the member as a folder
             raise FormatError(f"zip member {name[:200]!r} has flags, attributes or fields torch.save never writes",
                               path)
