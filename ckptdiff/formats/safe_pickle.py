@@ -172,6 +172,8 @@ class SafeUnpickler:
                 obj, _ = pop()
                 return obj
             elif op == 0x28:  # MARK
+                if len(metastack) >= MAX_DEPTH:  # open marks nest the containers they will close into
+                    raise PickleRefused(f"pickle nests containers more than {MAX_DEPTH} deep")
                 metastack.append((stack, depth))
                 stack, depth = [], []
             elif op == 0x4E:  # NONE
