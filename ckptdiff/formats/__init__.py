@@ -31,6 +31,7 @@ _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 _NPY_MAGIC = b"\x93NUMPY"
 #: Enough of the head to see a safetensors header's ``{`` behind leading whitespace.
 _HEAD_BYTES = 4096
+_MAX_HEAD_BYTES = 1 << 20
 _JSON_SPACE = b" \t\r\n"
 
 
@@ -67,6 +68,11 @@ def sniff(path: str) -> str:
     try:
         with open(path, "rb") as f:
             head = f.read(_HEAD_BYTES)
+            while len(head) < _MAX_HEAD_BYTES and len(head) > 8 and not head[8:].lstrip(_JSON_SPACE):
+                more = f.read(len(head))  # a safetensors header padded with whitespace: look further for '{'
+                if not more:
+                    break
+                head += more
     except OSError as e:
         raise CkptError(f"cannot read: {e.strerror}", path) from None
     if head.startswith(_HDF5_MAGIC):
