@@ -59,6 +59,9 @@ STORAGE_DTYPES = {
     "BFloat16Storage": "bfloat16", "LongStorage": "int64", "IntStorage": "int32",
     "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8", "BoolStorage": "bool",
 }
+#: Storage classes torch allows whose elements the dtype table does not hold -> item size.
+_OTHER_STORAGES = {"ComplexDoubleStorage": 16, "ComplexFloatStorage": 8, "QInt32Storage": 4, "QInt8Storage": 1,
+                   "QUInt8Storage": 1, "QUInt4x2Storage": 1, "QUInt2x4Storage": 1}
 #: data.pkl larger than this is not a plain state_dict; leave it to torch.
 MAX_PICKLE_BYTES = 256 << 20
 _LOCAL = struct.Struct("<4sHHHHHIIIHH")  # local file header, 30 bytes
@@ -78,10 +81,11 @@ class Unsupported(NeedsTorch):
 # -- stand-ins: plain value objects, created per load ------------------------------------------
 
 class _StorageType:
-    __slots__ = ("dtype",)
+    __slots__ = ("dtype", "itemsize")
 
-    def __init__(self, dtype: str | None) -> None:
-        self.dtype = dtype  # None: UntypedStorage (bytes; the tensor carries its dtype)
+    def __init__(self, dtype: str | None, itemsize: int = 1) -> None:
+        self.dtype = dtype  # None: UntypedStorage (bytes; the tensor carries its dtype) or a type we do not read
+        self.itemsize = DTYPES[dtype].itemsize if dtype in DTYPES else itemsize
 
 
 class _DType:
@@ -239,8 +243,12 @@ class _Load:
             return hit  # plain functions: the interpreter never sets attributes on them
         if module == "torch.storage" and name == "UntypedStorage":
             return _StorageType(None)
-        if module == "torch" and name in STORAGE_DTYPES:
+        if module in ("torch", "torch.cuda") and name in STORAGE_DTYPES:
             return _StorageType(STORAGE_DTYPES[name])
+        if module in ("torch", "torch.cuda") and name in _OTHER_STORAGES:
+            # complex and quantized storages: not read here, but their sizes are still checked, because
+            # torch's mmap loader would slice past a short member rather than refuse it
+            return _StorageType(f"<{name}>", _OTHER_STORAGES[name])
         if module == "torch" and name in TORCH_NAMES:  # dtype globals, as pickled for _rebuild_tensor_v3
             return _DType(TORCH_NAMES[name])
         return Opaque(f"pickle global {module}.{name}")
@@ -256,7 +264,7 @@ class _Load:
         if known is not None:
             return known  # torch reuses the storage loaded first, whatever this reference says
         count = _int(count)
-        itemsize = 1 if stype.dtype is None else DTYPES[stype.dtype].itemsize
+        itemsize = stype.itemsize
         nbytes = count * itemsize
         member = self.members.get(f"data/{key}")
         if count < 0 or member is None or member[1] != nbytes:
