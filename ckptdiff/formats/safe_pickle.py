@@ -99,14 +99,6 @@ class SafeUnpickler:
         self.opaque: list[str] = []
 
     # -- reading --------------------------------------------------------------------------------
-    def _take(self, n: int) -> bytes:
-        end = self.pos + n
-        if end > len(self.data):
-            raise PickleRefused("pickle ends in the middle of an instruction (truncated?)")
-        chunk = bytes(self.data[self.pos:end])
-        self.pos = end
-        return chunk
-
     def _line(self) -> bytes:
         data = self.data
         nl = bytes(data[self.pos:self.pos + 4096]).find(b"\n")
@@ -119,150 +111,122 @@ class SafeUnpickler:
     # -- the machine ----------------------------------------------------------------------------
     def load(self) -> Any:
         """Interpret up to STOP; returns the top object (torch's result)."""
+        try:
+            return self._run()
+        except (IndexError, struct.error):  # reading past the end, or popping an empty stack
+            raise PickleRefused("pickle is truncated or pops more than it pushed") from None
+
+    def _run(self) -> Any:  # noqa: C901 - one flat dispatch loop is the fast way to interpret in Python
+        # Locals, not attributes, and the frequent opcodes first: a 20,000-tensor state_dict is ~10^6 ops.
         stack: list[Any] = []
         depth: list[int] = []  # nesting depth of each stack item (0 for scalars)
         metastack: list[tuple[list[Any], list[int]]] = []
         memo: dict[int, tuple[Any, int]] = {}
         names, modules = _compat_names()
         data = self.data
+        size = len(data)
+        pos = self.pos
         n_ops = 0
+        limit = MAX_DEPTH
 
-        def push(obj: Any, d: int = 0) -> None:
-            if d > MAX_DEPTH:
-                raise PickleRefused(f"pickle nests containers more than {MAX_DEPTH} deep")
-            stack.append(obj)
-            depth.append(d)
+        def too_deep() -> PickleRefused:
+            return PickleRefused(f"pickle nests containers more than {MAX_DEPTH} deep")
 
-        def pop() -> tuple[Any, int]:
-            if not stack:
-                raise PickleRefused("pickle pops from an empty stack")
-            return stack.pop(), depth.pop()
-
-        def pop_mark() -> tuple[list[Any], int]:
-            nonlocal stack, depth
-            if not metastack:
-                raise PickleRefused("pickle closes a MARK it never opened")
-            items, ds = stack, depth
-            stack, depth = metastack.pop()
-            return items, max(ds, default=0)
-
-        def top(what: str) -> Any:
-            if not stack:
-                raise PickleRefused(f"pickle applies {what} to an empty stack")
-            return stack[-1]
-
-        def deepen(d: int) -> None:
-            # The container on top now holds something d deep.
-            if d + 1 > depth[-1]:
-                if d + 1 > MAX_DEPTH:
-                    raise PickleRefused(f"pickle nests containers more than {MAX_DEPTH} deep")
-                depth[-1] = d + 1
+        def text(n: int, at: int) -> bytes:
+            if at + n > size:
+                raise IndexError
+            return bytes(data[at:at + n])
 
         while True:
             n_ops += 1
             if n_ops > MAX_OPS:
                 raise PickleRefused(f"pickle has more than {MAX_OPS} instructions")
-            if self.pos >= len(data):
-                raise PickleRefused("pickle ends without STOP (truncated?)")
-            op = data[self.pos]
-            self.pos += 1
-            if op == 0x80:  # PROTO
-                self._take(1)
-            elif op == 0x2E:  # STOP
-                obj, _ = pop()
-                return obj
-            elif op == 0x28:  # MARK
-                if len(metastack) >= MAX_DEPTH:  # open marks nest the containers they will close into
-                    raise PickleRefused(f"pickle nests containers more than {MAX_DEPTH} deep")
-                metastack.append((stack, depth))
-                stack, depth = [], []
-            elif op == 0x4E:  # NONE
-                push(None)
-            elif op == 0x88:  # NEWTRUE
-                push(True)
-            elif op == 0x89:  # NEWFALSE
-                push(False)
-            elif op == 0x4A:  # BININT
-                push(_UNPACK_I(self._take(4))[0])
-            elif op == 0x4B:  # BININT1
-                push(self._take(1)[0])
-            elif op == 0x4D:  # BININT2
-                push(_UNPACK_H(self._take(2))[0])
-            elif op == 0x8A:  # LONG1: at most 255 bytes, so at most ~615 decimal digits
-                n = self._take(1)[0]
-                push(int.from_bytes(self._take(n), "little", signed=True))
-            elif op == 0x47:  # BINFLOAT
-                push(_UNPACK_D(self._take(8))[0])
-            elif op == 0x58:  # BINUNICODE
-                n = _UNPACK_UI(self._take(4))[0]
-                push(str(self._take(n), "utf-8", "surrogatepass"))
-            elif op == 0x55:  # SHORT_BINSTRING (torch.load decodes it as utf-8)
-                n = self._take(1)[0]
-                try:
-                    push(self._take(n).decode("utf-8"))
-                except UnicodeDecodeError:
-                    raise PickleRefused("pickle holds a byte string that is not UTF-8") from None
-            elif op == 0x29:  # EMPTY_TUPLE
-                push(())
-            elif op == 0x5D:  # EMPTY_LIST
-                push([], 1)
-            elif op == 0x7D:  # EMPTY_DICT
-                push({}, 1)
-            elif op == 0x8F:  # EMPTY_SET
-                push(set(), 1)
-            elif op == 0x74:  # TUPLE
-                items, d = pop_mark()
-                push(tuple(items), d + 1)
-            elif op in (0x85, 0x86, 0x87):  # TUPLE1..3
-                n = op - 0x84
-                if len(stack) < n:
-                    raise PickleRefused("pickle builds a tuple from too few items")
-                items, ds = stack[-n:], depth[-n:]
-                del stack[-n:], depth[-n:]
-                push(tuple(items), max(ds) + 1)
-            elif op == 0x61:  # APPEND
-                item, d = pop()
-                target = top("APPEND")
-                if isinstance(target, Opaque):
-                    deepen(d)
-                elif type(target) is not list:
-                    raise PickleRefused(f"pickle appends to a {type(target).__name__}, not a list")
-                else:
-                    deepen(d)
-                    target.append(item)
-            elif op == 0x65:  # APPENDS
-                items, d = pop_mark()
-                target = top("APPENDS")
-                if isinstance(target, Opaque):
-                    deepen(d)
-                elif type(target) is not list:
-                    raise PickleRefused(f"pickle extends a {type(target).__name__}, not a list")
-                else:
-                    deepen(d)
-                    target.extend(items)
-            elif op == 0x73:  # SETITEM
-                value, dv = pop()
-                key, dk = pop()
-                self._setitems([key, value], max(dk, dv), stack, deepen)
-            elif op == 0x75:  # SETITEMS
-                items, d = pop_mark()
-                if len(items) % 2:
-                    raise PickleRefused("pickle's SETITEMS has a key without a value")
-                self._setitems(items, d, stack, deepen)
-            elif op in (0x71, 0x72):  # BINPUT, LONG_BINPUT
-                idx = self._take(1)[0] if op == 0x71 else _UNPACK_UI(self._take(4))[0]
+            op = data[pos]
+            pos += 1
+            if op == 0x71:  # BINPUT
+                idx = data[pos]
+                pos += 1
                 if idx >= n_ops:  # a pickler numbers memo entries 0, 1, 2, ...: never beyond the objects made
                     raise PickleRefused(f"pickle stores memo entry {idx} after only {n_ops} instructions")
-                memo[idx] = (top("PUT"), depth[-1])
-            elif op in (0x68, 0x6A):  # BINGET, LONG_BINGET
-                idx = self._take(1)[0] if op == 0x68 else _UNPACK_UI(self._take(4))[0]
+                memo[idx] = (stack[-1], depth[-1])
+            elif op == 0x58:  # BINUNICODE
+                n = _UNPACK_UI(data, pos)[0]
+                stack.append(str(text(n, pos + 4), "utf-8", "surrogatepass"))
+                depth.append(0)
+                pos += 4 + n
+            elif op == 0x4B:  # BININT1
+                stack.append(data[pos])
+                depth.append(0)
+                pos += 1
+            elif op == 0x68 or op == 0x6A:  # BINGET, LONG_BINGET
+                if op == 0x68:
+                    idx = data[pos]
+                    pos += 1
+                else:
+                    idx = _UNPACK_UI(data, pos)[0]
+                    pos += 4
                 hit = memo.get(idx)
                 if hit is None:
                     raise PickleRefused(f"pickle reads memo entry {idx}, which was never stored")
-                push(*hit)
+                stack.append(hit[0])
+                depth.append(hit[1])
+            elif op == 0x28:  # MARK
+                if len(metastack) >= limit:  # open marks nest the containers they will close into
+                    raise too_deep()
+                metastack.append((stack, depth))
+                stack, depth = [], []
+            elif op == 0x74:  # TUPLE
+                if not metastack:
+                    raise PickleRefused("pickle closes a MARK it never opened")
+                d = max(depth, default=0) + 1
+                items = tuple(stack)
+                stack, depth = metastack.pop()
+                if d > limit:
+                    raise too_deep()
+                stack.append(items)
+                depth.append(d)
+            elif op == 0x85 or op == 0x86 or op == 0x87:  # TUPLE1..3
+                n = op - 0x84
+                if len(stack) < n:
+                    raise PickleRefused("pickle builds a tuple from too few items")
+                items = tuple(stack[-n:])
+                d = max(depth[-n:]) + 1
+                if d > limit:
+                    raise too_deep()
+                del stack[-n:], depth[-n:]
+                stack.append(items)
+                depth.append(d)
+            elif op == 0x52:  # REDUCE
+                args = stack.pop()
+                d = depth.pop()
+                func = stack[-1]
+                if isinstance(func, Opaque):  # (stand-ins refuse placeholder arguments themselves)
+                    result: Any = Opaque("the result of a global only torch can call")
+                elif not callable(func):
+                    raise PickleRefused(f"pickle calls a {type(func).__name__}")
+                elif type(args) is not tuple:
+                    raise PickleRefused("pickle calls a function with arguments that are not a tuple")
+                else:
+                    result = self._call(func, args)
+                stack[-1] = result
+                depth[-1] = d + 1 if isinstance(result, (tuple, list, dict, OrderedDict, Opaque)) else 1
+            elif op == 0x51:  # BINPERSID
+                pid = stack.pop()
+                d = depth.pop()
+                if type(pid) is not tuple and type(pid) is not int:
+                    raise PickleRefused(f"pickle's persistent id is a {type(pid).__name__}")
+                if type(pid) is tuple and pid and _ascii(pid[0]) != "storage":
+                    raise PickleRefused("pickle's persistent id does not name a storage")
+                if self.persistent_load is None:
+                    stack.append(Opaque("a persistent object"))
+                else:
+                    stack.append(self._call(self.persistent_load, (pid,)))
+                depth.append(d + 1)
             elif op == 0x63:  # GLOBAL
+                self.pos = pos
                 module = self._line().decode("utf-8", "strict")
                 name = self._line().decode("utf-8", "strict")
+                pos = self.pos
                 if (module, name) in names:
                     module, name = names[(module, name)]
                 elif module in modules:
@@ -270,47 +234,109 @@ class SafeUnpickler:
                 found = self._call(self.find_class, (module, name))
                 if isinstance(found, Opaque) and found.what not in self.opaque:
                     self.opaque.append(found.what)
-                push(found)
-            elif op == 0x52:  # REDUCE
-                args, d = pop()
-                func = top("REDUCE")
-                if isinstance(func, Opaque) or any(isinstance(a, Opaque) for a in _items(args)):
-                    result: Any = Opaque("the result of a global only torch can call")
-                elif not callable(func):
-                    raise PickleRefused(f"pickle calls a {type(func).__name__}")
+                stack.append(found)
+                depth.append(0)
+            elif op == 0x73 or op == 0x75:  # SETITEM, SETITEMS
+                if op == 0x73:
+                    value, key = stack.pop(), stack.pop()
+                    d = max(depth.pop(), depth.pop())
+                    items = [key, value]
                 else:
-                    if type(args) is not tuple:
-                        raise PickleRefused("pickle calls a function with arguments that are not a tuple")
-                    result = self._call(func, args)
-                stack[-1] = result
-                depth[-1] = d + 1 if isinstance(result, (tuple, list, dict, OrderedDict, Opaque)) else 1
+                    if not metastack:
+                        raise PickleRefused("pickle closes a MARK it never opened")
+                    items, d = stack, max(depth, default=0)
+                    stack, depth = metastack.pop()
+                    if len(items) % 2:
+                        raise PickleRefused("pickle's SETITEMS has a key without a value")
+                self._setitems(items, d, stack, depth)
+            elif op == 0x61 or op == 0x65:  # APPEND, APPENDS
+                if op == 0x61:
+                    items = [stack.pop()]
+                    d = depth.pop()
+                else:
+                    if not metastack:
+                        raise PickleRefused("pickle closes a MARK it never opened")
+                    items, d = stack, max(depth, default=0)
+                    stack, depth = metastack.pop()
+                target = stack[-1]
+                if not isinstance(target, Opaque) and type(target) is not list:
+                    raise PickleRefused(f"pickle appends to a {type(target).__name__}, not a list")
+                _deepen(depth, d)
+                if not isinstance(target, Opaque):
+                    target.extend(items)
+            elif op == 0x4E:  # NONE
+                stack.append(None)
+                depth.append(0)
+            elif op == 0x88 or op == 0x89:  # NEWTRUE, NEWFALSE
+                stack.append(op == 0x88)
+                depth.append(0)
+            elif op == 0x29:  # EMPTY_TUPLE
+                stack.append(())
+                depth.append(0)
+            elif op == 0x5D:  # EMPTY_LIST
+                stack.append([])
+                depth.append(1)
+            elif op == 0x7D:  # EMPTY_DICT
+                stack.append({})
+                depth.append(1)
+            elif op == 0x8F:  # EMPTY_SET
+                stack.append(set())
+                depth.append(1)
+            elif op == 0x72:  # LONG_BINPUT
+                idx = _UNPACK_UI(data, pos)[0]
+                pos += 4
+                if idx >= n_ops:
+                    raise PickleRefused(f"pickle stores memo entry {idx} after only {n_ops} instructions")
+                memo[idx] = (stack[-1], depth[-1])
+            elif op == 0x4A:  # BININT
+                stack.append(_UNPACK_I(data, pos)[0])
+                depth.append(0)
+                pos += 4
+            elif op == 0x4D:  # BININT2
+                stack.append(_UNPACK_H(data, pos)[0])
+                depth.append(0)
+                pos += 2
+            elif op == 0x8A:  # LONG1: at most 255 bytes, so at most ~615 decimal digits
+                n = data[pos]
+                stack.append(int.from_bytes(text(n, pos + 1), "little", signed=True))
+                depth.append(0)
+                pos += 1 + n
+            elif op == 0x47:  # BINFLOAT
+                stack.append(_UNPACK_D(data, pos)[0])
+                depth.append(0)
+                pos += 8
+            elif op == 0x55:  # SHORT_BINSTRING (torch.load decodes it as utf-8)
+                n = data[pos]
+                try:
+                    stack.append(text(n, pos + 1).decode("utf-8"))
+                except UnicodeDecodeError:
+                    raise PickleRefused("pickle holds a byte string that is not UTF-8") from None
+                depth.append(0)
+                pos += 1 + n
             elif op == 0x62:  # BUILD
-                state, d = pop()
-                inst = top("BUILD")
+                state = stack.pop()
+                d = depth.pop()
+                inst = stack[-1]
                 if isinstance(inst, Opaque):
                     pass
                 elif type(inst) is OrderedDict and type(state) is dict:
-                    deepen(d)
+                    _deepen(depth, d)
                     inst.__dict__.update(state)  # torch sets the attributes (e.g. _metadata) the same way
                 else:
                     # Tensors and parameters carry state torch applies with its own checks: let torch decide.
                     stack[-1] = Opaque(f"BUILD on a {type(inst).__name__}")
                     self.opaque.append(stack[-1].what)
             elif op == 0x81:  # NEWOBJ: torch builds Parameters and allow-listed classes; leave it to torch
-                args, d = pop()
-                cls, _ = pop()
-                push(Opaque("NEWOBJ"), d + 1)
+                stack.pop()
+                d = depth.pop()
+                stack[-1] = Opaque("NEWOBJ")
+                depth[-1] = d + 1
                 self.opaque.append("NEWOBJ")
-            elif op == 0x51:  # BINPERSID
-                pid, d = pop()
-                if type(pid) is not tuple and type(pid) is not int:
-                    raise PickleRefused(f"pickle's persistent id is a {type(pid).__name__}")
-                if type(pid) is tuple and pid and _ascii(pid[0]) != "storage":
-                    raise PickleRefused("pickle's persistent id does not name a storage")
-                if self.persistent_load is None:
-                    push(Opaque("a persistent object"), d + 1)
-                else:
-                    push(self._call(self.persistent_load, (pid,)), d + 1)
+            elif op == 0x80:  # PROTO
+                pos += 1
+            elif op == 0x2E:  # STOP
+                self.pos = pos
+                return stack.pop()
             else:
                 raise PickleRefused(f"the pickle uses opcode {op} ({_opname(op)}), which weights-only loading "
                                     "does not accept (not a PyTorch checkpoint?); ckptdiff never runs code from "
@@ -330,16 +356,14 @@ class SafeUnpickler:
         self.opaque.append(why)
         return found
 
-    def _setitems(self, items: list[Any], d: int, stack: list[Any], deepen: Callable[[int], None]) -> None:
-        if not stack:
-            raise PickleRefused("pickle sets an item on an empty stack")
+    def _setitems(self, items: list[Any], d: int, stack: list[Any], depth: list[int]) -> None:
         target = stack[-1]
         if isinstance(target, Opaque):  # torch builds it; only the depth is ours to bound
-            deepen(d)
+            _deepen(depth, d)
             return
         if type(target) not in (dict, OrderedDict, Counter):
             raise PickleRefused(f"pickle sets an item on a {type(target).__name__}, not a dict")
-        deepen(d)  # before hashing: the key's depth is bounded, so hashing it cannot overflow the C stack
+        _deepen(depth, d)  # before hashing: the key's depth is bounded, so hashing it cannot overflow the C stack
         try:
             for i in range(0, len(items), 2):
                 target[items[i]] = items[i + 1]
@@ -352,8 +376,12 @@ class SafeUnpickler:
         return self.pos
 
 
-def _items(obj: Any) -> tuple[Any, ...]:
-    return obj if type(obj) is tuple else ()
+def _deepen(depth: list[int], d: int) -> None:
+    """The container on top of the stack now holds something ``d`` deep."""
+    if d + 1 > depth[-1]:
+        if d + 1 > MAX_DEPTH:
+            raise PickleRefused(f"pickle nests containers more than {MAX_DEPTH} deep")
+        depth[-1] = d + 1
 
 
 def _ascii(x: Any) -> Any:

@@ -41,7 +41,7 @@ HOSTILE = {
     # a 100 KB integer (LONG4): weights-only loading does not accept the opcode at all
     "long4": (PROLOGUE + KEY + b"\x8b" + (100_000).to_bytes(4, "little") + b"\x01" * 100_000 + b"s.",
               "opcode 139 (LONG4)"),
-    "truncated": (_TORCH_PKL[:120], "ends"),
+    "truncated": (_TORCH_PKL[:120], "truncated"),
 }
 
 
