@@ -88,10 +88,18 @@ class SafeUnpickler:
         persistent_load: ``pid -> object`` for BINPERSID, after torch's own
             check (a tuple whose first item is ``'storage'``, or an int).
         start: offset of the stream in ``data`` (several pickles in one file).
+        protocol4: also accept what ``pickle.dumps`` writes by default (protocols 3-5:
+            FRAME, short and 8-byte strings and bytes, MEMOIZE, STACK_GLOBAL, sets,
+            POP/DUP, NEWOBJ(_EX)), with the same bounds. Not torch's rules: for
+            pickles torch does not load with ``weights_only`` (a DCP ``.metadata``).
+            NEWOBJ calls the stand-in ``find_class`` returned with the arguments, and
+            BUILD calls the built object's own ``__setstate__`` if its class has one.
     """
 
     def __init__(self, data: bytes | memoryview, find_class: Callable[[str, str], Any],
-                 persistent_load: Callable[[Any], Any] | None = None, start: int = 0) -> None:
+                 persistent_load: Callable[[Any], Any] | None = None, start: int = 0,
+                 protocol4: bool = False) -> None:
+        self.protocol4 = protocol4
         self.data = data
         self.pos = start
         self.find_class = find_class
@@ -322,16 +330,28 @@ class SafeUnpickler:
                 elif type(inst) is OrderedDict and type(state) is dict:
                     _deepen(depth, d)
                     inst.__dict__.update(state)  # torch sets the attributes (e.g. _metadata) the same way
+                elif self.protocol4 and getattr(type(inst), "__setstate__", None) is not None:
+                    _deepen(depth, d)
+                    stack[-1] = self._call(inst.__setstate__, (state,)) or inst
                 else:
                     # Tensors and parameters carry state torch applies with its own checks: let torch decide.
                     stack[-1] = Opaque(f"BUILD on a {type(inst).__name__}")
                     self.opaque.append(stack[-1].what)
-            elif op == 0x81:  # NEWOBJ: torch builds Parameters and allow-listed classes; leave it to torch
-                stack.pop()
-                d = depth.pop()
-                stack[-1] = Opaque("NEWOBJ")
+            elif op == 0x81 or (op == 0x92 and self.protocol4):  # NEWOBJ, NEWOBJ_EX
+                kwargs = stack.pop() if op == 0x92 else {}
+                d = depth.pop() if op == 0x92 else 0
+                args = stack.pop()
+                d = max(d, depth.pop())
+                cls = stack[-1]
+                if self.protocol4 and not isinstance(cls, Opaque) and callable(cls) \
+                        and type(args) is tuple and type(kwargs) is dict:
+                    stack[-1] = self._call(lambda: cls(*args, **kwargs), ())
+                else:  # torch builds Parameters and allow-listed classes: leave it to torch
+                    stack[-1] = Opaque("NEWOBJ")
+                    self.opaque.append("NEWOBJ")
                 depth[-1] = d + 1
-                self.opaque.append("NEWOBJ")
+            elif self.protocol4 and op in _PROTOCOL4:
+                pos = self._protocol4(op, pos, stack, depth, metastack, memo)
             elif op == 0x80:  # PROTO
                 pos += 1
             elif op == 0x2E:  # STOP
@@ -341,6 +361,63 @@ class SafeUnpickler:
                 raise PickleRefused(f"the pickle uses opcode {op} ({_opname(op)}), which weights-only loading "
                                     "does not accept (not a PyTorch checkpoint?); ckptdiff never runs code from "
                                     "a checkpoint")
+
+    def _protocol4(self, op: int, pos: int, stack: list[Any], depth: list[int],
+                   metastack: list[tuple[list[Any], list[int]]], memo: dict[int, tuple[Any, int]]) -> int:
+        """The opcodes of protocols 3-5 that torch's weights-only loader does not accept; returns the new offset."""
+        data = self.data
+        if op == 0x95:  # FRAME: a length hint only
+            return pos + 8
+        if op in (0x8C, 0x43):  # SHORT_BINUNICODE, SHORT_BINBYTES
+            n, pos = data[pos], pos + 1
+        elif op in (0x8D, 0x8E):  # BINUNICODE8, BINBYTES8
+            n, pos = struct.unpack_from("<Q", data, pos)[0], pos + 8
+        elif op == 0x42:  # BINBYTES
+            n, pos = _UNPACK_UI(data, pos)[0], pos + 4
+        else:
+            n = -1
+        if n >= 0:
+            if pos + n > len(data):
+                raise IndexError
+            raw = bytes(data[pos:pos + n])
+            stack.append(str(raw, "utf-8", "surrogatepass") if op in (0x8C, 0x8D) else raw)
+            depth.append(0)
+            return pos + n
+        if op == 0x94:  # MEMOIZE
+            memo[len(memo)] = (stack[-1], depth[-1])
+        elif op == 0x93:  # STACK_GLOBAL
+            name, module = stack.pop(), stack.pop()
+            del depth[-2:]
+            if type(module) is not str or type(name) is not str:
+                raise PickleRefused("pickle's STACK_GLOBAL names are not strings")
+            found = self._call(self.find_class, (module, name))
+            if isinstance(found, Opaque) and found.what not in self.opaque:
+                self.opaque.append(found.what)
+            stack.append(found)
+            depth.append(0)
+        elif op == 0x30:  # POP
+            stack.pop()
+            depth.pop()
+        elif op == 0x32:  # DUP
+            stack.append(stack[-1])
+            depth.append(depth[-1])
+        elif op == 0x31:  # POP_MARK
+            stack[:], depth[:] = metastack.pop()
+        elif op == 0x91:  # FROZENSET
+            items, d = stack[:], max(depth, default=0)
+            stack[:], depth[:] = metastack.pop()
+            if d + 1 > MAX_DEPTH:
+                raise PickleRefused(f"pickle nests containers more than {MAX_DEPTH} deep")
+            stack.append(frozenset(_hashable(items)))
+            depth.append(d + 1)
+        elif op == 0x90:  # ADDITEMS
+            items, d = stack[:], max(depth, default=0)
+            stack[:], depth[:] = metastack.pop()
+            if type(stack[-1]) is not set:
+                raise PickleRefused(f"pickle adds items to a {type(stack[-1]).__name__}, not a set")
+            _deepen(depth, d)
+            stack[-1].update(_hashable(items))
+        return pos
 
     def _call(self, func: Callable[..., Any], args: tuple[Any, ...]) -> Any:
         """Call a stand-in; anything it cannot build (or chokes on) becomes an Opaque for torch to judge."""
@@ -384,6 +461,19 @@ def _deepen(depth: list[int], d: int) -> None:
         depth[-1] = d + 1
 
 
+#: Opcodes accepted only with ``protocol4=True``.
+_PROTOCOL4 = frozenset((0x95, 0x8C, 0x43, 0x8D, 0x8E, 0x42, 0x94, 0x93, 0x30, 0x32, 0x31, 0x91, 0x90))
+
+
+def _hashable(items: list[Any]) -> list[Any]:
+    for item in items:
+        try:
+            hash(item)  # depth is bounded, so hashing cannot overflow the C stack
+        except TypeError as e:
+            raise PickleRefused(f"pickle puts an unhashable item in a set ({e})") from None
+    return items
+
+
 def _ascii(x: Any) -> Any:
     return x.decode("ascii") if isinstance(x, bytes) else x
 
@@ -399,7 +489,7 @@ def _opname(op: int) -> str:
 
 def safe_unpickle(data: bytes | memoryview, find_class: Callable[[str, str], Any],
                   persistent_load: Callable[[Any], Any] | None = None,
-                  start: int = 0) -> tuple[Any, list[str], int]:
+                  start: int = 0, protocol4: bool = False) -> tuple[Any, list[str], int]:
     """Interpret one pickle with torch's weights-only rules and ckptdiff's bounds.
 
     Args:
@@ -408,6 +498,8 @@ def safe_unpickle(data: bytes | memoryview, find_class: Callable[[str, str], Any
             for what only torch can build, raise :class:`PickleRefused` to refuse.
         persistent_load: builds BINPERSID objects (None: placeholders).
         start: where the pickle starts in ``data``.
+        protocol4: also accept protocols 3-5 (see :class:`SafeUnpickler`), for
+            pickles torch does not read with ``weights_only``.
 
     Returns:
         ``(object, opaque, end)``: the result, what only torch could build
@@ -416,7 +508,7 @@ def safe_unpickle(data: bytes | memoryview, find_class: Callable[[str, str], Any
     Raises:
         PickleRefused: the stream is malformed or breaks a bound.
     """
-    machine = SafeUnpickler(data, find_class, persistent_load, start)
+    machine = SafeUnpickler(data, find_class, persistent_load, start, protocol4)
     try:
         obj = machine.load()
     except UnicodeDecodeError:

@@ -10,6 +10,7 @@ legacy-format file.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 
@@ -166,3 +167,39 @@ def test_unknown_globals_become_placeholders_and_the_rest_is_still_checked():
         safe_unpickle(evil, scan_only)
     obj, opaque, _ = safe_unpickle(b"\x80\x02cos\nsystem\nX\x02\x00\x00\x00id\x85R.", scan_only)
     assert isinstance(obj, Opaque) and opaque == ["os.system"]
+
+
+@dataclasses.dataclass
+class Item:
+    """A stand-in for the dataclasses a DCP ``.metadata`` pickle holds."""
+
+    name: str
+    sizes: list
+
+
+def test_protocol4_mode_reads_what_pickle_writes_by_default_with_the_same_bounds():
+    data = {"f": frozenset({1, 2}), "b": b"\x00raw", "s": {3}, "t": (1, "x") * 3, "item": Item("w", [2, 3]),
+            "long": "é" * 300}
+    raw = pickle.dumps(data, protocol=5)
+
+    class StandIn:  # what a reader's find_class would return for Item: a fresh, validating object
+        def __init__(self, *args):
+            assert args == ()
+            self.state = None
+
+        def __setstate__(self, state):
+            assert set(state) == {"name", "sizes"}
+            self.state = state
+
+    def find_class(module, name):
+        return StandIn if name == "Item" else Opaque(f"{module}.{name}")
+
+    with pytest.raises(PickleRefused, match="opcode"):
+        safe_unpickle(raw, find_class)  # torch's rules: protocol 5 is not weights-only
+    obj, opaque, end = safe_unpickle(raw, find_class, protocol4=True)
+    assert opaque == [] and end == len(raw)
+    assert {k: v for k, v in obj.items() if k != "item"} == {k: v for k, v in data.items() if k != "item"}
+    assert obj["item"].state == {"name": "w", "sizes": [2, 3]}
+    deep = pickle.dumps({"k": 1}, protocol=4).replace(b"\x8c\x01k", b")" + b"\x85" * 10_000)
+    with pytest.raises(PickleRefused, match="deep"):
+        safe_unpickle(deep, find_class, protocol4=True)
