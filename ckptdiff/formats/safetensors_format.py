@@ -105,7 +105,8 @@ def _parse(buf: Any, path: str) -> tuple[dict[str, tuple[str, tuple[int, ...], i
         raise FormatError("header is not a JSON object", path)
 
     if not _valid_unicode(header):
-        raise FormatError("header holds a string with a lone UTF-16 surrogate escape (not valid UTF-8 text)", path)
+        raise FormatError("header holds a string with a lone UTF-16 surrogate escape, which is not valid Unicode "
+                          "(the safetensors library refuses it)", path)
     data_start = 8 + n
     data_len = size - data_start
     metadata: dict[str, str] = {}

@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import zipfile
 from dataclasses import dataclass
 
@@ -32,22 +31,31 @@ class Run:
         return lines[0]
 
 
+#: Runs the CLI and, at exit, writes the process's peak resident memory (VmHWM: this process image only;
+#: ru_maxrss would also count the parent's pages the child had before exec).
+_CHILD = """import atexit, sys
+report = sys.argv.pop(1)
+def _peak():
+    with open("/proc/self/status") as f, open(report, "w") as out:
+        out.write(next(line.split()[1] for line in f if line.startswith("VmHWM:")))
+atexit.register(_peak)
+from ckptdiff.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> Run:
-    """``python -m ckptdiff ARGS`` in a child; peak RSS from ``wait4`` (this child only, not all children)."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        child = subprocess.Popen([sys.executable, "-m", "ckptdiff", *args], stdout=out, stderr=err,
-                                 env={**os.environ, **(env or {})})
-        killer = threading.Timer(timeout, child.kill)
-        killer.start()
+    """``ckptdiff ARGS`` in a child process; ``peak_mb`` is its own peak RSS (NaN if it could not say)."""
+    with tempfile.TemporaryDirectory() as d:
+        report = os.path.join(d, "peak")
+        p = subprocess.run([sys.executable, "-c", _CHILD, report, *args], capture_output=True, text=True,
+                           env={**os.environ, **(env or {})}, timeout=timeout)
         try:
-            _pid, status, usage = os.wait4(child.pid, 0)  # this child's own rusage, unlike RUSAGE_CHILDREN
-        finally:
-            killer.cancel()
-        rc = child.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        peak = usage.ru_maxrss / 1024
-        return Run(rc, out.read().decode("utf-8", "replace"), err.read().decode("utf-8", "replace"), peak)
+            with open(report) as f:
+                peak = int(f.read()) / 1024
+        except (OSError, ValueError):
+            peak = float("nan")
+    return Run(p.returncode, p.stdout, p.stderr, peak)
 
 
 def replace_members(src: str, dst: str, replace: dict[str, bytes], extra: list[tuple[str, bytes]] = ()) -> str:
