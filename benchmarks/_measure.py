@@ -9,6 +9,7 @@ exactly the child it reaped.
 from __future__ import annotations
 
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -141,3 +142,16 @@ def warm(paths: list[str]) -> None:
         with open(p, "rb", buffering=0) as f:
             while f.readinto(buf):
                 pass
+
+
+def cpu_model() -> str:
+    """The CPU's model name, printed with every result: timings depend on it, and
+    ``platform.processor()`` is empty on Linux."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -1,4 +1,4 @@
-"""Side-by-side benchmark of ``ckptdiff diff`` (issue 6).
+"""Side-by-side benchmark of ``ckptdiff diff``.
 
 One command generates deterministic checkpoint pairs under
 ``benchmarks/data/`` (reused when present), warms the page cache, and times,
@@ -36,14 +36,14 @@ from dataclasses import dataclass
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from _measure import Timing, run_once, time_command, time_interleaved, warm  # noqa: E402
+from _measure import Timing, cpu_model, run_once, time_command, time_interleaved, warm  # noqa: E402
 
-#: Targets from issue 6 (on the 2-core benchmark machine).
+#: The project's speed targets (on a 2-core machine).
 TARGET_VS_FLOOR = 3.0
 TARGET_SPEEDUP = 10.0
 TARGET_RSS_MB = 400.0
 TARGET_PT_VS_ST = 1.5
-#: Which pairs each target of issue 6 is stated for: "the 1 GB pair within 3x
+#: Which pairs each target is stated for: "the 1 GB pair within 3x
 #: the floor; >= 10x faster than the script and diffai" and "the
 #: many-small-tensors case within 3x its floor". Every other ratio is printed
 #: for information (met: "-"), including all of --quick: at 1/16 the size
@@ -211,7 +211,7 @@ def table(cases: list[Case]) -> list[str]:
 
 
 def verdicts(cases: list[Case], big: Case | None) -> list[tuple[str, float | None, str, bool | None]]:
-    """(what, value, target, met) for every target of issue 6 the run measured."""
+    """(what, value, target, met) for every target the run measured."""
     out: list[tuple[str, float | None, str, bool | None]] = []
 
     def add(what: str, value: float | None, target: str, ok: bool | None) -> None:
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     big_case = bench_pair(big_pair, ["cat", "ckptdiff"], 3, log) if big_pair else None
 
     all_cases = ([startup] if startup else []) + cases + ([big_case] if big_case else [])
-    lines = [f"ckptdiff diff benchmark - {platform.machine()}, {os.cpu_count()} CPUs, "
+    lines = [f"ckptdiff diff benchmark - {cpu_model()} ({platform.machine()}), {os.cpu_count()} CPUs, "
              f"Python {platform.python_version()}, page cache warm, best of N wall time per process", ""]
     lines += table(all_cases)
     lines += ["", "| target | measured | wanted | met |", "|---|---:|---:|:---:|"]

@@ -35,6 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ckptdiff.checkpoint import Checkpoint  # noqa: E402
 from ckptdiff.store import Store  # noqa: E402
 
+from _measure import cpu_model  # noqa: E402  (this folder: the script's own)
+
 MiB = 1 << 20
 
 
@@ -149,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
 
     mb = lambda b: f"{b / MiB:,.1f} MiB"  # noqa: E731
+    print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs")
     print(f"1. dedupe: {d['snapshots']} snapshots of a {mb(d['model_bytes'])} model, "
           f"{d['trainable_pct']:.1f}% trainable ({mb(d['trainable_bytes'])} per snapshot)")
     print(f"   {'store on disk (blobs + db)':<34} {mb(d['store_bytes']):>14}")

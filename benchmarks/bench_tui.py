@@ -1,4 +1,4 @@
-"""How fast ``ckptdiff tui STORE`` shows its first screen on a big history (issue 5).
+"""How fast ``ckptdiff tui STORE`` shows its first screen on a big history.
 
 Target: a store of 200 snapshots x 1,000 tensors shows its first screen (the
 snapshot list and the latest snapshot's tensor table vs the first) within 1 s
@@ -44,6 +44,10 @@ import time
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from _measure import cpu_model  # noqa: E402
+
 DATA = os.path.join(HERE, "data")
 TARGET_S = 1.0
 KEYPRESSES = 5
@@ -130,7 +134,7 @@ async def one_run(app_cls: type, path: str, n_snap: int, n_tensors: int) -> dict
 
 def eager(path: str) -> float:
     """Everything the first screen would show, computed before drawing (no UI)."""
-    from ckptdiff.engine import diff
+    from ckptdiff import diff
     from ckptdiff.store import Store
 
     t0 = time.perf_counter()
@@ -165,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     first, eager_s = med("first_screen_s"), statistics.median(eager_runs)
     result = {
         "store": f"{n_snap} snapshots x {n_tensors} tensors",
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "machine": f"{cpu_model()} ({platform.machine()}), {os.cpu_count()} cores, "
+                   f"Python {platform.python_version()}",
         "import_s": import_s,
         "first_screen_s": first,
         "import_plus_first_screen_s": import_s + first,

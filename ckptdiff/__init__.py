@@ -8,15 +8,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 _LAZY = {
-    "open_checkpoint": ("ckptdiff.formats", "open_checkpoint"),
+    "open_checkpoint": ("ckptdiff.resolve", "open_checkpoint"),
     "Checkpoint": ("ckptdiff.checkpoint", "Checkpoint"),
     "TensorRef": ("ckptdiff.checkpoint", "TensorRef"),
     "Manifest": ("ckptdiff.manifest", "Manifest"),
     "CkptError": ("ckptdiff.errors", "CkptError"),
-    "diff": ("ckptdiff.engine", "diff"),
+    "diff": ("ckptdiff.api", "diff"),
     "DiffReport": ("ckptdiff.report", "DiffReport"),
     "TensorDiff": ("ckptdiff.report", "TensorDiff"),
     "Store": ("ckptdiff.store", "Store"),
@@ -28,11 +28,11 @@ _LAZY = {
 
 if TYPE_CHECKING:  # pragma: no cover
     from .checkpoint import Checkpoint, TensorRef
-    from .engine import diff
+    from .api import diff
     from .errors import CkptError
-    from .formats import open_checkpoint
     from .manifest import Manifest
     from .report import DiffReport, TensorDiff
+    from .resolve import open_checkpoint
 
 
 def __getattr__(name: str) -> Any:

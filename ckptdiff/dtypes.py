@@ -89,6 +89,13 @@ _TORCH_ALIASES = {"bool": "bool", "float": "float32", "double": "float64", "half
                   "long": "int64", "int": "int32", "short": "int16"}
 #: ``torch.<name>`` -> canonical name, for every dtype torch can spell.
 TORCH_NAMES: dict[str, str] = {**{n: n for n in DTYPES}, **_TORCH_ALIASES}
+#: torch's legacy typed storage classes -> canonical dtype: what the .pt reader
+#: accepts and, turned around, what the .pt writer names.
+STORAGE_DTYPES: dict[str, str] = {
+    "DoubleStorage": "float64", "FloatStorage": "float32", "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16", "LongStorage": "int64", "IntStorage": "int32",
+    "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8", "BoolStorage": "bool",
+}
 
 
 def get(name: str) -> DType:

@@ -1,15 +1,13 @@
 """The diff engine: two checkpoints in, one :class:`~ckptdiff.report.DiffReport` out.
 
-It lives in ``engine.py`` rather than ``diff.py`` so that ``ckptdiff.diff``
-stays the *function* (a submodule named ``diff`` would replace the package
-attribute as soon as anything imported it).
-
-The engine knows nothing of file formats (``ckptdiff.formats`` opens paths)
-nor of screens (renderers read the report). Per tensor it decides the status
-from dtype and shape, then hands same-layout pairs to the streaming kernel in
-:mod:`ckptdiff.compare`, and finally applies the manifest: roles, drift and
-staleness. Memory is bounded by two chunks plus the kernel's float64
-temporaries, whatever the checkpoint size.
+The engine takes open checkpoints only: it knows nothing of file formats or
+stores (:mod:`ckptdiff.resolve` turns what the user typed into a Checkpoint,
+and :func:`ckptdiff.diff` does so before calling here) nor of screens
+(renderers read the report). Per tensor it reads the layouts, hands
+same-layout pairs to the streaming kernel in :mod:`ckptdiff.compare`, and
+asks :mod:`ckptdiff.policy` for status, role, drift and staleness. Memory is
+bounded by two chunks plus the kernel's float64 temporaries, whatever the
+checkpoint size.
 """
 
 from __future__ import annotations
@@ -21,22 +19,19 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from . import policy
 from .checkpoint import DEFAULT_CHUNK_BYTES, Checkpoint, TensorRef
 from .compare import PairResult, compare_pair, compare_run, hash_ref, in_worker_thread
 from .errors import CkptError, NothingSelected
 from .manifest import Manifest
+from .progress import Meter, ProgressFn
 from .report import FAIL_ON, DiffReport, SideInfo, TensorDiff
-
-#: ``progress(done_bytes, total_bytes)``; called often, keep it cheap.
-ProgressFn = Callable[[int, int], None]
-CheckpointLike = Checkpoint | str | os.PathLike[str]
-ManifestLike = Manifest | str | os.PathLike[str] | Mapping[str, Any] | None
 
 
 def diff(
-    old: CheckpointLike,
-    new: CheckpointLike,
-    manifest: ManifestLike = None,
+    old: Checkpoint,
+    new: Checkpoint,
+    manifest: Manifest | None = None,
     atol: float = 0.0,
     rtol: float = 0.0,
     include: Iterable[str] | None = None,
@@ -47,13 +42,11 @@ def diff(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     workers: int | None = None,
 ) -> DiffReport:
-    """Compare two checkpoints tensor by tensor.
+    """Compare two open checkpoints tensor by tensor (they are left open).
 
-    ``old``/``new`` are paths, ``DIR@REF`` store references or open
-    :class:`Checkpoint` objects (those are left open; paths opened here are
-    closed before returning). ``manifest`` is a :class:`Manifest`, a path to
-    a manifest JSON file, a dict in that format, or None to use the manifest
-    embedded in ``new``, else in ``old``, else none (every role ``unknown``).
+    ``manifest`` is a :class:`Manifest`, or None to use the manifest
+    embedded in ``new``, else in ``old``, else none (every role ``unknown``);
+    :func:`ckptdiff.diff` also takes paths, store refs and manifest files.
 
     ``atol``/``rtol`` only decide whether a change of a frozen tensor counts
     as drift (any element with ``|new-old| > atol + rtol*|old|``, or a NaN/Inf
@@ -79,57 +72,53 @@ def diff(
     include_pats = _patterns("include", include)
     exclude_pats = _patterns("exclude", exclude)
 
+    for side in (old, new):
+        if not isinstance(side, Checkpoint):
+            raise TypeError(f"the engine takes open Checkpoints, got {type(side).__name__} "
+                            "(ckptdiff.diff opens paths and DIR@REF store refs)")
+    if manifest is not None and not isinstance(manifest, Manifest):
+        raise TypeError(f"manifest must be a Manifest or None here, got {type(manifest).__name__}")
+
     started = time.perf_counter()
-    opened: list[Checkpoint] = []
-    try:
-        a = _open(old, opened)
-        b = _open(new, opened)
-        man = _resolve_manifest(manifest, a, b)
-        if man is not None:
-            # Training state saved beside the model (a .pt's optimizer, ...) is
-            # expected to change; patterns the manifest itself has still win.
-            man = man.with_auxiliary(a.auxiliary + b.auxiliary)
-        # Plain dicts, read once: every Mapping lookup on a Checkpoint is a
-        # Python call, and a 2,000-tensor diff made 14,000 of them.
-        ta, tb = dict(a.items()), dict(b.items())
-        names = _select(_union(ta, tb), include_pats, exclude_pats)
-        if include_pats and not names and (ta or tb):
-            raise NothingSelected(include_pats, exclude_pats, len(ta), len(tb))
-        sizes = {n: (ta[n].nbytes if n in ta else 0) + (tb[n].nbytes if n in tb else 0) for n in names}
-        total = sum(sizes.values())
-        meter = _Meter(progress, total)
-        atol_f, rtol_f = float(atol), float(rtol)
-        advance = meter.advance if progress is not None else None  # no lock per tensor when nobody watches
+    man = policy.checkpoints_manifest(manifest, old, new)
+    # Plain dicts, read once: every Mapping lookup on a Checkpoint is a
+    # Python call, and a 2,000-tensor diff made 14,000 of them.
+    ta, tb = dict(old.items()), dict(new.items())
+    names = _select(_union(ta, tb), include_pats, exclude_pats)
+    if include_pats and not names and (ta or tb):
+        raise NothingSelected(include_pats, exclude_pats, len(ta), len(tb))
+    sizes = {n: (ta[n].nbytes if n in ta else 0) + (tb[n].nbytes if n in tb else 0) for n in names}
+    total = sum(sizes.values())
+    meter = Meter(progress, total)
+    atol_f, rtol_f = float(atol), float(rtol)
+    advance = meter.advance if progress is not None else None  # no lock per tensor when nobody watches
 
-        def one(item: list[str]) -> list[TensorDiff]:
-            if len(item) == 1:
-                n = item[0]
-                return [_diff_one(n, ta.get(n), tb.get(n), man, atol_f, rtol_f, chunk_bytes, advance)]
-            pairs = [(ta[n], tb[n]) for n in item]
-            results = compare_run(pairs, atol=atol_f, rtol=rtol_f, chunk_bytes=chunk_bytes, progress=advance)
-            return [_from_result(_start(n, old, new, man), res) for n, (old, new), res in zip(item, pairs, results)]
+    def one(item: list[str]) -> list[TensorDiff]:
+        if len(item) == 1:
+            n = item[0]
+            return [_diff_one(n, ta.get(n), tb.get(n), man, atol_f, rtol_f, chunk_bytes, advance)]
+        pairs = [(ta[n], tb[n]) for n in item]
+        results = compare_run(pairs, atol=atol_f, rtol=rtol_f, chunk_bytes=chunk_bytes, progress=advance)
+        return [_from_result(_start(n, x, y, man), res, x, y) for n, (x, y), res in zip(item, pairs, results)]
 
-        items = _plan(names, ta, tb, chunk_bytes)
-        by_name = {td.name: td for td in _map_items(one, items, sizes, _worker_count(workers, total, len(items)))}
-        tensors = [by_name[n] for n in names]
-        meter.finish()
-        report = DiffReport(
-            old=_side(a),
-            new=_side(b),
-            tensors=tensors,
-            manifest_source=(man.source or "manifest") if man is not None else None,
-            atol=float(atol),
-            rtol=float(rtol),
-            fail_on=fail_on or ("drift" if man is not None else "change"),
-        )
-        if include_pats or exclude_pats:
-            report.extra["include"] = include_pats
-            report.extra["exclude"] = exclude_pats
-        report.elapsed_s = time.perf_counter() - started
-        return report
-    finally:
-        for ck in opened:
-            ck.close()
+    items = _plan(names, ta, tb, chunk_bytes)
+    by_name = {td.name: td for td in _map_items(one, items, sizes, _worker_count(workers, total, len(items)))}
+    tensors = [by_name[n] for n in names]
+    meter.finish()
+    report = DiffReport(
+        old=_side(old),
+        new=_side(new),
+        tensors=tensors,
+        manifest_source=(man.source or "manifest") if man is not None else None,
+        atol=float(atol),
+        rtol=float(rtol),
+        fail_on=fail_on or ("drift" if man is not None else "change"),
+    )
+    if include_pats or exclude_pats:
+        report.extra["include"] = include_pats
+        report.extra["exclude"] = exclude_pats
+    report.elapsed_s = time.perf_counter() - started
+    return report
 
 
 # ---------------------------------------------------------------------------
@@ -150,27 +139,25 @@ def _diff_one(
     if old is None or new is None:
         side = new if new is not None else old
         assert side is not None
-        td.status = "added" if old is None else "removed"
+        td.status = policy.status(old, new, None)
         h = hash_ref(side, chunk_bytes, advance)
         if old is None:
             td.hash_new = h
         else:
             td.hash_old = h
     elif old.shape != new.shape or old.dtype != new.dtype:
-        td.status = "shape_changed" if old.shape != new.shape else "dtype_changed"
+        td.status = policy.status(old, new, None)
         td.hash_old = hash_ref(old, chunk_bytes, advance)
         td.hash_new = hash_ref(new, chunk_bytes, advance)
     else:
         res = compare_pair(old, new, atol=atol, rtol=rtol, chunk_bytes=chunk_bytes, progress=advance)
-        return _from_result(td, res)
+        return _from_result(td, res, old, new)
 
-    _apply_role(td)
-    return td
+    return policy.judge(td)
 
 
 def _start(name: str, old: TensorRef | None, new: TensorRef | None, manifest: Manifest | None) -> TensorDiff:
-    role = manifest.role(name) if manifest is not None else "unknown"
-    td = TensorDiff(name=name, status="identical", role=role)
+    td = TensorDiff(name=name, status="identical", role=policy.role(manifest, name))
     td.numel = new.numel if new is not None else old.numel if old is not None else None  # NEW's count when shapes differ
     if old is not None:
         td.dtype_old, td.shape_old = old.dtype, list(old.shape)
@@ -179,12 +166,11 @@ def _start(name: str, old: TensorRef | None, new: TensorRef | None, manifest: Ma
     return td
 
 
-def _from_result(td: TensorDiff, res: PairResult) -> TensorDiff:
+def _from_result(td: TensorDiff, res: PairResult, old_ref: TensorRef, new_ref: TensorRef) -> TensorDiff:
     """Fill a same-layout pair's TensorDiff from the kernel's answer."""
     td.hash_old, td.hash_new = res.hash_old, res.hash_new
     if res.stats is not None:
         s = res.stats
-        td.status = "changed"
         td.changed_elements = s.changed_elements
         td.out_of_tolerance = s.out_of_tolerance
         td.nan_new = s.nan_new
@@ -192,48 +178,13 @@ def _from_result(td: TensorDiff, res: PairResult) -> TensorDiff:
         td.max_abs_delta = s.max_abs_delta if s.finite_both else None
         td.mean_abs_delta = s.mean_abs_delta
         td.rel_l2 = s.rel_l2
-    _apply_role(td)
-    return td
-
-
-def _apply_role(td: TensorDiff) -> None:
-    """Drift and staleness from the role: the whole policy in one place."""
-    if td.role == "frozen":
-        if td.status in ("removed", "shape_changed", "dtype_changed"):
-            td.drift = True
-        elif td.status == "changed":
-            td.drift = bool(td.out_of_tolerance)
-    elif td.role == "trainable":
-        td.stale = td.status == "identical"
-    # 'buffer' and 'unknown': never drift, never stale.
+    td.status = policy.status(old_ref, new_ref, res.stats is None)
+    return policy.judge(td)
 
 
 # ---------------------------------------------------------------------------
 # inputs
 # ---------------------------------------------------------------------------
-
-def _open(x: CheckpointLike, opened: list[Checkpoint]) -> Checkpoint:
-    if isinstance(x, Checkpoint):
-        return x
-    if isinstance(x, (str, os.PathLike)):
-        from .formats import open_checkpoint
-        ck = open_checkpoint(x)
-        opened.append(ck)
-        return ck
-    raise TypeError(f"expected a path, a DIR@REF string or a Checkpoint, got {type(x).__name__}")
-
-
-def _resolve_manifest(manifest: ManifestLike, a: Checkpoint, b: Checkpoint) -> Manifest | None:
-    if manifest is None:
-        return b.manifest if b.manifest is not None else a.manifest
-    if isinstance(manifest, Manifest):
-        return manifest
-    if isinstance(manifest, (str, os.PathLike)):
-        return Manifest.load(manifest)
-    if isinstance(manifest, Mapping):
-        return Manifest.from_dict(dict(manifest), source="<dict>")
-    raise TypeError(f"manifest must be a Manifest, a path or a dict, got {type(manifest).__name__}")
-
 
 def _union(a: Mapping[str, TensorRef], b: Mapping[str, TensorRef]) -> list[str]:
     """Old order first, then the names only in new, in new's order."""
@@ -400,28 +351,6 @@ def _map_tensors(fn: Callable[[Any], Any], names: list[Any], sizes: Any,
     if errors:
         raise errors[0]
     return results  # type: ignore[return-value]  # every slot is filled when no worker failed
-
-
-class _Meter:
-    """Turns per-chunk byte counts into ``progress(done, total)`` calls."""
-
-    __slots__ = ("fn", "total", "done", "_lock")
-
-    def __init__(self, fn: ProgressFn | None, total: int) -> None:
-        self.fn, self.total, self.done = fn, total, 0
-        self._lock = threading.Lock()  # advanced from worker threads
-        if fn is not None:
-            fn(0, total)
-
-    def advance(self, nbytes: int) -> None:
-        with self._lock:
-            self.done += nbytes
-            if self.fn is not None:
-                self.fn(self.done, self.total)
-
-    def finish(self) -> None:
-        if self.fn is not None and self.done != self.total:
-            self.fn(self.total, self.total)
 
 
 __all__ = ["diff", "ProgressFn"]

@@ -13,11 +13,13 @@ one format knows them all.
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Sequence
 from typing import IO, Any
 
-from .report import STATUSES, DiffReport, TensorDiff
+from .display import dtype_of as fmt_dtype
+from .display import num as fmt_num
+from .display import shape as _shape
+from .display import shape_of as fmt_shape
+from .report import STATUSES, DiffReport, TensorDiff, merge_off_text
 from .textsafe import printable
 
 FORMATS = ("table", "json", "markdown", "github")
@@ -39,7 +41,7 @@ _STATUS_LABEL = {
 # ---------------------------------------------------------------------------
 
 def sort_key(t: TensorDiff) -> int:
-    if t.drift:
+    if t.drift or _merge_failed(t):
         return 0
     if t.stale:
         return 1
@@ -66,8 +68,43 @@ def _differ(n: int) -> str:
     return f"{_plural(n, 'tensor')} {'differs' if n == 1 else 'differ'}"
 
 
+def _merge_failed(t: TensorDiff) -> bool:
+    return t.merge is not None and t.merge.verdict in ("merge-off", "changed-outside")
+
+
+def _merge_verdict_line(report: DiffReport) -> str:
+    """PASS/FAIL of a LoRA merge check (``--lora``)."""
+    m = report.merge_summary()
+    failed, _ = report.verdict()
+    if failed:
+        parts = [_plural(m["merge-off"], "target") + " merge-off" if m["merge-off"] else "",
+                 (_plural(m["changed-outside"], "tensor") + " changed outside the adapter") if m["changed-outside"]
+                 else ""]
+        return "FAIL: " + ", ".join(p for p in parts if p)
+    base = (f"PASS: merge verified: {_plural(m['merge-exact'], 'target')} merge-exact, "
+            f"{_plural(m['identical'], 'other tensor')} bitwise identical")
+    if report.fail_on == "never" and (m["merge-off"] or m["changed-outside"]):
+        base = (f"PASS (--fail-on never): {m['merge-off']} merge-off, {m['changed-outside']} changed outside "
+                "the adapter")
+    return base
+
+
+def fmt_merge(t: TensorDiff) -> str:
+    """The merge verdict of one tensor, short, for table cells."""
+    m = t.merge
+    if m is None or m.verdict == "identical":
+        return ""
+    if m.verdict == "merge-exact":
+        return "exact"
+    if m.verdict == "changed-outside":
+        return "changed outside"
+    return "off" if m.max_error is None else f"off by {fmt_num(m.max_error)}"
+
+
 def verdict_line(report: DiffReport) -> str:
     """One line: PASS/FAIL and why, under the report's ``fail_on`` policy."""
+    if report.lora is not None:
+        return _merge_verdict_line(report)
     s = report.summary()
     differ = s["total"] - s["identical"]
     failed, reasons = report.verdict()
@@ -85,7 +122,11 @@ def verdict_line(report: DiffReport) -> str:
         base = "PASS: all tensors are bitwise identical"
     else:
         base = f"PASS (--fail-on never): {_differ(differ)}, {s['drifted']} drifted"
-    if s["stale"]:
+    if s["stale"] and s["identical"] == s["total"]:
+        # The same content on both sides (a snapshot against the file it was taken from):
+        # nothing trained between them by design, so "never changed" would be a false alarm.
+        base += "; the two sides are bitwise identical, so no trainable tensor changed either"
+    elif s["stale"]:
         base += f"; warning: {_plural(s['stale'], 'trainable tensor')} never changed"
     return base
 
@@ -98,19 +139,11 @@ def summary_line(report: DiffReport) -> str:
         line += f"; {s['drifted']} drifted, {s['stale']} stale (manifest: {printable(report.manifest_source)})"
     else:
         line += "; no manifest (roles unknown, drift not checked)"
+    if report.lora is not None:
+        m = report.merge_summary()
+        line += (f"; merge: {m['merge-exact']} exact, {m['merge-off']} off, "
+                 f"{m['changed-outside']} changed outside the adapter")
     return line
-
-
-def fmt_num(x: float | None) -> str:
-    if x is None:
-        return "-"
-    if math.isnan(x):
-        return "nan"
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    if x == 0:
-        return "0"
-    return f"{x:.4g}"
 
 
 def fmt_changed(t: TensorDiff) -> str:
@@ -127,24 +160,10 @@ def fmt_changed(t: TensorDiff) -> str:
     return out + (" " + ", ".join(extra) if extra else "")
 
 
-def fmt_dtype(t: TensorDiff) -> str:
-    if t.dtype_old and t.dtype_new and t.dtype_old != t.dtype_new:
-        return f"{t.dtype_old}->{t.dtype_new}"
-    return t.dtype_new or t.dtype_old or "-"
-
-
-def _shape(s: Sequence[int] | None) -> str:
-    return "-" if s is None else "(" + ", ".join(str(d) for d in s) + ("," if len(s) == 1 else "") + ")"
-
-
-def fmt_shape(t: TensorDiff) -> str:
-    if t.shape_old is not None and t.shape_new is not None and t.shape_old != t.shape_new:
-        return f"{_shape(t.shape_old)}->{_shape(t.shape_new)}"
-    return _shape(t.shape_new if t.shape_new is not None else t.shape_old)
-
-
 def flag(t: TensorDiff) -> str:
-    if t.drift:
+    if t.merge is not None and t.merge.verdict == "merge-off":
+        return "MERGE-OFF"
+    if t.drift or (t.merge is not None and t.merge.verdict == "changed-outside"):
         return "DRIFT"
     if t.stale:
         return "STALE"
@@ -155,6 +174,8 @@ def flag(t: TensorDiff) -> str:
 
 def describe(t: TensorDiff) -> str:
     """A sentence about one tensor, for annotations."""
+    if t.merge is not None and t.merge.verdict == "merge-off":
+        return merge_off_text(t.merge)
     if t.status == "changed":
         s = (f"changed: max |delta| {fmt_num(t.max_abs_delta)}, rel L2 {fmt_num(t.rel_l2)}, "
              f"{t.changed_elements:,} of {t.numel:,} elements differ")
@@ -325,13 +346,17 @@ def render_markdown(report: DiffReport, show_all: bool = False, max_rows: int = 
     out.append("|" + "---:|" * len(cols))
     out.append("| " + " | ".join(f"**{s[c]}**" if c == "drifted" and s[c] else str(s[c]) for c in cols) + " |")
     rows = ordered(report, show_all)
+    merge = report.lora is not None
     if rows:
-        out += ["", "| | tensor | status | role | dtype | shape | max \\|Δ\\| | mean \\|Δ\\| | rel L2 | changed elements |",
-                "|---|---|---|---|---|---|---:|---:|---:|---:|"]
+        out += ["", "| | tensor | status | " + ("merge | " if merge else "") + "role | dtype | shape | max \\|Δ\\| | "
+                "mean \\|Δ\\| | rel L2 | changed elements |",
+                "|---|---|---|" + ("---|" if merge else "") + "---|---|---|---:|---:|---:|---:|"]
         for t in rows[:max_rows]:
-            mark = "🔴 drift" if t.drift else "🟡 stale" if t.stale else "≤ tol" if flag(t) == "<=tol" else ""
+            mark = ("🔴 merge-off" if flag(t) == "MERGE-OFF" else "🔴 drift" if flag(t) == "DRIFT" else
+                    "🟡 stale" if t.stale else "≤ tol" if flag(t) == "<=tol" else "")
             out.append(
-                f"| {mark} | {_md_code(t.name)} | {_STATUS_LABEL[t.status]} | {t.role} | "
+                f"| {mark} | {_md_code(t.name)} | {_STATUS_LABEL[t.status]} | "
+                + (f"{fmt_merge(t)} | " if merge else "") + f"{t.role} | "
                 f"{_md_escape(fmt_dtype(t))} | {fmt_shape(t)} | {fmt_num(t.max_abs_delta)} | "
                 f"{fmt_num(t.mean_abs_delta)} | {fmt_num(t.rel_l2)} | {fmt_changed(t)} |"
             )
@@ -377,7 +402,13 @@ def render_github(report: DiffReport) -> str:
     """GitHub Actions workflow commands: one annotation per drifted / stale tensor, then a summary."""
     out: list[str] = []
     where = _gh_file(report)
-    for t in report.drifted:
+    for t in report.tensors if report.lora is not None else ():
+        if _merge_failed(t):
+            outside = t.merge is not None and t.merge.verdict == "changed-outside"
+            title = "changed outside the adapter" if outside else "merge-off"
+            out.append(_gh("error", where, f"ckptdiff: {title}: {t.name}",
+                           f"{t.name} {'is not in the adapter but ' if outside else ''}{describe(t)}"))
+    for t in report.drifted if report.lora is None else ():  # a merge check words its own annotations
         out.append(_gh("error", where, f"ckptdiff: frozen tensor drifted: {t.name}",
                        f"{t.name} is frozen but {describe(t)}"))
     for t in report.stale:
@@ -435,7 +466,8 @@ def render_table(report: DiffReport, file: IO[str], *, show_all: bool = False,
 
 
 #: Table columns: (key, header, right-aligned). The first two always stay.
-_COLUMNS = (("flag", "", False), ("name", "tensor", False), ("status", "status", False), ("role", "role", False),
+_COLUMNS = (("flag", "", False), ("name", "tensor", False), ("status", "status", False), ("merge", "merge", False),
+            ("role", "role", False),
             ("dtype", "dtype", False), ("shape", "shape", False), ("max", "max |Δ|", True),
             ("mean", "mean |Δ|", True), ("rel", "rel L2", True), ("changed", "changed", True))
 #: On a narrow terminal, columns are dropped in this order until the rest fit
@@ -445,8 +477,8 @@ _NAME_MIN = 24
 
 
 def _cells(t: TensorDiff) -> dict[str, str]:
-    return {"flag": flag(t), "name": printable(t.name), "status": _STATUS_LABEL[t.status], "role": t.role,
-            "dtype": fmt_dtype(t), "shape": fmt_shape(t), "max": fmt_num(t.max_abs_delta),
+    return {"flag": flag(t), "name": printable(t.name), "status": _STATUS_LABEL[t.status], "merge": fmt_merge(t),
+            "role": t.role, "dtype": fmt_dtype(t), "shape": fmt_shape(t), "max": fmt_num(t.max_abs_delta),
             "mean": fmt_num(t.mean_abs_delta), "rel": fmt_num(t.rel_l2), "changed": fmt_changed(t)}
 
 
@@ -457,7 +489,8 @@ def _table(rows: list[TensorDiff], width: int) -> tuple[Any, list[str]]:
 
     cells = [_cells(t) for t in rows]
     need = {key: max([cell_len(head)] + [cell_len(c[key]) for c in cells]) for key, head, _ in _COLUMNS}
-    keys = [key for key, _, _ in _COLUMNS]
+    columns = [c for c in _COLUMNS if c[0] != "merge" or any(t.merge is not None for t in rows)]
+    keys = [key for key, _, _ in columns]
 
     def fits(ks: list[str]) -> bool:
         used = sum(need[k] for k in ks if k != "name") + 2 * (len(ks) - 1)
@@ -468,18 +501,19 @@ def _table(rows: list[TensorDiff], width: int) -> tuple[Any, list[str]]:
             break
         keys.remove(key)
     table = Table(box=None, pad_edge=False, header_style="bold")
-    for key, head, right in _COLUMNS:
+    for key, head, right in columns:
         if key in keys:
             if key == "name":
                 table.add_column(head, overflow="fold", min_width=min(need["name"], _NAME_MIN))
             else:
                 table.add_column(head, justify="right" if right else "left", no_wrap=True)
     for t, c in zip(rows, cells):
-        style = "red" if t.drift else "yellow" if t.stale else "dim" if t.status == "identical" else None
+        style = ("red" if t.drift or _merge_failed(t) else "yellow" if t.stale else "dim" if t.status == "identical"
+                 else None)
         # Text, never markup: names and values are shown exactly as they are.
         table.add_row(*[Text(c[k], style="bold") if k == "flag" else Text(c[k]) for k in keys], style=style)
     headers = dict((k, h) for k, h, _ in _COLUMNS)
-    return table, [headers[k] for k, _, _ in _COLUMNS if k not in keys]
+    return table, [headers[k] for k, _, _ in columns if k not in keys]
 
 
 def render(report: DiffReport, fmt: str, file: IO[str], *, show_all: bool = False,

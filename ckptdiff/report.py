@@ -17,6 +17,35 @@ SCHEMA = "ckptdiff.diff/1"
 #: Status values, in the order summaries list them.
 STATUSES = ("identical", "changed", "added", "removed", "shape_changed", "dtype_changed")
 FAIL_ON = ("drift", "change", "never")
+#: Per-tensor verdicts of a LoRA merge check (``ckptdiff diff BASE MERGED --lora ADAPTER``).
+MERGE_VERDICTS = ("merge-exact", "merge-off", "changed-outside", "identical")
+
+
+@dataclass
+class MergeCheck:
+    """How one tensor of a merged model relates to BASE and the adapter (see ``ckptdiff.lora``).
+
+    ``kind`` says what the adapter holds for the tensor: ``lora`` (MERGED must
+    be BASE + scaling * B @ A), ``lora-bias`` (BASE bias + scaling * lora_B's
+    bias), ``copy`` (a full copy, ``modules_to_save``: MERGED must equal it
+    bitwise), or None (not in the adapter: MERGED must equal BASE bitwise).
+    """
+
+    verdict: str                        # one of MERGE_VERDICTS
+    kind: str | None = None             # lora | lora-bias | copy | None
+    adapter_key: str | None = None      # the adapter tensor it was checked against (lora_A's for a pair)
+    rank: int | None = None
+    scaling: float | None = None
+    max_error: float | None = None      # max |MERGED - expected| over the elements
+    tolerance_ratio: float | None = None  # max of |MERGED - expected| / tolerance; <= 1 is merge-exact
+    elements_off: int | None = None     # elements beyond their tolerance
+    note: str | None = None             # why, when numbers cannot say it (missing, shape or dtype differs)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in _MERGE_FIELDS}
+        for k in ("scaling", "max_error", "tolerance_ratio"):
+            d[k] = _json_float(d[k])
+        return d
 
 
 @dataclass
@@ -42,13 +71,19 @@ class TensorDiff:
     nan_new: int | None = None        # NaNs in new at positions where old had none
     inf_new: int | None = None        # likewise for +-Inf
     #: Elements beyond ``atol + rtol*|old|`` (or that became NaN/Inf): what decides drift.
-    #: Equals ``changed_elements`` at zero tolerance. Added after the first schema draft.
+    #: Equals ``changed_elements`` at zero tolerance.
     out_of_tolerance: int | None = None
+    #: Only with a LoRA merge check: this tensor's merge verdict, else None.
+    merge: MergeCheck | None = None
 
     def to_dict(self) -> dict[str, Any]:
         # Not dataclasses.asdict: its recursive deep copy took 15 us a tensor,
         # most of the JSON rendering time of a 2,000-tensor report.
         d = {k: getattr(self, k) for k in _TENSOR_FIELDS}
+        if self.merge is None:
+            del d["merge"]  # present only in a LoRA merge check's report, like its top-level "lora"
+        else:
+            d["merge"] = self.merge.to_dict()
         for k in ("shape_old", "shape_new"):
             if d[k] is not None:
                 d[k] = list(d[k])
@@ -58,6 +93,7 @@ class TensorDiff:
 
 
 _TENSOR_FIELDS = tuple(f.name for f in fields(TensorDiff))
+_MERGE_FIELDS = tuple(f.name for f in fields(MergeCheck))
 
 
 def _json_float(x: float | None) -> float | str | None:
@@ -90,6 +126,8 @@ class DiffReport:
     fail_on: str = "change"              # drift | change | never
     elapsed_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Only with a LoRA merge check: the adapter and its settings (JSON-ready), else None.
+    lora: dict[str, Any] | None = None
 
     @property
     def drifted(self) -> list[TensorDiff]:
@@ -114,6 +152,8 @@ class DiffReport:
 
     def verdict(self) -> tuple[bool, list[str]]:
         """(failed, reasons) under ``fail_on``."""
+        if self.lora is not None:
+            return self._merge_verdict()
         reasons: list[str] = []
         if self.fail_on == "drift":
             for t in self.drifted:
@@ -121,6 +161,24 @@ class DiffReport:
         elif self.fail_on == "change":
             for t in self.changed:
                 reasons.append(f"tensor {t.name} {_what(t)}")
+        return bool(reasons), reasons
+
+    def merge_summary(self) -> dict[str, int]:
+        """How many tensors got each merge verdict (all zero without a LoRA merge check)."""
+        counts = Counter(t.merge.verdict for t in self.tensors if t.merge is not None)
+        return {v: counts.get(v, 0) for v in MERGE_VERDICTS}
+
+    def _merge_verdict(self) -> tuple[bool, list[str]]:
+        """A merge check fails on any target off its expected value or any other tensor changed."""
+        if self.fail_on == "never":
+            return False, []
+        reasons: list[str] = []
+        for t in self.tensors:
+            m = t.merge
+            if m is not None and m.verdict == "merge-off":
+                reasons.append(f"tensor {t.name} {merge_off_text(m)}")
+            elif m is not None and m.verdict == "changed-outside":
+                reasons.append(f"tensor {t.name} is not in the adapter but {_what(t)}")
         return bool(reasons), reasons
 
     @property
@@ -144,10 +202,24 @@ class DiffReport:
             "summary": self.summary(),
             "tensors": [t.to_dict() for t in self.tensors],
             "verdict": {"failed": failed, "reasons": reasons},
-        }
+        } | ({"lora": {**self.lora, "summary": self.merge_summary()}} if self.lora is not None else {})
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+
+#: What MERGED should equal, per MergeCheck.kind, in the words of messages.
+_EXPECTED = {"lora": "BASE + scaling·B@A beyond tolerance",
+             "lora-bias": "BASE + scaling·lora_B.bias beyond tolerance",
+             "copy": "the adapter's copy"}
+
+
+def merge_off_text(m: MergeCheck) -> str:
+    """``merge-off by X (...)``: what every renderer says about a target that does not verify."""
+    if m.max_error is None:
+        return f"merge-off ({m.note})" if m.note else "merge-off"
+    expected = _EXPECTED.get(m.kind or "", "expected")
+    return f"merge-off by {m.max_error:.3g} ({m.elements_off} elements differ from {expected})"
 
 
 def _what(t: TensorDiff) -> str:

@@ -16,11 +16,12 @@ NaN/Inf; ``changed_elements`` counts every bitwise-different element.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from types import ModuleType
 from typing import TYPE_CHECKING
+
+from .stats_types import _Norm
 
 if TYPE_CHECKING:
     from .dtypes import DType
@@ -43,47 +44,6 @@ _C_KIND: dict[str, int] = {name: i for i, name in enumerate(_C.KINDS)} if _C is 
 def backend() -> str:
     """``"c"`` when the C module measures changed tensors, ``"numpy"`` otherwise."""
     return "c" if _C is not None else "numpy"
-
-
-class _Norm:
-    """A Euclidean norm accumulated as ``scale * sqrt(ssq)``.
-
-    float64 tensors can hold values whose squares overflow (1e200) or
-    underflow (1e-200); those blocks are added scaled by their largest
-    magnitude, as LAPACK's dnrm2 does. Narrower dtypes cannot overflow in
-    float64 and take the plain, cheaper path (scale 1).
-    """
-
-    __slots__ = ("scale", "ssq")
-
-    def __init__(self) -> None:
-        self.scale = 1.0
-        self.ssq = 0.0
-
-    def _merge(self, scale: float, ssq: float) -> None:
-        if ssq == 0.0:
-            return
-        if self.ssq == 0.0:
-            self.scale, self.ssq = scale, ssq
-        elif scale > self.scale:
-            self.ssq = self.ssq * (self.scale / scale) ** 2 + ssq
-            self.scale = scale
-        elif scale == self.scale:  # also inf == inf, where the ratio would be NaN
-            self.ssq += ssq
-        else:
-            self.ssq += ssq * (scale / self.scale) ** 2
-
-    @property
-    def is_zero(self) -> bool:
-        return self.ssq == 0.0
-
-    def ratio(self, other: _Norm) -> float:
-        """``self / other`` without overflowing on the way."""
-        if other.is_zero:
-            return 0.0 if self.is_zero else math.inf
-        if self.is_zero:
-            return 0.0
-        return (self.scale / other.scale) * math.sqrt(self.ssq / other.ssq)
 
 
 class DeltaStats:

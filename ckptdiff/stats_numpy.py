@@ -11,12 +11,11 @@ from __future__ import annotations
 import math
 import os
 import threading
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from .stats import DeltaStats, _Norm
+from .stats_types import DeltaSums as DeltaStats  # the sums of a stats.DeltaStats, without importing it back
+from .stats_types import _Norm
 
 _UINT_OF_SIZE = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 _LOCAL = threading.local()

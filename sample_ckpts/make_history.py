@@ -18,7 +18,8 @@ a snapshot every 10 steps. Two bugs from the field are planted:
 
 BatchNorm running stats change every step in ``train()`` mode; the manifest
 calls them buffers, so they are expected to move. The store's content is
-deterministic (fixed seeds, one thread); snapshot ids and timestamps are not.
+deterministic on one machine (fixed seeds, one thread; another CPU may round the
+last bits differently); snapshot ids and timestamps are not.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Regenerate the committed sample checkpoints, byte for byte.
+"""Regenerate the committed sample checkpoints.
 
 Three checkpoints of one small real model (an MLP whose ``backbone`` has a
 BatchNorm1d, plus a ``head``), each trained with a real torch loop:
@@ -23,7 +23,10 @@ Each is written as ``.safetensors``, ``.pt`` (a nested training checkpoint:
 
 Determinism: fixed seeds, one thread, deterministic algorithms, HDF5
 without timestamps, .npz written with fixed zip timestamps, no times in
-metadata. Re-running produces identical bytes (checked by the tests).
+metadata. Re-running on one machine produces identical bytes; another CPU
+rounds torch's kernels differently, so the tests compare a regeneration with
+the committed files by names, layouts, values within a tolerance and diff
+verdicts, not by bytes.
 
 Usage: ``python sample_ckpts/make_samples.py [OUT_DIR]`` (default: this folder).
 """

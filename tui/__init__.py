@@ -6,9 +6,11 @@ imported by ``import ckptdiff`` or the rest of the CLI.
 
 Layout, one concept per module:
 
-* data, no Textual: ``rows`` (table rows from hashes, filter/sort state),
+* data, no Textual: ``rows`` (filter/sort state, merging measured rows),
   ``history`` (the store's snapshots, bases, per-tensor history),
-  ``measure`` (batches for the diff engine), ``fmt`` (cell text);
+  ``measure`` (a pair's manifest, batches for the diff engine), ``fmt``
+  (cell text). Verdicts come from ``ckptdiff.policy`` and numbers from
+  ``ckptdiff.display``, as in the CLI;
 * widgets: ``line_table`` (fast line-API table), ``tensor_table``,
   ``history_list``, ``filter_bar``;
 * screens: ``history_screen``, ``pair_screen`` (sharing ``table_screen``),

@@ -9,6 +9,7 @@ blob, so a frozen tensor that drifted late costs a handful of small reads.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from rich.table import Table
 from rich.text import Text
@@ -84,9 +85,8 @@ class DetailScreen(Screen):
             "  • STALE: a trainable tensor never changed" if r.stale else "")
         grid.add_row("status", Text(verdict, style=style))
         grid.add_row("role", r.role)
-        grid.add_row("dtype", fmt.pair(r.dtype_old, r.dtype_new))
-        grid.add_row("shape", fmt.pair(fmt.shape(r.shape_old) if r.shape_old is not None else None,
-                                       fmt.shape(r.shape_new) if r.shape_new is not None else None))
+        grid.add_row("dtype", fmt.dtype_of(r))
+        grid.add_row("shape", fmt.shape_of(r))
         grid.add_row("elements", "-" if r.numel is None else f"{r.numel:,}")
         grid.add_row("max |Δ|", fmt.num(r.max_abs_delta))
         grid.add_row("mean |Δ|", fmt.num(r.mean_abs_delta))
@@ -114,8 +114,9 @@ class DetailScreen(Screen):
         self.points = points
         maxes = [_finite(p.diff.max_abs_delta) if p.diff else 0.0 for p in points]
         rels = [_finite(p.diff.rel_l2) if p.diff else 0.0 for p in points]
-        self.query_one("#chart-max", Sparkline).data = maxes
-        self.query_one("#chart-rel", Sparkline).data = rels
+        steps = [self.model.snapshots[p.index].step for p in points]
+        self.query_one("#chart-max", Sparkline).data = by_step(steps, maxes)
+        self.query_one("#chart-rel", Sparkline).data = by_step(steps, rels)
         peak = max(maxes, default=0.0)
         self.query_one("#chart-title", Static).update(Text.assemble(
             (f"max |Δ| vs {POLICY_WORDS[self.policy]}", "bold"),
@@ -160,6 +161,31 @@ class DetailScreen(Screen):
             from .table_screen import describe_error
             self.query_one("#chart-title", Static).update(
                 Text(f"error: {describe_error(event.worker.error)}", style="bold red"))
+
+
+#: Samples of a chart spaced by step: several per column of any terminal, so a snapshot
+#: stands where its step falls, not at its place in the list.
+CHART_SAMPLES = 240
+
+
+def by_step(steps: Sequence[int | None], values: Sequence[float], samples: int = CHART_SAMPLES) -> list[float]:
+    """``values`` resampled on an even grid of steps, each sample holding the value of the last
+    snapshot at or before it (between two snapshots nothing was measured).
+
+    Snapshots without a step, or out of step order, keep one sample each, evenly spaced.
+    """
+    known = [s for s in steps if s is not None]
+    if len(values) < 2 or len(known) != len(steps) or any(b <= a for a, b in zip(known, known[1:])):
+        return list(values)
+    first, last = known[0], known[-1]
+    out: list[float] = []
+    k = 0
+    for i in range(samples):
+        at = first + (last - first) * i / (samples - 1)
+        while k + 1 < len(known) and known[k + 1] <= at:
+            k += 1
+        out.append(values[k])
+    return out
 
 
 def _finite(x: float | None) -> float:

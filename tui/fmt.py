@@ -1,7 +1,8 @@
 """Plain-text formatting shared by every screen.
 
-Kept free of Textual so it can be tested directly, and so the numbers a user
-reads in the TUI look the same as in the CLI's tables. Times are formatted
+Kept free of Textual so it can be tested directly. Numbers, shapes and
+dtypes come from :mod:`ckptdiff.display`, the CLI's own formatter, so a value
+reads the same in the TUI as in ``ckptdiff diff``. Times are formatted
 relative to an injected clock: the app takes ``clock=`` so snapshot tests can
 pin "now" and never render a wall-clock time.
 """
@@ -11,6 +12,11 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from ckptdiff.display import dtype_of, num, shape_of  # re-exported: the screens' one formatter
+from ckptdiff.store.model import is_per_tensor_metric
+
+__all__ = ["ago", "num", "metric", "shape_of", "dtype_of", "short_hash", "metric_columns", "PREFERRED_METRICS"]
 
 #: Metric names shown first when a snapshot records several, in this order.
 PREFERRED_METRICS = ("loss", "val_loss", "eval_loss", "train_loss", "accuracy", "acc", "val_acc", "lr")
@@ -37,22 +43,6 @@ def ago(t: float | None, now: float) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(t))
 
 
-def num(x: float | None) -> str:
-    """A delta for a table cell: '-' when unknown, '0' when exactly zero, 3 significant digits."""
-    if x is None:
-        return "-"
-    if isinstance(x, float) and math.isnan(x):
-        return "nan"
-    if x == math.inf:
-        return "inf"
-    if x == 0:
-        return "0"
-    ax = abs(x)
-    if 1e-3 <= ax < 1e4:
-        return f"{x:.4g}"
-    return f"{x:.3e}"
-
-
 def metric(x: Any) -> str:
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         return str(x)
@@ -63,31 +53,20 @@ def metric(x: Any) -> str:
     return f"{x:.4g}"
 
 
-def shape(s: Sequence[int] | None) -> str:
-    if s is None:
-        return "-"
-    return "(" + ", ".join(str(d) for d in s) + (",)" if len(s) == 1 else ")")
-
-
-def pair(old: str | None, new: str | None) -> str:
-    """One value when both sides agree, 'old→new' when they do not, the present side otherwise."""
-    if old is None:
-        return new or "-"
-    if new is None or old == new:
-        return old
-    return f"{old}→{new}"
-
-
 def short_hash(h: str | None, n: int = 10) -> str:
     return h[:n] if h else "-"
 
 
 def metric_columns(all_metrics: Sequence[Mapping[str, Any]], limit: int = 2) -> list[str]:
-    """The metric names worth a column: preferred ones first, then the most common."""
+    """The metric names worth a column: preferred ones first, then the most common.
+
+    Per-tensor metrics (``drift_max_abs/<tensor>``) are never a column: they belong to one
+    snapshot, and the drift column already counts the tensors that moved.
+    """
     counts: dict[str, int] = {}
     for m in all_metrics:
         for k, v in m.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not is_per_tensor_metric(k):
                 counts[k] = counts.get(k, 0) + 1
     chosen = [k for k in PREFERRED_METRICS if k in counts][:limit]
     rest = sorted((k for k in counts if k not in chosen), key=lambda k: (-counts[k], k))

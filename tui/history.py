@@ -23,10 +23,9 @@ from typing import Any
 
 from ckptdiff.checkpoint import Checkpoint
 from ckptdiff.manifest import Manifest
+from ckptdiff.policy import hash_rows, pair_manifest, signature_status, signature_verdicts
 from ckptdiff.report import TensorDiff
-from ckptdiff.store.history import roles_manifest
-
-from .rows import diff_entries
+from ckptdiff.store.history import effective_manifest
 
 BASE_POLICIES = ("first", "previous", "marked")
 
@@ -99,7 +98,7 @@ class HistoryModel:
         self._ids = {s.id for s in snapshots}
         self._lock = threading.Lock()
         by_id = {s.id: s for s in snapshots}
-        self._manifests = [roles_manifest(s.id, by_id) for s in snapshots]
+        self._manifests = [effective_manifest(s.id, by_id) for s in snapshots]
 
     @classmethod
     def load(cls, path: str) -> HistoryModel:
@@ -149,9 +148,16 @@ class HistoryModel:
                 sigs = self._sigs[sid]
         return sigs
 
-    def manifest(self, index: int) -> Manifest | None:
-        """The manifest in force at this snapshot (its own, or the latest earlier one)."""
-        return self._manifests[index]
+    def manifest(self, index: int, base: int | None = None) -> Manifest | None:
+        """The manifest that decides roles when ``index`` is compared with ``base``.
+
+        The one in force at ``index`` (its own, or the latest earlier one),
+        with both sides' training state as buffers: what the engine applies
+        to the two opened snapshots (:func:`ckptdiff.policy.pair_manifest`).
+        """
+        base = index if base is None else base
+        aux = self.snapshots[base].auxiliary + self.snapshots[index].auxiliary
+        return pair_manifest(None, self._manifests[base], self._manifests[index], aux)
 
     def base_index(self, index: int, policy: str, marked: int | None) -> int:
         """Which snapshot ``index`` is compared with under a base policy."""
@@ -163,26 +169,21 @@ class HistoryModel:
 
     def quick_rows(self, index: int, base: int) -> list[TensorDiff]:
         """The tensor table for ``index`` vs ``base`` from hashes alone."""
-        rows = diff_entries(self.entries(base), self.entries(index), self.manifest(index))
-        if base == index:
-            for r in rows:
-                r.stale = False  # compared with itself: nothing could have moved
-        return rows
+        return hash_rows(self.entries(base), self.entries(index), self.manifest(index, base),
+                         self_compare=base == index)
 
     def summary(self, index: int, policy: str, marked: int | None) -> SnapshotSummary:
-        """The list's columns for one snapshot; the same verdicts as :func:`diff_entries`."""
+        """The list's columns for one snapshot; the policy's verdicts, from signatures."""
         cur = self.signatures(index)
         prev = self.signatures(index - 1) if index > 0 else cur
         changed = sum(1 for n, sig in cur.items() if prev.get(n) != sig)
         changed += sum(1 for n in prev if n not in cur)
         base = self.base_index(index, policy, marked)
-        man = self.manifest(index)
-        drifted = stale = 0
-        if base != index and man is not None:
-            old = self.signatures(base)
-            drifted = sum(1 for n, sig in old.items() if man.role(n) == "frozen" and cur.get(n) != sig)
-            stale = sum(1 for n, sig in cur.items() if man.role(n) == "trainable" and old.get(n) == sig)
-        return SnapshotSummary(changed, drifted, stale)
+        drifted: list[str] = []
+        stale: list[str] = []
+        if base != index:
+            drifted, stale = signature_verdicts(self.signatures(base), cur, self.manifest(index, base))
+        return SnapshotSummary(changed, len(drifted), len(stale))
 
     # -- blobs (workers only) ---------------------------------------------
 
@@ -217,13 +218,13 @@ class HistoryModel:
                     break
                 b = self.base_index(i, policy, marked)
                 old, new = self.signatures(b).get(name), self.signatures(i).get(name)
-                status = _status(old, new)
+                status = signature_status(old, new)
                 point = SeriesPoint(i, b, new.split("|")[0] if new else None, status, None)
                 if status == "changed":
                     assert old is not None and new is not None
                     key = (old.split("|")[0], new.split("|")[0])
                     if key not in measured:
-                        got = measure(ckpt(b), ckpt(i), [name], self.manifest(i), atol=atol, rtol=rtol)
+                        got = measure(ckpt(b), ckpt(i), [name], self.manifest(i, b), atol=atol, rtol=rtol)
                         if got:
                             measured[key] = got[0]
                     point.diff = measured.get(key)
@@ -236,25 +237,6 @@ class HistoryModel:
 
 def _signature(e: Any) -> str:
     return f"{e.hash}|{e.dtype}|{','.join(str(int(d)) for d in e.shape)}"
-
-
-def _status(old: str | None, new: str | None) -> str:
-    """Status of one tensor between two signatures (see :meth:`HistoryModel.signatures`)."""
-    if old is None and new is None:
-        return "absent"
-    if old is None:
-        return "added"
-    if new is None:
-        return "removed"
-    if old == new:
-        return "identical"
-    _, odt, oshape = old.split("|")
-    _, ndt, nshape = new.split("|")
-    if oshape != nshape:
-        return "shape_changed"
-    if odt != ndt:
-        return "dtype_changed"
-    return "changed"
 
 
 def first_change(points: list[SeriesPoint]) -> SeriesPoint | None:

@@ -30,6 +30,7 @@ MARKED = Style.parse("bold yellow")
 
 class HistoryList(LineTable):
     right_aligned = frozenset({"index", "step", "changed"})
+    cursor_keeps = frozenset({DRIFT})
     min_width = {"mark": 2, "drift": 9}
     max_width = {"message": 48}
 

@@ -167,7 +167,7 @@ class HistoryScreen(TableScreen):
                 if worker.is_cancelled:
                     return
                 self.app.call_from_thread(self._progress, index, base, done, len(todo))
-                got = measure(old, new, names, model.manifest(index), atol=self.atol, rtol=self.rtol)
+                got = measure(old, new, names, model.manifest(index, base), atol=self.atol, rtol=self.rtol)
                 done += len(names)
                 if worker.is_cancelled:
                     return

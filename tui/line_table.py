@@ -9,7 +9,8 @@ and only the rows on screen become segments, so replacing all rows costs
 milliseconds and moving the cursor costs one repaint.
 
 Rows are lists of ``(text, style)`` cells; a row style (drift red, stale
-yellow) sits under the cell styles, the cursor on top. Subclasses give the
+yellow) sits under the cell styles, the cursor on top (except for the cell
+styles a subclass lists in ``cursor_keeps``). Subclasses give the
 columns and react to :class:`Highlighted` / :class:`Selected` /
 :class:`HeaderClicked`.
 """
@@ -69,6 +70,9 @@ class LineTable(ScrollView, can_focus=True):
     right_aligned: frozenset[str] = frozenset()
     min_width: dict[str, int] = {}
     max_width: dict[str, int] = {}
+    #: Cell styles that stay on the cursor row (an alarm such as the red drift marker must not
+    #: vanish under the cursor); every other cell takes the cursor's colours.
+    cursor_keeps: frozenset[Style] = frozenset()
 
     cursor_row: reactive[int] = reactive(0, always_update=True)
 
@@ -291,7 +295,7 @@ class LineTable(ScrollView, can_focus=True):
             cells = self._rows[index]
             if index == self.cursor_row:
                 style += self.get_component_rich_style("line-table--cursor")
-                cells = [(text, None) for text, _ in cells]  # the cursor's colours win
+                cells = [(text, cs if cs in self.cursor_keeps else None) for text, cs in cells]
             segments = self._segments(cells, style)
         return Strip(segments).crop(scroll_x, scroll_x + width).adjust_cell_length(width, style)
 

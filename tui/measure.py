@@ -8,8 +8,9 @@ moves on to another snapshot.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
+from ckptdiff import policy
 from ckptdiff.checkpoint import Checkpoint
 from ckptdiff.manifest import Manifest
 from ckptdiff.report import DiffReport, TensorDiff
@@ -25,9 +26,19 @@ def _engine_diff():  # imported late: ``import ckptdiff.tui`` should not pull th
 
 
 def subset(ckpt: Checkpoint, names: Sequence[str]) -> Checkpoint:
-    """A view of some tensors of ``ckpt``; closing it does not close ``ckpt``."""
+    """A view of some tensors of ``ckpt``; closing it does not close ``ckpt``.
+
+    It keeps the training-state names (``auxiliary``): the policy makes them
+    buffers, and a view without them would call optimizer state frozen.
+    """
     return Checkpoint(ckpt.path, ckpt.format, {n: ckpt[n] for n in names if n in ckpt},
-                      dict(ckpt.metadata), ckpt.manifest)
+                      dict(ckpt.metadata), ckpt.manifest, auxiliary=ckpt.auxiliary)
+
+
+def pair_manifest(old: Checkpoint, new: Checkpoint, manifest_path: str | None) -> Manifest | None:
+    """The manifest of a two-checkpoint table, as ``ckptdiff diff OLD NEW [--manifest FILE]`` chooses it."""
+    explicit = Manifest.load(manifest_path) if manifest_path else None
+    return policy.checkpoints_manifest(explicit, old, new)
 
 
 def measure(old: Checkpoint, new: Checkpoint, names: Sequence[str], manifest: Manifest | None,
@@ -40,6 +51,25 @@ def measure(old: Checkpoint, new: Checkpoint, names: Sequence[str], manifest: Ma
 def diff_checkpoints(old: Checkpoint, new: Checkpoint, manifest: Manifest | None,
                      *, atol: float = 0.0, rtol: float = 0.0) -> DiffReport:
     return _engine_diff()(old, new, manifest=manifest, atol=atol, rtol=rtol)
+
+
+def refine(rows: Sequence[TensorDiff], old: Checkpoint, new: Checkpoint, manifest: Manifest | None,
+           *, atol: float = 0.0, rtol: float = 0.0,
+           starting: Callable[[int, int], None] | None = None) -> Iterator[list[TensorDiff]]:
+    """Measure the rows the hashes could not settle, one batch of engine rows at a time.
+
+    ``starting(done, total)`` is called before each batch is read. A caller
+    stops between batches by not asking for the next one; merging each
+    measured row over its hash row (``rows.merge_measured``) gives the
+    engine's verdict for every tensor.
+    """
+    todo = [r for r in rows if r.status in ("pending", "changed")]
+    done = 0
+    for names in batches(todo, new, old):
+        if starting is not None:
+            starting(done, len(todo))
+        yield measure(old, new, names, manifest, atol=atol, rtol=rtol)
+        done += len(names)
 
 
 def batches(rows: Sequence[TensorDiff], new: Checkpoint, old: Checkpoint) -> Iterator[list[str]]:

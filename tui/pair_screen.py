@@ -13,13 +13,12 @@ from textual import work
 from textual.widgets import Footer, Header
 from textual.worker import Worker, WorkerState, get_current_worker
 
-from ckptdiff.checkpoint import Checkpoint
 from ckptdiff.manifest import Manifest
+from ckptdiff.policy import hash_rows
 from ckptdiff.report import TensorDiff
 from ckptdiff.textsafe import printable
 
-from .measure import batches, measure
-from .rows import diff_entries
+from .measure import pair_manifest, refine
 from .table_screen import TableScreen, describe_error
 
 
@@ -49,32 +48,25 @@ class PairScreen(TableScreen):
     @work(thread=True, exclusive=True, group="diff", exit_on_error=False)
     def run_diff(self) -> None:
         """Open both sides, show the header-level table, then let the engine measure."""
-        from ckptdiff.formats import open_checkpoint
+        from ckptdiff.resolve import opened
 
         worker = get_current_worker()
-        opened: list[Checkpoint] = []
-        try:
-            old = open_checkpoint(self.old_spec)
-            opened.append(old)
-            new = open_checkpoint(self.new_spec)
-            opened.append(new)
-            manifest = (Manifest.load(self.manifest_path) if self.manifest_path
-                        else new.manifest or old.manifest)
-            rows = diff_entries(old, new, manifest)
+        with opened(self.old_spec, self.new_spec) as (old, new):
+            manifest = pair_manifest(old, new, self.manifest_path)
+            rows = hash_rows(old, new, manifest)
             self.app.call_from_thread(self._headers_read, rows, manifest)
-            todo = [r for r in rows if r.status in ("pending", "changed")]
-            done = 0
-            for names in batches(todo, new, old):
-                if worker.is_cancelled:
+
+            def starting(done: int, total: int) -> None:
+                self.app.call_from_thread(self._progress, done, total)
+
+            # refine reads a batch only when asked for the next one: stop asking once cancelled
+            measured = refine(rows, old, new, manifest, atol=self.atol, rtol=self.rtol, starting=starting)
+            while not worker.is_cancelled:
+                got = next(measured, None)
+                if got is None:
+                    self.app.call_from_thread(self._progress, None, None)
                     return
-                self.app.call_from_thread(self._progress, done, len(todo))
-                got = measure(old, new, names, manifest, atol=self.atol, rtol=self.rtol)
-                done += len(names)
                 self.app.call_from_thread(self._measured, got)
-            self.app.call_from_thread(self._progress, None, None)
-        finally:
-            for c in opened:
-                c.close()
 
     def _headers_read(self, rows: list[TensorDiff], manifest: Manifest | None) -> None:
         self.manifest = manifest

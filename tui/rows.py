@@ -1,12 +1,10 @@
-"""Tensor-table rows: built from store hashes first, refined by the engine later.
+"""Tensor-table rows: filtering, sorting and merging the engine's numbers in.
 
 The table's row type is the engine's own :class:`~ckptdiff.report.TensorDiff`,
-so the TUI shows exactly what ``ckptdiff diff`` would report. The store
-records every tensor's BLAKE3 hash, dtype and shape, so for two snapshots
-status, role, drift (a frozen tensor whose bytes differ) and staleness (a
-trainable tensor whose bytes do not) are known from SQLite alone, before a
-single blob is read: :func:`diff_entries` builds that first picture in
-milliseconds and the engine later fills in max |Δ| and rel L2.
+so the TUI shows exactly what ``ckptdiff diff`` would report. The first
+picture comes from hashes alone (:func:`ckptdiff.policy.hash_rows`, the same
+policy the engine applies); the engine later fills in max |Δ| and rel L2,
+and its verdict replaces the row.
 
 :class:`TableQuery` is the filter/sort state of a table, as data, so it can
 be tested without a terminal and shared between the history and pair screens.
@@ -16,9 +14,9 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Any
 
 from ckptdiff.report import STATUSES, TensorDiff
 
@@ -26,78 +24,11 @@ ROLE_CHOICES = (None, "frozen", "trainable", "buffer", "unknown")
 #: The ``c`` key cycles these; "any" means anything that is not identical.
 STATUS_CHOICES = (None, "any", "identical")
 SORT_KEYS = ("name", "role", "status", "shape", "dtype", "max", "rel", "hash")
-_DRIFT_STATUSES = frozenset({"changed", "removed", "shape_changed", "dtype_changed"})
-
-
-class EntryLike(Protocol):
-    """What the store's ``entries()`` gives per tensor (no bytes)."""
-
-    name: str
-    dtype: str
-    shape: Any
-    hash: str | None
-
-
-class RoleOf(Protocol):
-    def role(self, name: str) -> str: ...
-
-
-def diff_entries(old: Mapping[str, EntryLike], new: Mapping[str, EntryLike],
-                 manifest: RoleOf | None) -> list[TensorDiff]:
-    """Diff two snapshots (or any two checkpoints) by hashes, dtypes and shapes only.
-
-    Equal BLAKE3 hashes mean bitwise-equal bytes, so 'identical' here is
-    exact; 'changed' rows carry no numbers yet (``max_abs_delta is None``).
-    Drift is judged at zero tolerance; the engine refines it when the user
-    asked for atol/rtol. A side without a known hash (a plain file) gives
-    status ``pending`` until the engine has read it.
-    """
-    out: list[TensorDiff] = []
-    names = list(new)
-    names += [n for n in old if n not in new]
-    for name in names:
-        o, n = old.get(name), new.get(name)
-        role = manifest.role(name) if manifest is not None else "unknown"
-        if o is None:
-            assert n is not None
-            status = "added"
-        elif n is None:
-            status = "removed"
-        elif tuple(o.shape) != tuple(n.shape):
-            status = "shape_changed"
-        elif o.dtype != n.dtype:
-            status = "dtype_changed"
-        elif o.hash is None or n.hash is None:
-            status = "pending"  # a plain file: only the engine can tell
-        elif o.hash == n.hash:
-            status = "identical"
-        else:
-            status = "changed"
-        ref = n if n is not None else o
-        numel = 1
-        for d in ref.shape:  # type: ignore[union-attr]
-            numel *= int(d)
-        td = TensorDiff(
-            name=name, status=status, role=role,
-            drift=role == "frozen" and status in _DRIFT_STATUSES,
-            stale=role == "trainable" and status == "identical",
-            dtype_old=o.dtype if o else None, dtype_new=n.dtype if n else None,
-            shape_old=list(o.shape) if o else None, shape_new=list(n.shape) if n else None,
-            numel=numel, hash_old=o.hash if o else None, hash_new=n.hash if n else None,
-        )
-        if status == "identical":
-            td.max_abs_delta = 0.0
-            td.mean_abs_delta = 0.0
-            td.rel_l2 = 0.0
-            td.changed_elements = 0
-        out.append(td)
-    return out
 
 
 def merge_measured(row: TensorDiff, measured: TensorDiff) -> TensorDiff:
     """The engine's verdict wins, but keep the store's hashes when the engine did not hash."""
-    return replace(measured, role=measured.role if measured.role != "unknown" else row.role,
-                   hash_old=measured.hash_old or row.hash_old, hash_new=measured.hash_new or row.hash_new)
+    return replace(measured, hash_old=measured.hash_old or row.hash_old, hash_new=measured.hash_new or row.hash_new)
 
 
 class FilterError(ValueError):

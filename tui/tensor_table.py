@@ -22,7 +22,7 @@ from textual.message import Message
 from ckptdiff.report import TensorDiff
 
 from . import fmt
-from .line_table import LineTable
+from .line_table import Cell, LineTable
 from .rows import SORT_KEYS, TableQuery, merge_measured
 
 #: (column key, header label). The key doubles as the sort key.
@@ -63,18 +63,13 @@ def _delta(r: TensorDiff, x: float | None) -> str:
 
 def cell_texts(r: TensorDiff) -> list[str]:
     """The row's cells as plain strings, in COLUMNS order."""
-    if r.status in ("shape_changed", "added", "removed"):
-        shape = fmt.pair(fmt.shape(r.shape_old) if r.shape_old is not None else None,
-                         fmt.shape(r.shape_new) if r.shape_new is not None else None)
-    else:
-        shape = fmt.shape(r.shape_new if r.shape_new is not None else r.shape_old)
     return [
         "▲ DRIFT" if r.drift else ("• stale" if r.stale else ""),
         r.name,
         r.role,
         r.status,
-        shape,
-        fmt.pair(r.dtype_old, r.dtype_new),
+        fmt.shape_of(r),
+        fmt.dtype_of(r),
         _delta(r, r.max_abs_delta),
         _delta(r, r.rel_l2),
         fmt.short_hash(r.hash_new or r.hash_old),
@@ -87,11 +82,20 @@ def cells(r: TensorDiff) -> list[Text]:
     return [Text(v, style=style) for v in cell_texts(r)]
 
 
+#: The "▲ DRIFT" flag's own style: it stays red on the cursor row, where the row's red does not.
+DRIFT_FLAG = Style.parse(DRIFT_STYLE)
+
+
+def _flagged(texts: list[str], drift: bool) -> list[Cell]:
+    return [(t, DRIFT_FLAG if drift and i == 0 else None) for i, t in enumerate(texts)]
+
+
 class TensorTable(LineTable):
     """Rows of a diff, filtered and sorted by ``query_state``."""
 
     columns = COLUMNS
     right_aligned = frozenset({"max", "rel"})
+    cursor_keeps = frozenset({DRIFT_FLAG})
     #: Columns whose text arrives later get room up front, so the layout does not jump.
     min_width = {"flag": 7, "max": 9, "rel": 9, "hash": 10}
     max_width = {"name": 72}
@@ -155,7 +159,7 @@ class TensorTable(LineTable):
                     index = i
                     break
         styles = {s: Style.parse(s) if s else Style() for s in ("", DRIFT_STYLE, STALE_STYLE, IDENTICAL_STYLE)}
-        self.set_data([[(t, None) for t in cell_texts(r)] for r in shown],
+        self.set_data([_flagged(cell_texts(r), r.drift) for r in shown],
                       [styles[row_style(r)] for r in shown], cursor=index)
 
     def row_cells(self, name: str) -> list[Text]:

@@ -1,6 +1,6 @@
 """``ckptdiff diff OLD NEW``: compare two checkpoints, tensor by tensor, for people and for CI.
 
-The command is a thin edge around :func:`ckptdiff.engine.diff` and
+The command is a thin edge around :func:`ckptdiff.diff` and
 :mod:`ckptdiff.render`: parse flags, attach a progress bar when a person is
 watching, render, and turn the verdict into diff(1)'s exit codes.
 """
@@ -16,9 +16,6 @@ from typing import Any
 from ..errors import CkptError, NothingSelected
 from ..render import FORMATS
 from ..report import FAIL_ON
-
-#: Below this many bytes to read a diff is over before a bar would be useful.
-PROGRESS_MIN_BYTES = 64 << 20
 
 DESCRIPTION = """\
 Compare two checkpoints tensor by tensor and say, for each tensor, whether it
@@ -36,6 +33,13 @@ changed shape/dtype is DRIFT; a *trainable* tensor that is bitwise identical
 is STALE (trainable but never updated, e.g. left out of the optimizer).
 Manifest file: {"trainable": ["head.*"], "frozen": ["backbone.*"]} (fnmatch
 globs on full names; with only "trainable", everything else is frozen).
+
+With --lora ADAPTER_DIR (a PEFT adapter: adapter_config.json and
+adapter_model.safetensors or .bin), OLD is the base model and NEW the merged
+one: each tensor the adapter targets must equal BASE + scaling * B @ A within
+the rounding of its dtype (merge-exact, else merge-off by the largest error),
+each modules_to_save tensor the adapter's copy, and every other tensor BASE,
+bitwise (else changed-outside).
 """
 
 EPILOG = """\
@@ -47,6 +51,7 @@ examples:
   ckptdiff diff a.safetensors b.safetensors --format json --output diff.json
   ckptdiff diff a.h5 b.h5 --include 'encoder.*' --exclude '*.num_batches_tracked'
   ckptdiff diff runs/store@first runs/store@latest --format markdown >> "$GITHUB_STEP_SUMMARY"
+  ckptdiff diff base.safetensors merged.safetensors --lora out/adapter   # verify a LoRA merge
 
 tolerance:
   Equality is bitwise: one ulp, -0.0 vs +0.0 or a new NaN is a change and is
@@ -58,7 +63,8 @@ exit codes (as diff(1)):
   0  passes the policy (--fail-on)
   1  fails the policy: a frozen tensor drifted (--fail-on drift, the default
      when a manifest is known) or any tensor differs (--fail-on change, the
-     default without a manifest)
+     default without a manifest); with --lora, a target is merge-off or a
+     tensor changed outside the adapter
   2  trouble: a missing, unreadable or corrupt file, a bad manifest, bad flags
 """
 
@@ -86,6 +92,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("new", metavar="NEW", help="the checkpoint to check against OLD")
     p.add_argument("--manifest", "-m", metavar="FILE",
                    help="trainable-key manifest JSON (default: the one embedded in NEW, else in OLD, else none)")
+    p.add_argument("--lora", metavar="ADAPTER_DIR",
+                   help="verify that NEW is OLD with this PEFT LoRA adapter merged in, and nothing else changed")
     p.add_argument("--atol", type=tolerance, default=0.0, metavar="A",
                    help="absolute tolerance for drift (default 0: any change of a frozen tensor is drift)")
     p.add_argument("--rtol", type=tolerance, default=0.0, metavar="R",
@@ -109,20 +117,28 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..engine import diff
+    from ..api import diff
+    from ..progress import byte_bar
 
     inputs = (args.old, args.new) + ((args.manifest,) if args.manifest else ())
     _check_output(args.output, inputs)  # fail before a long diff, not after it
+    if args.lora:
+        _check_lora_flags(args)
     try:
-        with _progress(enabled=not args.no_progress) as progress:
-            report = diff(
-                args.old, args.new,
-                manifest=args.manifest,
-                atol=args.atol, rtol=args.rtol,
-                include=args.include, exclude=args.exclude,
-                fail_on=args.fail_on,
-                progress=progress,
-            )
+        with byte_bar("diffing", enabled=not args.no_progress) as progress:
+            if args.lora:
+                from ..lora import verify_merge
+                report = verify_merge(args.old, args.new, args.lora, include=args.include, exclude=args.exclude,
+                                      fail_on=args.fail_on, progress=progress)
+            else:
+                report = diff(
+                    args.old, args.new,
+                    manifest=args.manifest,
+                    atol=args.atol, rtol=args.rtol,
+                    include=args.include, exclude=args.exclude,
+                    fail_on=args.fail_on,
+                    progress=progress,
+                )
     except NothingSelected as e:
         # The same error, in the words of the flags the user typed.
         flags = " ".join(f"--include {g!r}" for g in e.include)
@@ -130,6 +146,18 @@ def run(args: argparse.Namespace) -> int:
         raise CkptError(e.describe(flags)) from None
     _emit(report, args)
     return report.exit_code
+
+
+def _check_lora_flags(args: argparse.Namespace) -> None:
+    """Flags that would change what a merge check means are refused, not silently ignored."""
+    if args.manifest:
+        raise CkptError("--manifest and --lora do not mix: --lora makes the manifest from the adapter")
+    if args.atol or args.rtol:
+        raise CkptError("--atol/--rtol do not apply with --lora: the merge tolerance comes from the dtype, "
+                        "and every tensor outside the adapter must be bitwise identical")
+    if args.fail_on == "change":
+        raise CkptError("--fail-on change does not apply with --lora (every merged target changes); "
+                        "use drift (the default) or never")
 
 
 def _emit(report: Any, args: argparse.Namespace) -> None:
@@ -159,47 +187,6 @@ def _emit(report: Any, args: argparse.Namespace) -> None:
         return
     render(report, args.format, sys.stdout, show_all=args.show_all)
     sys.stdout.flush()
-
-
-class _progress:
-    """Context manager yielding a ``progress(done, total)`` callback, or None.
-
-    The rich bar goes to stderr, only when stderr is a terminal (never in CI
-    logs or pipes) and only once the diff is big enough to take a moment.
-    """
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled and _stderr_is_tty()
-        self._bar: Any = None
-        self._task: Any = None
-
-    def __enter__(self) -> Any:
-        return self._update if self.enabled else None
-
-    def _update(self, done: int, total: int) -> None:
-        if self._bar is None:
-            if total < PROGRESS_MIN_BYTES:
-                return
-            from rich.console import Console
-            from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
-            self._bar = Progress(
-                TextColumn("diffing"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
-                console=Console(stderr=True), transient=True,
-            )
-            self._bar.start()
-            self._task = self._bar.add_task("diff", total=total)
-        self._bar.update(self._task, completed=done)
-
-    def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-
-
-def _stderr_is_tty() -> bool:
-    try:
-        return sys.stderr.isatty()
-    except (AttributeError, ValueError):
-        return False
 
 
 def _is_special(path: str) -> bool:

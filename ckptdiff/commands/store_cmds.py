@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import CkptError
+from ..progress import byte_bar
+from ..resolve import store_ref
 from ..textsafe import printable
 
 _REF_HELP = ("REF is an id or a unique id prefix (4+ hex digits), a tag, step:N (the newest\n"
@@ -90,8 +92,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("log", help="list a store's snapshots with changes and drift", **_fmt(
         "One row per snapshot, oldest first: id, time, step, tag, tensors changed vs its\n"
         "parent, drift (frozen tensors, per the manifest, whose bytes, dtype or shape differ\n"
-        "from the first snapshot's; '-' when no manifest is known) and metrics. Reads no\n"
-        "tensor data.\n\n"
+        "from the first snapshot's; '-' when no manifest is known) and metrics. Per-tensor\n"
+        "metrics (drift_max_abs/<tensor>) are shown as their maximum; 'ckptdiff show'\n"
+        "lists them. On a terminal each row is cut to its width. Reads no tensor data.\n\n"
         "examples:\n  ckptdiff log runs/store\n  ckptdiff log runs/store --format json | jq '.snapshots[-1]'"))
     p.add_argument("dir", metavar="DIR", help="the store directory")
     p.add_argument("--format", choices=("table", "json"), default="table",
@@ -174,6 +177,37 @@ def _metric_str(metrics: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
+def _log_metrics(metrics: dict[str, Any]) -> str:
+    """A history row's metrics: the run's own, and per-tensor ones folded into one summary each."""
+    from ..store.model import PER_TENSOR_METRIC_PREFIXES, is_per_tensor_metric
+
+    text = _metric_str({k: v for k, v in metrics.items() if not is_per_tensor_metric(k)})
+    for prefix in PER_TENSOR_METRIC_PREFIXES:
+        values = [v for k, v in metrics.items() if k.startswith(prefix) and isinstance(v, (int, float))]
+        if values:
+            n = len(values)
+            summary = f"{prefix[:-1]}={max(values):.6g} (max of {n} tensor{'s' if n != 1 else ''})"
+            text = f"{text} {summary}" if text else summary
+    return text
+
+
+def _terminal_width() -> int | None:
+    """The terminal's width when stdout is one; None when output goes to a pipe or a file."""
+    import shutil
+
+    return shutil.get_terminal_size().columns if sys.stdout.isatty() else None
+
+
+def _fit(text: str, width: int | None) -> str:
+    """Cut each line to ``width`` terminal cells with an ellipsis: one screen line per row."""
+    if width is None:
+        return text
+    from rich.cells import cell_len, set_cell_size
+
+    return "\n".join(line if cell_len(line) <= width else set_cell_size(line, width - 1) + "…"
+                     for line in text.split("\n"))
+
+
 _MAX_CELL = 64
 
 
@@ -195,24 +229,6 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence
             cells.append(pad + c if i in right else c + pad)
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)
-
-
-def split_ref(spec: str, *, bare_means_latest: bool = True) -> tuple[str, str]:
-    """``DIR@REF`` -> (DIR, REF); a bare DIR means its latest snapshot where that is harmless."""
-    from ..store import is_store
-
-    if "@" in spec and not is_store(spec):
-        base, _, ref = spec.rpartition("@")
-        if base and ref.strip():
-            return base, ref
-        if base:
-            raise CkptError("nothing after '@': name a snapshot, e.g. DIR@latest, DIR@step:500 or DIR@<tag>", spec)
-    if is_store(spec):
-        if bare_means_latest:
-            return spec, "latest"
-        raise CkptError("name the snapshot to remove as DIR@REF (e.g. DIR@latest or DIR@step:500); "
-                        "a bare store directory is refused so that a typo cannot delete history", spec)
-    raise CkptError("expected DIR@REF naming a snapshot in a store (e.g. runs/store@latest)", spec)
 
 
 def _store_dir(path: str) -> str:
@@ -267,8 +283,8 @@ def run_init(args: argparse.Namespace) -> int:
 
 
 def run_snapshot(args: argparse.Namespace) -> int:
-    from ..formats import open_checkpoint
     from ..manifest import Manifest
+    from ..resolve import open_checkpoint
     from ..store import Store, is_store
 
     from ..store.refs import check_tag
@@ -294,8 +310,9 @@ def run_snapshot(args: argparse.Namespace) -> int:
                   "uncompressed store (compression is chosen by 'ckptdiff init --compress')", file=sys.stderr)
         with store:
             src = ckpt.path if ckpt.format == "store" else os.path.abspath(args.checkpoint)
-            sid = store.snapshot(ckpt, step=step, tag=args.tag, message=args.message, metrics=metrics,
-                                 manifest=manifest, source=src, progress=True)
+            with byte_bar("snapshot") as progress:
+                sid = store.snapshot(ckpt, step=step, tag=args.tag, message=args.message, metrics=metrics,
+                                     manifest=manifest, source=src, progress=progress)
     print(sid)
     return 0
 
@@ -319,9 +336,10 @@ def run_log(args: argparse.Namespace) -> int:
         table.append([
             i.id[:12], _when(i.created_at), "" if i.step is None else str(i.step), i.tag or "",
             "root" if r.changed is None else str(r.changed), "-" if r.drift is None else str(r.drift),
-            _metric_str(i.metrics),
+            _log_metrics(i.metrics),
         ])
-    print(_table(["ID", "CREATED", "STEP", "TAG", "CHANGED", "DRIFT", "METRICS"], table, right=(2, 4, 5)))
+    print(_fit(_table(["ID", "CREATED", "STEP", "TAG", "CHANGED", "DRIFT", "METRICS"], table, right=(2, 4, 5)),
+               _terminal_width()))
     logical = sum(r.info.total_bytes for r in rows)
     print(f"\n{len(rows)} snapshot{'s' if len(rows) != 1 else ''}, {human_bytes(logical)} of tensors, "
           f"{human_bytes(usage)} on disk.")
@@ -334,7 +352,7 @@ def run_show(args: argparse.Namespace) -> int:
     from ..store import Store
     from ..store.history import effective_manifest, roles_manifest
 
-    root, ref = split_ref(args.ref)
+    root, ref = store_ref(args.ref)
     with Store.open(root) as s:
         info = s.resolve(ref)
         entries = s.entries(info.id)
@@ -373,10 +391,11 @@ def run_show(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     from ..store import Store
 
-    root, ref = split_ref(args.ref)
+    root, ref = store_ref(args.ref)
     fmt = args.format or _export_format(args.out)
     with Store.open(root) as s:
-        info = s.export(ref, args.out, fmt, overwrite=args.force, progress=True)
+        with byte_bar("export") as progress:
+            info = s.export(ref, args.out, fmt, overwrite=args.force, progress=progress)
     print(f"exported snapshot {info.id} ({info.n_tensors} tensors, {human_bytes(info.total_bytes)}) "
           f"to {args.out} as {fmt}", file=sys.stderr)
     return 0
@@ -401,7 +420,8 @@ def run_verify(args: argparse.Namespace) -> int:
     from ..store import Store
 
     with Store.open(_store_dir(args.dir)) as s:
-        res = s.verify(progress=True)
+        with byte_bar("verify") as progress:
+            res = s.verify(progress=progress)
     if args.format == "json":
         _dump(res.to_dict())
         return 0 if res.ok else 1
@@ -425,7 +445,7 @@ def run_verify(args: argparse.Namespace) -> int:
 def run_rm(args: argparse.Namespace) -> int:
     from ..store import Store
 
-    root, ref = split_ref(args.ref, bare_means_latest=False)
+    root, ref = store_ref(args.ref, bare_means_latest=False)
     with Store.open(root) as s:
         info = s.remove(ref)
         free = s.reclaimable_bytes()

@@ -50,10 +50,12 @@ exit codes:
      bad flags, Textual not installed (one line on stderr). Problems found
      while it runs are shown on its status line instead.
 
-Needs the 'tui' extra:  pip install 'ckptdiff[tui]'
+Needs Textual, the 'tui' extra: pip install '.[tui]' in a ckptdiff checkout,
+or pip install 'textual>=0.80' beside an installed ckptdiff.
 """
 
-INSTALL_HINT = "the TUI needs Textual, which is not installed: pip install 'ckptdiff[tui]'"
+INSTALL_HINT = ("the TUI needs Textual, which is not installed: pip install 'textual>=0.80' "
+                "(or, in a ckptdiff checkout, pip install '.[tui]')")
 
 
 def register(subparsers: Any) -> None:
@@ -106,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
 def _check_store(path: str) -> None:
     """Open and close the store now, so a wrong path fails before the screen changes."""
     from ..errors import CkptError
-    from ..formats import split_store_ref
+    from ..resolve import split_store_ref
     from ..store import Store, is_store
 
     if not is_store(path):
@@ -122,8 +124,8 @@ def _check_store(path: str) -> None:
 
 
 def _check_checkpoints(old: str, new: str, manifest: str | None) -> None:
-    from ..formats import open_checkpoint
     from ..manifest import Manifest
+    from ..resolve import open_checkpoint
 
     for p in (old, new):
         open_checkpoint(p).close()

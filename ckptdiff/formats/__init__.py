@@ -3,10 +3,11 @@
 The format is chosen by content (magic bytes), never by extension: a
 ``model.bin`` may be a torch zip, a legacy pickle or a safetensors file.
 Each reader is a module with ``open_<format>(path) -> Checkpoint``; adding a
-format is one module plus one line in :func:`sniff`.
+format is one module plus one line in :func:`sniff` and :func:`open_checkpoint`.
 
-``open_checkpoint`` also accepts a store reference ``DIR@REF`` (see
-``ckptdiff.store``), so everything that takes a checkpoint takes a snapshot.
+Readers know files only. Store references (``DIR@REF``) and store
+directories are :mod:`ckptdiff.resolve`'s business, which is where what the
+user typed becomes a Checkpoint.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ TORCH_LEGACY = "torch-legacy"
 HDF5 = "hdf5"
 NPY = "npy"
 NPZ = "npz"
-STORE = "store"
+PEFT_ADAPTER = "peft-adapter"
 
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 _NPY_MAGIC = b"\x93NUMPY"
@@ -53,12 +54,11 @@ def sniff(path: str) -> str:
     if stat.S_ISDIR(st.st_mode):
         if os.path.isfile(os.path.join(path, "model.safetensors.index.json")):
             return SHARDED
-        from ..store import is_store  # local import: the store is optional for plain diffs
-        if is_store(path):
-            return STORE
         single = os.path.join(path, "model.safetensors")
         if os.path.isfile(single):
             return SAFETENSORS
+        if os.path.isfile(os.path.join(path, "adapter_config.json")):
+            return PEFT_ADAPTER
         raise UnsupportedFormatError(
             "is a directory without model.safetensors.index.json, model.safetensors or a ckptdiff store", path)
     if not stat.S_ISREG(st.st_mode):
@@ -109,49 +109,9 @@ def _sniff_zip(path: str) -> str:
     raise UnsupportedFormatError("zip archive that is neither a PyTorch checkpoint nor an .npz", path)
 
 
-def split_store_ref(spec: str) -> tuple[str, str] | None:
-    """``DIR@REF`` -> (DIR, REF) when DIR is a ckptdiff store; otherwise None.
-
-    A path that itself exists is a path, even if it contains ``@``.
-    """
-    if "@" not in spec or os.path.exists(spec):
-        return None
-    base, _, ref = spec.rpartition("@")
-    if not base or not ref:
-        return None
-    from ..store import is_store
-    if not is_store(base):
-        return None
-    return base, ref
-
-
-def _check_not_a_bad_ref(spec: str) -> None:
-    """Explain a ``DIR@REF`` that cannot name a snapshot, instead of "no such file".
-
-    ``runs@latest`` where ``runs`` is a plain directory, or ``runs/store@``
-    with nothing after the ``@``, are almost certainly meant as store refs.
-    """
-    if "@" not in spec or os.path.lexists(spec):
-        return
-    base, _, ref = spec.rpartition("@")
-    if not base or not os.path.exists(base):
-        return
-    from ..store import is_store
-    if not is_store(base):
-        raise CkptError(f"is not a ckptdiff store, so {spec!r} names no snapshot "
-                        "(DIR@REF needs a store directory made by 'ckptdiff init' or 'ckptdiff snapshot')", base)
-    if not ref.strip():
-        raise CkptError("nothing after '@': name a snapshot, e.g. DIR@latest, DIR@step:500 or DIR@<tag>", spec)
-
-
 def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
-    """Open any supported checkpoint, a sharded directory, or a store ``DIR@REF``."""
+    """Open any supported checkpoint file or sharded directory (store refs: :func:`ckptdiff.resolve.open_checkpoint`)."""
     spec = os.fspath(path)
-    ref = split_store_ref(spec)
-    if ref is not None:
-        from ..store import open_snapshot
-        return open_snapshot(*ref)
-    _check_not_a_bad_ref(spec)
     fmt = sniff(spec)
     from .. import watchdog
     from ..textsafe import printable
@@ -183,9 +143,10 @@ def _open_as(fmt: str, spec: str) -> Checkpoint:
     if fmt == NPZ:
         from .numpy_format import open_npz
         return open_npz(spec)
-    if fmt == STORE:
-        raise CkptError("is a ckptdiff store: name a snapshot as DIR@REF (e.g. DIR@latest)", spec)
+    if fmt == PEFT_ADAPTER:
+        from .peft_adapter import open_peft_adapter
+        return open_peft_adapter(spec)
     raise UnsupportedFormatError(f"no reader for format {fmt}", spec)
 
 
-__all__ = ["open_checkpoint", "sniff", "split_store_ref"]
+__all__ = ["open_checkpoint", "sniff"]

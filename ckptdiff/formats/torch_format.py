@@ -51,7 +51,8 @@ def _import_torch(path: str) -> Any:
     try:
         import torch
     except ImportError:
-        raise CkptError("reading PyTorch files needs torch: pip install 'ckptdiff[torch]'", path) from None
+        raise CkptError("reading PyTorch files needs torch: pip install torch "
+                        "(or, in a ckptdiff checkout, pip install '.[torch]')", path) from None
     return torch
 
 
@@ -144,8 +145,7 @@ def _scan_legacy(path: str) -> None:
 def _check_legacy_storages(mm: Any, pos: int, keys: list[str], named: dict[Any, Any]) -> None:
     """Each listed storage is an 8-byte element count and its bytes; together they end the file."""
     from .safe_pickle import Opaque, PickleRefused
-    from .torch_zip import STORAGE_DTYPES
-    from ..dtypes import DTYPES
+    from ..dtypes import DTYPES, STORAGE_DTYPES
 
     for key in keys:
         stype = named.get(key)

@@ -48,17 +48,11 @@ from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from ..checkpoint import Checkpoint, TensorRef, check_shape
-from ..dtypes import DTYPES, TORCH_NAMES
+from ..dtypes import DTYPES, STORAGE_DTYPES, TORCH_NAMES
 from ..errors import CkptError, FormatError
 from ._common import numel, pread_into
 from .safe_pickle import NeedsTorch, Opaque, PickleRefused, safe_unpickle
 
-#: torch's legacy typed storage classes -> canonical dtype.
-STORAGE_DTYPES = {
-    "DoubleStorage": "float64", "FloatStorage": "float32", "HalfStorage": "float16",
-    "BFloat16Storage": "bfloat16", "LongStorage": "int64", "IntStorage": "int32",
-    "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8", "BoolStorage": "bool",
-}
 #: Storage classes torch allows whose elements the dtype table does not hold -> item size.
 _OTHER_STORAGES = {"ComplexDoubleStorage": 16, "ComplexFloatStorage": 8, "QInt32Storage": 4, "QInt8Storage": 1,
                    "QUInt8Storage": 1, "QUInt4x2Storage": 1, "QUInt2x4Storage": 1}
@@ -495,4 +489,4 @@ class _Shim:
 
 SHIM = _Shim()
 
-__all__ = ["SHIM", "STORAGE_DTYPES", "Unsupported", "PtTensor", "load", "open_torch_zip"]
+__all__ = ["SHIM", "Unsupported", "PtTensor", "load", "open_torch_zip"]

@@ -17,7 +17,7 @@ import os
 import sqlite3
 import time
 
-from .. import __version__
+from .._version import __version__
 from ..errors import CkptError
 
 DB_NAME = "ckptdiff.db"

@@ -1,10 +1,11 @@
 """Write a snapshot back out as a plain checkpoint file, bit for bit.
 
-safetensors is written by our own streaming writer (header, then each
-tensor's bytes straight from its blob), so exporting a model larger than
-memory works and bf16/fp8 never pass through a float conversion. ``pt`` is
-written the same way by :mod:`ckptdiff.store.pt_writer` (the zip layout
-``torch.save`` uses, without importing torch).
+safetensors is written by the streaming writer in
+:mod:`ckptdiff.writers.safetensors` (header, then each tensor's bytes
+straight from its blob), so exporting a model larger than memory works and
+bf16/fp8 never pass through a float conversion. ``pt`` is written the same
+way by :mod:`ckptdiff.writers.pt` (the zip layout ``torch.save`` uses,
+without importing torch).
 
 Every tensor is re-hashed while it is written (by the snapshot's blob
 reader) and compared with its recorded hash, so a corrupt blob fails the
@@ -14,12 +15,13 @@ Output goes to a temp file renamed into place: no half-written exports.
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 from collections.abc import Callable
 
 from ..checkpoint import Checkpoint, TensorRef
+from ..writers import pt as pt_writer
+from ..writers import safetensors as st_writer
 from .blobs import IO_BYTES, _write_all
 
 FORMATS = ("safetensors", "pt")
@@ -35,20 +37,6 @@ def _checked_chunks(t: TensorRef, out: str):  # type: ignore[no-untyped-def]
     return t.chunks(IO_BYTES)
 
 
-def safetensors_header(ckpt: Checkpoint, metadata: dict[str, str]) -> bytes:
-    header: dict[str, object] = {}
-    if metadata:
-        header["__metadata__"] = metadata
-    offset = 0
-    for name, t in ckpt.items():
-        header[name] = {"dtype": t.dtype_info.safetensors, "shape": list(t.shape),
-                        "data_offsets": [offset, offset + t.nbytes]}
-        offset += t.nbytes
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
-    return len(raw).to_bytes(8, "little") + raw
-
-
 def _temp_beside(out: str) -> str:
     d = os.path.dirname(os.path.abspath(out))
     return os.path.join(d, f".{os.path.basename(out)}.{secrets.token_hex(6)}.tmp")
@@ -59,11 +47,8 @@ def write_safetensors(ckpt: Checkpoint, out: str, metadata: dict[str, str],
     tmp = _temp_beside(out)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        _write_all(fd, safetensors_header(ckpt, metadata))
-        for t in ckpt.values():
-            for chunk in _checked_chunks(t, out):
-                _write_all(fd, chunk)
-                advance(len(chunk))
+        st_writer.write(lambda b: _write_all(fd, b), dict(ckpt.items()), metadata,
+                        lambda t: _checked_chunks(t, out), advance)
         os.fsync(fd)
         os.close(fd)
         fd = -1
@@ -79,9 +64,7 @@ def write_safetensors(ckpt: Checkpoint, out: str, metadata: dict[str, str],
 
 
 def write_pt(ckpt: Checkpoint, out: str, advance: Callable[[int], None]) -> None:
-    """A ``torch.save``-compatible .pt of the snapshot's tensors, streamed (see pt_writer); no torch needed."""
-    from . import pt_writer
-
+    """A ``torch.save``-compatible .pt of the snapshot's tensors, streamed (see writers.pt); no torch needed."""
     tmp = _temp_beside(out)
     try:
         pt_writer.write(tmp, dict(ckpt.items()), lambda t: _checked_chunks(t, out), advance,
@@ -95,4 +78,4 @@ def write_pt(ckpt: Checkpoint, out: str, advance: Callable[[int], None]) -> None
         raise
 
 
-__all__ = ["FORMATS", "write_safetensors", "write_pt", "safetensors_header"]
+__all__ = ["FORMATS", "write_safetensors", "write_pt"]

@@ -2,9 +2,10 @@
 
 Every comparison here is hash against hash, so a log over hundreds of
 snapshots of a multi-GB model reads no blob: "changed vs parent" counts
-names whose hash differs, appeared or vanished; "drift" counts tensors that
-the effective manifest calls frozen whose hash differs from the first
-snapshot's (the baseline a fine-tune started from).
+names whose signature differs, appeared or vanished; "drift" counts frozen
+tensors that moved since the first snapshot (the baseline a fine-tune
+started from), as :mod:`ckptdiff.policy` decides for a diff of the two
+snapshots at zero tolerance.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import policy
 from ..manifest import Manifest
 from .model import SnapshotInfo
 
@@ -50,14 +52,18 @@ def effective_manifest(sid: str, by_id: Mapping[str, SnapshotInfo]) -> Manifest 
     return None
 
 
-def roles_manifest(sid: str, by_id: Mapping[str, SnapshotInfo]) -> Manifest | None:
-    """The manifest that decides a snapshot's roles: :func:`effective_manifest`
-    plus the training state recorded beside the model (``auxiliary``) as
-    buffers, as a diff of the original file treats it (the engine does the
-    same from ``Checkpoint.auxiliary``)."""
-    man = effective_manifest(sid, by_id)
+def roles_manifest(sid: str, by_id: Mapping[str, SnapshotInfo], base: str | None = None) -> Manifest | None:
+    """The manifest that decides a snapshot's roles (compared with ``base``, by default itself).
+
+    :func:`effective_manifest` chosen and completed by the policy as for a
+    diff of the two opened snapshots: NEW's manifest else OLD's, with the
+    training state recorded beside the model (``auxiliary``) as buffers.
+    """
     info = by_id.get(sid)
-    return man.with_auxiliary(info.auxiliary) if man is not None and info is not None and info.auxiliary else man
+    old = by_id.get(base) if base is not None else info
+    aux = (old.auxiliary if old is not None else ()) + (info.auxiliary if info is not None else ())
+    old_man = effective_manifest(base, by_id) if base is not None else None
+    return policy.pair_manifest(None, old_man, effective_manifest(sid, by_id), aux)
 
 
 def changed_between(old: Mapping[str, str], new: Mapping[str, str]) -> int:
@@ -66,8 +72,8 @@ def changed_between(old: Mapping[str, str], new: Mapping[str, str]) -> int:
 
 
 def drifted(first: Mapping[str, str], cur: Mapping[str, str], manifest: Manifest) -> list[str]:
-    """Frozen tensors of the baseline that moved or vanished."""
-    return [k for k, h in first.items() if manifest.role(k) == "frozen" and cur.get(k) != h]
+    """Frozen tensors of the baseline that moved or vanished (the policy's drift, from signatures)."""
+    return policy.signature_verdicts(first, cur, manifest)[0]
 
 
 def build_log(infos: Sequence[SnapshotInfo], hashes: Mapping[str, Mapping[str, str]]) -> list[LogRow]:
@@ -80,7 +86,7 @@ def build_log(infos: Sequence[SnapshotInfo], hashes: Mapping[str, Mapping[str, s
         cur = hashes.get(info.id, {})
         parent = hashes.get(info.parent) if info.parent is not None else None
         changed = None if parent is None else changed_between(parent, cur)
-        man = roles_manifest(info.id, by_id)
+        man = roles_manifest(info.id, by_id, infos[0].id)
         names = drifted(first, cur, man) if man is not None else []
         rows.append(LogRow(info, changed, None if man is None else len(names), names,
                            None if man is None else (man.source or "manifest")))

@@ -23,6 +23,16 @@ def json_value(x: Any) -> Any:
     return x
 
 
+#: Metric names that carry one value per tensor ("drift_max_abs/<tensor name>", recorded by the
+#: training hook with a drift snapshot). They are detail for one snapshot (``show``), not a
+#: column of a history: a 61-layer model would make them 61 entries of one ``log`` row.
+PER_TENSOR_METRIC_PREFIXES = ("drift_max_abs/",)
+
+
+def is_per_tensor_metric(name: str) -> bool:
+    return name.startswith(PER_TENSOR_METRIC_PREFIXES)
+
+
 @dataclass(frozen=True)
 class Entry:
     """One tensor of a snapshot: enough to compare by hash without reading a blob."""

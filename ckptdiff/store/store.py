@@ -32,6 +32,7 @@ from blake3 import blake3
 from ..checkpoint import Checkpoint, TensorRef
 from ..errors import CkptError, FormatError
 from ..manifest import Manifest
+from ..progress import Meter, ProgressFn
 from ..textsafe import printable
 from . import compress as compress_mod
 from . import db, refs
@@ -39,7 +40,6 @@ from .blobs import BlobDir, put_all, store_os_error
 from .history import LogRow, build_log, effective_manifest
 from .locking import LOCK_NAME, gc_lock
 from .model import BadBlob, Entry, GcResult, Metric, SnapshotInfo, VerifyResult
-from .progress import byte_progress
 from .rows import (auxiliary_to_json, check_metrics, entry_from_row, info_from_row, manifest_to_json, new_id,
                    snap_cols)
 
@@ -335,7 +335,7 @@ class Store:
         parent: str | None = "latest",
         inherit_from: str | None = None,
         auxiliary: Sequence[str] | None = None,
-        progress: bool = False,
+        progress: ProgressFn | None = None,
     ) -> str:
         """Record ``tensors`` as a new snapshot; returns its id.
 
@@ -345,7 +345,8 @@ class Store:
         ``Checkpoint.auxiliary``); by default it is the checkpoint's own when
         ``tensors`` is a Checkpoint, else ``inherit_from``'s. A snapshot opened
         later carries it, so a diff between snapshots treats optimizer state as
-        buffers, as a diff of the original files does.
+        buffers, as a diff of the original files does. ``progress(done, total)``
+        is called with bytes hashed and written (the store draws nothing).
         """
         if self.readonly:
             raise CkptError("store is read-only; cannot write a snapshot", self.root)
@@ -385,7 +386,7 @@ class Store:
     def _snapshot(self, tensors: Mapping[str, TensorRef], base: dict[str, Entry], *, step: int | None,
                   tag: str | None, message: str | None, metrics: dict[str, Metric], manifest: Manifest | None,
                   source: str | None, parent: str | None, inherit_from: str | None, auxiliary: tuple[str, ...],
-                  progress: bool) -> str:
+                  progress: ProgressFn | None) -> str:
         by_hash: dict[str, TensorRef] = {}
         written: list[str] = []
         new_entries: dict[str, Entry] = {}
@@ -402,10 +403,11 @@ class Store:
             return h
 
         try:
-            with byte_progress("snapshot", total, progress) as advance:
-                for name, h in put_all(put, tensors, advance, total):
-                    t = tensors[name]
-                    new_entries[name] = Entry(name, t.dtype, tuple(t.shape), h, t.nbytes)
+            meter = Meter(progress, total)
+            for name, h in put_all(put, tensors, meter.sink, total):
+                t = tensors[name]
+                new_entries[name] = Entry(name, t.dtype, tuple(t.shape), h, t.nbytes)
+            meter.finish()
             if written:
                 self.blobs.sync()
             return self._commit(base, new_entries, by_hash, put, step=step, tag=tag, message=message,
@@ -549,8 +551,8 @@ class Store:
         return res
 
     # -- checking and exporting -----------------------------------------------------
-    def verify(self, progress: bool = False) -> VerifyResult:
-        """Re-hash every referenced blob and check every entry."""
+    def verify(self, progress: ProgressFn | None = None) -> VerifyResult:
+        """Re-hash every referenced blob and check every entry; ``progress(done, total)`` in bytes."""
         res = VerifyResult()
         try:
             with self._lock:
@@ -579,13 +581,14 @@ class Store:
                 res.errors.append(f"snapshot {sid}, tensor {name!r}: blob {e.hash[:16]}… recorded with "
                                   "two different sizes")
         total = sum(need.values())
-        with byte_progress("verify", total, progress) as advance:
-            for h, nbytes in need.items():
-                problem = self.blobs.check(h, nbytes, advance)
-                res.blobs_checked += 1
-                res.bytes_checked += nbytes
-                if problem is not None:
-                    res.bad.append(BadBlob(h, problem, users[h]))
+        meter = Meter(progress, total)
+        for h, nbytes in need.items():
+            problem = self.blobs.check(h, nbytes, meter.sink)
+            res.blobs_checked += 1
+            res.bytes_checked += nbytes
+            if problem is not None:
+                res.bad.append(BadBlob(h, problem, users[h]))
+        meter.finish()
         res.unreferenced = sum(1 for h, _ in self.blobs.scan() if h not in need)
         return res
 
@@ -593,8 +596,11 @@ class Store:
         return _owned_by(path, self.root)
 
     def export(self, ref: str, out_path: str | os.PathLike[str], format: str = "safetensors", *,
-               overwrite: bool = False, progress: bool = False) -> SnapshotInfo:
-        """Write a snapshot as a plain .safetensors or .pt file, bit-identical to what was stored."""
+               overwrite: bool = False, progress: ProgressFn | None = None) -> SnapshotInfo:
+        """Write a snapshot as a plain .safetensors or .pt file, bit-identical to what was stored.
+
+        ``progress(done, total)`` is called with bytes written (the store draws nothing).
+        """
         from .export import FORMATS, write_pt, write_safetensors
 
         out = os.fspath(out_path)
@@ -620,11 +626,12 @@ class Store:
         if ckpt.manifest is not None:
             meta["ckptdiff.manifest"] = json.dumps(ckpt.manifest.to_dict())
         try:
-            with byte_progress("export", ckpt.total_bytes, progress) as advance:
-                if format == "safetensors":
-                    write_safetensors(ckpt, out, meta, advance)
-                else:
-                    write_pt(ckpt, out, advance)
+            meter = Meter(progress, ckpt.total_bytes)
+            if format == "safetensors":
+                write_safetensors(ckpt, out, meta, meter.sink)
+            else:
+                write_pt(ckpt, out, meter.sink)
+            meter.finish()
         except OSError as e:
             if e.errno in (28, 122):  # ENOSPC, EDQUOT
                 raise CkptError("disk full while exporting; nothing was written", out) from None

@@ -22,7 +22,7 @@ from store_helpers import ckpt, every_dtype, same_bits
 from ckptdiff.checkpoint import Checkpoint, TensorRef
 from ckptdiff.formats import open_checkpoint
 from ckptdiff.store import Store
-from ckptdiff.store import pt_writer
+from ckptdiff.writers import pt as pt_writer
 
 
 def data_offsets(path) -> dict[str, int]:  # noqa: ANN001

@@ -198,3 +198,32 @@ def test_snapshot_from_one_store_into_another(run_dir, capsys):
         assert sb.resolve("latest").source == f"{a}@{sa.resolve('latest').id}"
         with sb.open_snapshot("latest") as snap:
             assert all(same_bits(snap[k].numpy(), v) for k, v in last.items())
+
+
+def test_log_keeps_one_line_per_snapshot_whatever_the_per_tensor_metrics(tmp_path, capsys, monkeypatch):
+    """A drift snapshot of a 61-layer model records 61 drift_max_abs/<tensor> metrics: log folds them
+    into one maximum, and on a terminal cuts every row to its width."""
+    from ckptdiff.checkpoint import Checkpoint
+    from ckptdiff.commands import store_cmds
+    from ckptdiff.store import Store
+
+    arrays = {f"layers.{i}.weight": np.full(4, i, np.float32) for i in range(61)}
+    per_tensor = {f"drift_max_abs/layers.{i}.weight": 1e-4 * (i + 1) for i in range(61)}
+    st = tmp_path / "st"
+    with Store.open(st, create=True) as s:
+        ids = [s.snapshot(Checkpoint.from_arrays(arrays).tensors, step=0, metrics={"loss": 1.5}),
+               s.snapshot(Checkpoint.from_arrays(arrays).tensors, step=1, tag="drift", metrics=per_tensor),
+               s.snapshot(Checkpoint.from_arrays(arrays).tensors, step=2, metrics={"loss": 1.25, **per_tensor})]
+    rc, out, _ = cli(capsys, "log", os.fspath(st))  # not a terminal: nothing is cut
+    rows = out.splitlines()[1:4]
+    assert rc == 0 and "drift_max_abs/" not in out
+    assert rows[0].endswith("loss=1.5")
+    assert rows[1].endswith("  drift_max_abs=0.0061 (max of 61 tensors)")
+    assert rows[2].endswith("  loss=1.25 drift_max_abs=0.0061 (max of 61 tensors)")
+    rc, out, _ = cli(capsys, "show", f"{st}@drift")  # the detail stays where one snapshot is shown
+    assert "drift_max_abs/layers.60.weight=0.0061" in out
+    monkeypatch.setattr(store_cmds, "_terminal_width", lambda: 60)
+    rc, out, _ = cli(capsys, "log", os.fspath(st))
+    rows = out.splitlines()[1:4]
+    assert rc == 0 and all(len(r) == 60 and r.endswith("…") for r in rows[1:]), rows
+    assert [r.split()[0] for r in rows] == [i[:12] for i in ids]  # cut at the end: ids stay whole

@@ -11,7 +11,7 @@ from store_helpers import ckpt, every_dtype, same_bits
 from ckptdiff import dtypes
 from ckptdiff.checkpoint import TensorRef
 from ckptdiff.errors import CkptError
-from ckptdiff.formats import open_checkpoint
+from ckptdiff.resolve import open_checkpoint
 from ckptdiff.manifest import Manifest
 from ckptdiff.store import Store, is_store
 

@@ -19,7 +19,7 @@ def one_error_line(capsys) -> str:  # type: ignore[no-untyped-def]
 def test_help_teaches_keys_and_modes(capsys) -> None:
     assert main(["tui", "--help"]) == 0
     out = capsys.readouterr().out
-    for needle in ("ckptdiff tui STORE", "OLD NEW", "drift", "pip install 'ckptdiff[tui]'", "is:drift",
+    for needle in ("ckptdiff tui STORE", "OLD NEW", "drift", "pip install '.[tui]'", "is:drift",
                    "exit codes:"):
         assert needle in out
 
@@ -94,7 +94,8 @@ def test_missing_textual_gives_install_hint(history) -> None:
                           cwd=os.getcwd())
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == (
-        "ckptdiff: error: the TUI needs Textual, which is not installed: pip install 'ckptdiff[tui]'")
+        "ckptdiff: error: the TUI needs Textual, which is not installed: pip install 'textual>=0.80' "
+        "(or, in a ckptdiff checkout, pip install '.[tui]')")
     assert "Traceback" not in proc.stderr
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from ckptdiff.tui.app import CkptdiffApp
-from ckptdiff.tui.detail_screen import DetailScreen
+from ckptdiff.tui.detail_screen import CHART_SAMPLES, DetailScreen, by_step
 from ckptdiff.tui.help_screen import HelpScreen
 from ckptdiff.tui.history_list import HistoryList
 from ckptdiff.tui.history_screen import HistoryScreen
@@ -257,7 +259,7 @@ async def test_detail_screen_history_of_a_drifted_tensor(history) -> None:
         assert got == pytest.approx(expected, rel=1e-12)
         assert got[:DRIFT_FROM] == [0.0] * DRIFT_FROM and all(g > 0 for g in got[DRIFT_FROM:])
         from textual.widgets import Sparkline
-        assert list(detail.query_one("#chart-max", Sparkline).data) == pytest.approx(expected)
+        assert list(detail.query_one("#chart-max", Sparkline).data) == pytest.approx(by_step(history.steps, expected))
         text = str(detail.query_one("#first-drift").render())
         assert f"first drifted at snapshot #{DRIFT_FROM}" in text and f"step {history.steps[DRIFT_FROM]}" in text
         await pilot.press("escape")
@@ -355,7 +357,7 @@ def test_quick_rows_agree_with_the_engine(history) -> None:
     """The hash-only first picture and the engine's report agree on every status/drift/stale."""
     from ckptdiff.tui.history import HistoryModel
 
-    from ckptdiff.engine import diff
+    from ckptdiff import diff
 
     model = HistoryModel.load(history.path)
     last = len(model) - 1
@@ -393,3 +395,50 @@ async def test_a_damaged_blob_is_reported_not_fatal(history) -> None:
         await pilot.press("k")
         await settle(pilot)
         assert screen.selected == N_SNAPSHOTS - 2
+
+
+def test_the_chart_spaces_snapshots_by_step() -> None:
+    """Snapshots at steps 0, 10 and 100: the jump at step 10 sits a tenth of the way along."""
+    values = by_step([0, 10, 100], [0.0, 1.0, 2.0])
+    assert len(values) == CHART_SAMPLES
+    first_one, first_two = values.index(1.0), values.index(2.0)
+    assert first_one == math.ceil((CHART_SAMPLES - 1) / 10)  # the first sample at or past step 10
+    assert first_two == CHART_SAMPLES - 1 and values[:first_one] == [0.0] * first_one
+    # without steps (or out of order) each snapshot keeps one evenly spaced sample
+    assert by_step([0, None, 100], [0.0, 1.0, 2.0]) == [0.0, 1.0, 2.0]
+    assert by_step([0, 50, 50], [0.0, 1.0, 2.0]) == [0.0, 1.0, 2.0]
+
+
+def test_per_tensor_metrics_are_never_a_column() -> None:
+    from ckptdiff.tui import fmt
+
+    per_tensor = {f"drift_max_abs/layers.{i}.weight": 1e-4 for i in range(61)}
+    assert fmt.metric_columns([per_tensor, per_tensor, {"loss": 1.0, **per_tensor}]) == ["loss"]
+    assert fmt.metric_columns([per_tensor]) == []
+
+
+@run_async
+async def test_the_drift_marker_stays_red_on_the_cursor_row(history) -> None:
+    """In the snapshot list and in the tensor table: the cursor's colours cover the row, not the alarm."""
+    app = app_for(history)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        hl = app.screen.query_one(HistoryList)
+        assert hl.cursor_row == N_SNAPSHOTS - 1 and hl.summaries[hl.cursor_row].drifted_vs_base
+
+        def marker_colours(row: int) -> tuple[str, str]:
+            strip = hl.render_line(row - round(hl.scroll_y) + 1)
+            seg = next(seg for seg in strip if "▲" in seg.text)
+            return seg.style.color.name, seg.style.bgcolor.name
+
+        on_cursor = marker_colours(hl.cursor_row)
+        off_cursor = marker_colours(hl.cursor_row - 1)
+        assert on_cursor[0] == off_cursor[0] == "red"
+        assert on_cursor[1] != off_cursor[1]  # still the cursor row: its background stays
+        # the tensor table's "▲ DRIFT" flag, on its cursor row (the top row: drift comes first)
+        table = app.screen.table
+        assert table.cursor_row == 0 and table.shown[0].drift
+        strip = table.render_line(1 - round(table.scroll_y))
+        flag = next(seg for seg in strip if "▲ DRIFT" in seg.text)
+        name = next(seg for seg in strip if table.shown[0].name in seg.text)
+        assert flag.style.color.name == "red" and name.style.color.name != "red"

@@ -43,13 +43,39 @@ def fresh_history(tmp_path_factory) -> str:
     return out
 
 
-def hashes(path: str) -> list[dict[str, str]]:
+#: How far a regenerated value may lie from the shipped one, relative to the
+#: tensor's largest shipped magnitude. torch's CPU kernels round differently
+#: from one CPU to another (about 2e-7 between an AMD EPYC and an Intel Xeon),
+#: so the shipped store is the reference and bytes are not compared.
+VALUE_TOLERANCE = 1e-4
+
+
+def history(path: str) -> list[tuple[object, ...]]:
+    """Per snapshot: what a reader sees without the values (steps, tags, metrics, layouts, manifest)."""
     with Store.open(path) as s:
-        return [{n: e.hash for n, e in s.entries(i.id).items()} for i in s.list()]
+        return [(i.step, i.tag, i.message, sorted(i.metrics), s.effective_manifest(i.id).to_dict(),
+                 {n: (e.dtype, e.shape) for n, e in s.entries(i.id).items()}) for i in s.list()]
 
 
-def test_script_is_deterministic_and_matches_the_shipped_store(fresh_history) -> None:
-    assert hashes(fresh_history) == hashes(SHIPPED)
+def unchanged_since_previous(path: str) -> list[set[str]]:
+    """Per snapshot after the first: the tensors bitwise equal to the previous snapshot's."""
+    with Store.open(path) as s:
+        entries = [s.entries(i.id) for i in s.list()]
+    return [{n for n, e in cur.items() if prev[n].hash == e.hash} for prev, cur in zip(entries, entries[1:])]
+
+
+def test_script_reproduces_the_shipped_store(fresh_history) -> None:
+    assert history(fresh_history) == history(SHIPPED)
+    assert unchanged_since_previous(fresh_history) == unchanged_since_previous(SHIPPED)
+    with Store.open(fresh_history) as fresh, Store.open(SHIPPED) as shipped:
+        for a, b in zip(fresh.list(), shipped.list()):
+            for k, v in b.metrics.items():
+                assert a.metrics[k] == pytest.approx(v, abs=1e-3), (b.step, k)
+            x, y = fresh.open_snapshot(a.id), shipped.open_snapshot(b.id)
+            for n in y:
+                old, new = y[n].numpy().astype(np.float64), x[n].numpy().astype(np.float64)
+                bound = VALUE_TOLERANCE * float(np.abs(old).max(initial=0.0))
+                assert float(np.abs(new - old).max(initial=0.0)) <= bound, (b.step, n)
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(SHIPPED) for f in fs)
     assert size < 1 << 20
 

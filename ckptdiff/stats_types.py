@@ -1,0 +1,73 @@
+"""The running sums of :class:`ckptdiff.stats.DeltaStats`, as both implementations see them.
+
+:mod:`ckptdiff.stats` (which picks the C module or numpy) imports
+:mod:`ckptdiff.stats_numpy` lazily, and the numpy code fills the same sums:
+the shapes they share live here, so neither imports the other back.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Protocol
+
+
+class _Norm:
+    """A Euclidean norm accumulated as ``scale * sqrt(ssq)``.
+
+    float64 tensors can hold values whose squares overflow (1e200) or
+    underflow (1e-200); those blocks are added scaled by their largest
+    magnitude, as LAPACK's dnrm2 does. Narrower dtypes cannot overflow in
+    float64 and take the plain, cheaper path (scale 1).
+    """
+
+    __slots__ = ("scale", "ssq")
+
+    def __init__(self) -> None:
+        self.scale = 1.0
+        self.ssq = 0.0
+
+    def _merge(self, scale: float, ssq: float) -> None:
+        if ssq == 0.0:
+            return
+        if self.ssq == 0.0:
+            self.scale, self.ssq = scale, ssq
+        elif scale > self.scale:
+            self.ssq = self.ssq * (self.scale / scale) ** 2 + ssq
+            self.scale = scale
+        elif scale == self.scale:  # also inf == inf, where the ratio would be NaN
+            self.ssq += ssq
+        else:
+            self.ssq += ssq * (scale / self.scale) ** 2
+
+    @property
+    def is_zero(self) -> bool:
+        return self.ssq == 0.0
+
+    def ratio(self, other: _Norm) -> float:
+        """``self / other`` without overflowing on the way."""
+        if other.is_zero:
+            return 0.0 if self.is_zero else math.inf
+        if self.is_zero:
+            return 0.0
+        return (self.scale / other.scale) * math.sqrt(self.ssq / other.ssq)
+
+
+class DeltaSums(Protocol):
+    """What :mod:`ckptdiff.stats_numpy` reads and adds to (a :class:`~ckptdiff.stats.DeltaStats`)."""
+
+    dtype: Any
+    atol: float
+    rtol: float
+    changed_elements: int
+    out_of_tolerance: int
+    finite_both: int
+    max_abs_delta: float
+    sum_abs_delta: float
+    nan_new: int
+    inf_new: int
+    delta_norm: _Norm
+    old_norm: _Norm
+    _bufs: Any
+
+
+__all__ = ["DeltaSums", "_Norm"]
