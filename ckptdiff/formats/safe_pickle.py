@@ -19,7 +19,11 @@ the same meaning for each. On top of torch's rules it enforces:
   deeper than :data:`MAX_DEPTH` is refused before anything hashes it;
 * integer size: ``LONG1`` is at most 255 bytes by construction; the
   protocol's unbounded forms (``LONG4``, text ``LONG``) are not accepted;
-* opcode count and input size are bounded by the caller's bytes.
+* instructions: at most :data:`MAX_OPS` per stream.
+
+With ``protocol4=True`` it also accepts what ``pickle.dumps`` writes by
+default (protocols 3-5), under the same bounds, for pickles torch itself
+never loads weights-only (a torch.distributed.checkpoint ``.metadata``).
 
 Globals are resolved by the caller's ``find_class``; objects it does not
 know become :class:`Opaque` placeholders (``find_class`` may also return one

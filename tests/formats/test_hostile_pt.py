@@ -102,12 +102,12 @@ def _edited(tmp_path, name: str, old: bytes, new: bytes) -> str:
     ("storage_size", b"K\x04tq\x07", b"K\x09tq\x07"),                  # the pickle claims 9 elements, the file has 4
 ])
 def test_invalid_rebuild_arguments_are_refused_like_torch(tmp_path, valid_pt, name, old, new):
+    # ckptdiff hands these to torch, which refuses them; the CLI's one-line wording of torch's refusals is
+    # tested with the other bad inputs (test_fmt_cli_errors).
     path = _edited(tmp_path, name, old, new)
     assert check(path, torch_tensors) == "refused"  # and torch agrees there is nothing to read
     with pytest.raises(Exception):  # noqa: B017 - torch's own words vary; that it refuses is the point
         torch.load(path, weights_only=True)
-    if name == "negative_offset":  # one through the CLI: torch's refusal, as one line
-        run_cli("diff", path, valid_pt).refused()
     assert check(valid_pt, torch_tensors) == "equal"
 
 
