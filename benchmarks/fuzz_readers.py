@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"DISAGREEMENT {name} seed {seed}: {e} (kept {kept})", flush=True)
         dt = time.perf_counter() - t0
         print(f"{name:24s} {args.examples} mutants in {dt:.1f} s: {dict(counts)}", flush=True)
-    if not args.keep:
+    if not args.keep and not failures:
         shutil.rmtree(work, ignore_errors=True)
     print("no disagreement" if not failures else f"{failures} disagreement(s)")
     return 1 if failures else 0

@@ -39,6 +39,8 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+from ..errors import CkptError
+
 #: Containers nested deeper than this are refused (a real checkpoint is < 20 deep).
 MAX_DEPTH = 500
 #: Refuse streams with more opcodes than this (a state_dict of 100k tensors needs ~3M).
@@ -427,7 +429,7 @@ class SafeUnpickler:
         """Call a stand-in; anything it cannot build (or chokes on) becomes an Opaque for torch to judge."""
         try:
             return func(*args)
-        except PickleRefused:
+        except (PickleRefused, CkptError):  # a stand-in's own one-line refusal
             raise
         except NeedsTorch as e:
             why = str(e)

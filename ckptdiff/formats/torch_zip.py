@@ -270,9 +270,39 @@ class _Load:
         return storage
 
 
+def _check_storage_alignment(f: BinaryIO, member: tuple[int, int] | None, path: str) -> None:
+    """torch parses ``.storage_alignment`` with ``int()`` and refuses the file if it cannot."""
+    if member is None:
+        return
+    f.seek(member[0])
+    text = f.read(min(member[1], 64))
+    try:
+        if member[1] > 64:
+            raise ValueError
+        int(text)
+    except ValueError:
+        raise FormatError(".storage_alignment is not a number (torch refuses such a file)", path) from None
+
+
+def unpickle_data_pkl(raw: bytes, members: dict[str, tuple[int, int]], path: str | None = None) -> Any:
+    """A ``torch.save`` data.pkl, read with fresh stand-ins (PtTensor leaves) and safe_pickle's bounds.
+
+    ``members`` is :func:`_member_offsets`'s table (storage sizes are checked
+    against it). Raises FormatError to refuse, Unsupported when torch must read it.
+    """
+    state = _Load(members)
+    try:
+        obj, opaque, _end = safe_unpickle(raw, state.find_class, state.persistent_load)
+    except PickleRefused as e:
+        raise FormatError(f"refused: {e}", path) from None
+    if opaque:
+        raise Unsupported(opaque[0])
+    return obj
+
+
 # -- the archive -------------------------------------------------------------------------------
 
-def _check_end_records(f: BinaryIO, size: int, start_dir: int, count: int, path: str) -> int:
+def _check_end_records(f: BinaryIO, size: int, start_dir: int, count: int, path: str | None) -> int:
     """The central directory is followed by (zip64 end record, zip64 locator,) end record: nothing else,
     and every count, size, offset and disk number in them agrees (miniz, torch's reader, checks each).
     Returns where the central directory ends."""
@@ -302,7 +332,7 @@ def _check_end_records(f: BinaryIO, size: int, start_dir: int, count: int, path:
     return cd_end
 
 
-def _check_central_lengths(f: BinaryIO, start: int, end: int, count: int, path: str) -> None:
+def _check_central_lengths(f: BinaryIO, start: int, end: int, count: int, path: str | None) -> None:
     """Walk the central directory by its own length fields: ``count`` entries, no comments, exactly filling it.
 
     (zipfile reads a field that runs past the directory as shorter; torch's reader refuses it.)
@@ -330,7 +360,7 @@ def _well_formed_extra(extra: bytes) -> bool:
     return pos == len(extra)
 
 
-def _member_offsets(f: BinaryIO, size: int, path: str) -> tuple[str, dict[str, tuple[int, int]]]:
+def _member_offsets(f: BinaryIO, size: int, path: str | None) -> tuple[str, dict[str, tuple[int, int]]]:
     """(archive prefix, member name below it -> (absolute data offset, length)), after checking the layout.
 
     The layout is the one ``torch.save`` writes: members end to end from byte
@@ -427,18 +457,13 @@ def load(path: str) -> tuple[Any, Callable[[PtTensor, str], TensorRef], Callable
             f.seek(order[0])
             if f.read(min(order[1], 16)) != b"little":
                 raise Unsupported("not a little-endian archive")
+        _check_storage_alignment(f, members.get(".storage_alignment"), path)
         p_start, p_len = members["data.pkl"]
         if p_len > MAX_PICKLE_BYTES:
             raise Unsupported("data.pkl too large for the fast path")
         f.seek(p_start)
         raw = f.read(p_len)
-        state = _Load(members)
-        try:
-            obj, opaque, end = safe_unpickle(raw, state.find_class, state.persistent_load)
-        except PickleRefused as e:
-            raise FormatError(f"refused: {e}", path) from None
-        if opaque:
-            raise Unsupported(opaque[0])
+        obj = unpickle_data_pkl(raw, members, path)
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         fd = os.dup(f.fileno())  # for read_into: pread needs no shared file position
     whole = memoryview(mm)
@@ -489,4 +514,4 @@ class _Shim:
 
 SHIM = _Shim()
 
-__all__ = ["SHIM", "Unsupported", "PtTensor", "load", "open_torch_zip"]
+__all__ = ["SHIM", "Unsupported", "PtTensor", "load", "open_torch_zip", "unpickle_data_pkl"]
