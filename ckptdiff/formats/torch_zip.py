@@ -56,7 +56,7 @@ from .safe_pickle import NeedsTorch, Opaque, PickleRefused, safe_unpickle
 #: Storage classes torch allows whose elements the dtype table does not hold -> item size.
 _OTHER_STORAGES = {"ComplexDoubleStorage": 16, "ComplexFloatStorage": 8, "QInt32Storage": 4, "QInt8Storage": 1,
                    "QUInt8Storage": 1, "QUInt4x2Storage": 1, "QUInt2x4Storage": 1}
-#: data.pkl larger than this is not a plain state_dict; leave it to torch.
+#: data.pkl larger than this is refused (the interpreter is bounded, but minutes are not a diff).
 MAX_PICKLE_BYTES = 256 << 20
 _LOCAL = struct.Struct("<4sHHHHHIIIHH")  # local file header, 30 bytes
 _EOCD = struct.Struct("<4sHHHHIIH")  # end of central directory, 22 bytes
@@ -453,17 +453,20 @@ def load(path: str) -> tuple[Any, Callable[[PtTensor, str], TensorRef], Callable
         size = os.fstat(f.fileno()).st_size
         _prefix, members = _member_offsets(f, size, path)
         order = members.get("byteorder")
+        little = True
         if order is not None:
             f.seek(order[0])
-            if f.read(min(order[1], 16)) != b"little":
-                raise Unsupported("not a little-endian archive")
+            little = f.read(min(order[1], 16)) == b"little"
         _check_storage_alignment(f, members.get(".storage_alignment"), path)
         p_start, p_len = members["data.pkl"]
         if p_len > MAX_PICKLE_BYTES:
-            raise Unsupported("data.pkl too large for the fast path")
+            raise FormatError(f"data.pkl holds {p_len:,} bytes; ckptdiff reads pickles of up to "
+                              f"{MAX_PICKLE_BYTES >> 20} MiB (a state_dict of 100,000 tensors needs ~10)", path)
         f.seek(p_start)
         raw = f.read(p_len)
-        obj = unpickle_data_pkl(raw, members, path)
+        obj = unpickle_data_pkl(raw, members, path)  # validates the whole stream, even when torch must read it
+        if not little:
+            raise Unsupported("not a little-endian archive")
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         fd = os.dup(f.fileno())  # for read_into: pread needs no shared file position
     whole = memoryview(mm)

@@ -203,3 +203,13 @@ def test_protocol4_mode_reads_what_pickle_writes_by_default_with_the_same_bounds
     deep = pickle.dumps({"k": 1}, protocol=4).replace(b"\x8c\x01k", b")" + b"\x85" * 10_000)
     with pytest.raises(PickleRefused, match="deep"):
         safe_unpickle(deep, find_class, protocol4=True)
+
+
+def test_files_handed_to_torch_are_validated_first(tmp_path):
+    # A big-endian archive goes to torch; its pickle must still pass the bounds before torch sees it.
+    from hostile_helpers import replace_members
+
+    base = pt_with_pickle(str(tmp_path), "deep", HOSTILE["deep_tuple1"][0])
+    big = replace_members(base, str(tmp_path / "big.pt"), {"byteorder": b"big"})
+    with pytest.raises(CkptError, match="deep"):
+        open_checkpoint(big)
