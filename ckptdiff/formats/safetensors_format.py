@@ -8,6 +8,18 @@ validate completely here:
 ``[8-byte LE header length N][N bytes of JSON header][data section]``, each
 header entry ``{"dtype", "shape", "data_offsets": [begin, end]}`` relative to
 the data section, plus an optional ``__metadata__`` str -> str map.
+
+Reference: the ``safetensors`` library (its Rust ``read_metadata`` and
+``Metadata::validate``), followed rule for rule: a header of at most
+100,000,000 bytes of UTF-8 JSON (whitespace around the object is valid JSON
+and accepted, as the writer itself pads with spaces); the tensors, sorted by
+``data_offsets``, tile the data section exactly from byte 0 with no gap and
+no overlap; each holds exactly ``numel * itemsize`` bytes; and the last one
+ends exactly at the end of the file, so no bytes after the data (a polyglot
+tail) can hide there. Stricter than the reference: a name listed twice is
+refused (serde keeps one silently), ``__metadata__`` values must be strings
+(as the reference requires), and dtypes ckptdiff has no canonical name for
+are refused rather than skipped.
 """
 
 from __future__ import annotations
@@ -21,9 +33,8 @@ from ..dtypes import from_safetensors
 from ..errors import CkptError, FormatError
 from ._common import map_file, numel, open_binary, pread_into, with_path
 
-#: A header larger than this is refused before it is read (the Rust
-#: implementation uses the same cap).
-MAX_HEADER_BYTES = 100 << 20
+#: A header larger than this is refused before it is read (the reference's MAX_HEADER_SIZE).
+MAX_HEADER_BYTES = 100_000_000
 FORMAT = "safetensors"
 
 
@@ -74,7 +85,7 @@ def _parse(buf: Any, path: str) -> tuple[dict[str, tuple[str, tuple[int, ...], i
         raise FormatError(f"truncated: {size} bytes, too short for the 8-byte safetensors header length", path)
     n = int.from_bytes(buf[:8], "little")
     if n > MAX_HEADER_BYTES:
-        raise FormatError(f"header claims {n} bytes, more than the {MAX_HEADER_BYTES >> 20} MiB limit", path)
+        raise FormatError(f"header claims {n} bytes, more than the {MAX_HEADER_BYTES:,}-byte limit", path)
     if n > size - 8:
         raise FormatError(f"truncated: header claims {n} bytes but the file has only {size - 8} after the length", path)
     raw = bytes(buf[8:8 + n])
@@ -93,6 +104,9 @@ def _parse(buf: Any, path: str) -> tuple[dict[str, tuple[str, tuple[int, ...], i
     if not isinstance(header, dict):
         raise FormatError("header is not a JSON object", path)
 
+    if not _valid_unicode(header):
+        raise FormatError("header holds a string with a lone UTF-16 surrogate escape, which is not valid Unicode "
+                          "(the safetensors library refuses it)", path)
     data_start = 8 + n
     data_len = size - data_start
     metadata: dict[str, str] = {}
@@ -118,6 +132,9 @@ def _parse(buf: Any, path: str) -> tuple[dict[str, tuple[str, tuple[int, ...], i
             if not e.message.startswith("tensor "):
                 e = FormatError(f"tensor {name!r}: {e.message}")
             raise with_path(e, path) from None
+        if not _fits_usize(shape, dt.itemsize):
+            raise FormatError(f"tensor {name!r}: shape {list(shape)} overflows 64 bits (the safetensors library "
+                              "refuses it)", path)
         offsets = info["data_offsets"]
         if (not isinstance(offsets, list) or len(offsets) != 2
                 or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
@@ -135,13 +152,54 @@ def _parse(buf: Any, path: str) -> tuple[dict[str, tuple[str, tuple[int, ...], i
                 f"tensor {name!r}: data_offsets [{begin}, {end}] hold {end - begin} bytes but "
                 f"{dt.safetensors} {list(shape)} needs {expected}", path)
         out[name] = (dt.name, shape, data_start + begin, data_start + end)
-        if end > begin:
-            spans.append((begin, end, name))
+        spans.append((begin, end, name))
+    # The reference's rule: sorted by offsets, the tensors tile the data section exactly.
     spans.sort()
-    for (b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
-        if b1 < e0:
-            raise FormatError(f"tensors {n0!r} and {n1!r} overlap (bytes {b1}..{e0} of the data section)", path)
+    covered, previous = 0, ""
+    for begin, end, name in spans:
+        if begin < covered:
+            raise FormatError(f"tensors {previous!r} and {name!r} overlap (bytes {begin}..{covered} of the data "
+                              "section)", path)
+        if begin > covered:
+            raise FormatError(f"tensor {name!r}: bytes {covered}..{begin} of the data section belong to no tensor "
+                              "(the safetensors library refuses gaps)", path)
+        covered, previous = end, name
+    if covered != data_len:
+        raise FormatError(f"{data_len - covered} bytes after the last tensor's data (the safetensors library "
+                          "refuses such a file: the data section must end where the last tensor ends)", path)
     return out, metadata
+
+
+def _fits_usize(shape: tuple[int, ...], itemsize: int) -> bool:
+    """The reference multiplies the dims left to right in u64 and fails on overflow, even before a 0 dim."""
+    limit = 1 << 64
+    n = 1
+    for dim in shape:
+        if dim >= limit:
+            return False
+        n *= dim
+        if n >= limit:
+            return False
+    return n * itemsize < limit
+
+
+def _valid_unicode(header: dict[str, Any]) -> bool:
+    """serde_json refuses ``\\ud800``-style lone surrogates that Python's json accepts."""
+    def ok(text: str) -> bool:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+
+    for key, info in header.items():
+        if not ok(key):
+            return False
+        if isinstance(info, dict):
+            for k, v in info.items():
+                if not ok(k) or (isinstance(v, str) and not ok(v)):
+                    return False
+    return True
 
 
 class _Duplicate(Exception):
