@@ -208,13 +208,14 @@ class PackWriter:
             return True
 
     def abort(self) -> None:
-        """Drop an unpublished pack's temp files (a published pack stays for gc)."""
+        """Drop an unpublished pack's files, wherever publishing stopped (a published pack stays for gc)."""
         with self._lock:
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
             if not self.published:
-                for p in (self._tmp, os.path.join(self.tmp_dir, self.name + IDX_SUFFIX + ".part")):
+                for p in (self._tmp, os.path.join(self.tmp_dir, self.name + IDX_SUFFIX + ".part"),
+                          os.path.join(self.dir, self.name + PACK_SUFFIX)):  # renamed, but no index yet
                     try:
                         os.unlink(p)
                     except OSError:

@@ -214,3 +214,25 @@ def test_older_blob_per_file_stores_read_and_grow_without_migration(tmp_path, mo
         s.export(old_id, out)
         assert {k: v.tobytes() for k, v in load_file(os.fspath(out)).items()} == \
                {k: v.tobytes() for k, v in arrays.items()}
+
+
+def test_a_failure_while_publishing_leaves_no_pack_behind(raw_store, monkeypatch):
+    """Disk full at the index's rename (the pack itself already renamed): nothing stays in packs/ or tmp/."""
+    import errno
+
+    raw_store.snapshot(ckpt(_small(5, 20)))
+    before = object_files(raw_store.root)
+    real = os.replace
+
+    def replace(src, dst):
+        if str(dst).endswith(".idx"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(CkptError, match="disk full"):
+        raw_store.snapshot(ckpt(_small(6, 20)))
+    monkeypatch.setattr(os, "replace", real)
+    assert object_files(raw_store.root) == before
+    assert os.listdir(os.path.join(raw_store.root, "tmp")) == []
+    assert raw_store.verify().ok and len(raw_store.list()) == 1
