@@ -236,3 +236,26 @@ def test_a_failure_while_publishing_leaves_no_pack_behind(raw_store, monkeypatch
     assert object_files(raw_store.root) == before
     assert os.listdir(os.path.join(raw_store.root, "tmp")) == []
     assert raw_store.verify().ok and len(raw_store.list()) == 1
+
+
+def test_the_shipped_sample_history_a_store_from_before_packs(tmp_path):
+    """sample_ckpts/history was written by the blob-per-file version (format 1): used as it is."""
+    import shutil
+
+    root = os.fspath(tmp_path / "history")
+    here = os.path.dirname(os.path.abspath(__file__))
+    shutil.copytree(os.path.join(here, "..", "..", "sample_ckpts", "history"), root)
+    loose = _loose(root)
+    assert loose and not _packs(root)
+    with Store.open(root) as s:
+        assert s.conn.execute("SELECT value FROM meta WHERE key = 'format_version'").fetchone() == ("1",)
+        res = s.verify()
+        assert res.ok and res.blobs_checked == len(loose)
+        last = s.open_snapshot("latest")
+        grown = {n: last[n].numpy() for n in last}
+        grown["encoder.0.weight"] = grown["encoder.0.weight"] * 2
+        sid = s.snapshot(ckpt(grown))
+        assert _loose(root) == loose and len(_packs(root)) == 2  # the one changed tensor, packed
+        assert s.verify().ok
+        with s.open_snapshot(sid) as snap:
+            assert all(snap[n].read() == grown[n].tobytes() for n in grown)
