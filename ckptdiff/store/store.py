@@ -451,7 +451,6 @@ class Store:
         total = sum(t.nbytes for t in tensors.values())
         pack = self.blobs.new_pack()
         self.blobs.packs.refresh()  # under the shared gc lock: what we dedupe against stays
-        pack.loose = {h for h, _ in self.blobs.scan_loose()}  # one listing, not a stat per small tensor
 
         lock = threading.Lock()
 
@@ -469,6 +468,8 @@ class Store:
             # thread per tiny tensor would cost more than the tensor); big ones
             # become loose files, several at once.
             small = {n: t for n, t in tensors.items() if t.nbytes < SMALL_OBJECT_BYTES}
+            if len(small) >= LIST_LOOSE_MIN:  # one listing of blobs/, not a stat per small tensor
+                pack.loose = {h for h, _ in self.blobs.scan_loose()}
             hashes: dict[str, str] = {}
             put_packed = self.blobs.put_packed
             for n, t in small.items():
@@ -808,6 +809,10 @@ class _Missing(Exception):
         super().__init__(f"{len(hashes)} blobs missing")
         self.hashes = hashes
 
+
+#: With at least this many small tensors, a snapshot lists blobs/ once (for
+#: dedupe against loose blobs of older stores) instead of a stat per tensor.
+LIST_LOOSE_MIN = 1_000
 
 #: Snapshots of at least this many tensors pause Python's cyclic garbage collector.
 PAUSE_GC_TENSORS = 10_000

@@ -185,8 +185,12 @@ def test_a_failed_commit_drops_the_pack_it_published(raw_store, monkeypatch):
     assert os.listdir(os.path.join(raw_store.root, "tmp")) == []
 
 
-def test_older_blob_per_file_stores_read_and_grow_without_migration(tmp_path, monkeypatch, store):
-    """A store written before packs existed (every object a loose file, no packs/ folder)."""
+@pytest.mark.parametrize("list_loose", [True, False], ids=["one-listing", "stat-each"])
+def test_older_blob_per_file_stores_read_and_grow_without_migration(tmp_path, monkeypatch, store, list_loose):
+    """A store written before packs existed (every object a loose file, no packs/ folder).
+
+    Dedupe against its loose blobs both ways a snapshot looks for them."""
+    monkeypatch.setattr(store_mod, "LIST_LOOSE_MIN", 0 if list_loose else 10**9)
     root = store.root
     arrays = _small(4, 60)
     with monkeypatch.context() as m:  # write exactly the old layout
