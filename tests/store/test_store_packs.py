@@ -210,6 +210,8 @@ def test_older_blob_per_file_stores_read_and_grow_without_migration(tmp_path, mo
         grown = dict(arrays, extra=np.arange(11, dtype=np.float16))
         s.snapshot(ckpt(grown))
         assert _loose(root) == old_files and len(_packs(root)) == 2
+        (records,) = s.blobs.packs.packs.values()
+        assert [r[0] for r in records] == [s.entries("latest")["extra"].hash]  # nothing stored twice
         # raised to the version that has packs: an older ckptdiff asks to be upgraded rather than misreading
         assert s.conn.execute("SELECT value FROM meta WHERE key = 'format_version'").fetchone() == ("2",)
         assert s.gc().blobs_removed == 0
