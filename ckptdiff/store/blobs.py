@@ -355,7 +355,7 @@ class BlobDir:
         """
         self.packs.refresh()
         bad: dict[str, str] = {}
-        other: list[str] = [f"pack {name}: its index is unreadable ({why}); its objects are lost"
+        other: list[str] = [f"pack {name}: its index is unreadable ({why}); the objects it lists cannot be found"
                             for name, why in sorted(self.packs.damaged.items())]
         seen: set[str] = set()
         for name in sorted(self.packs.packs):
