@@ -81,14 +81,11 @@ def diff(
 
     started = time.perf_counter()
     man = policy.checkpoints_manifest(manifest, old, new)
-    # Plain dicts, read once: every Mapping lookup on a Checkpoint is a
-    # Python call, and a 2,000-tensor diff made 14,000 of them.
-    ta, tb = dict(old.items()), dict(new.items())
+    ta, tb = _tensors(old), _tensors(new)
     names = _select(_union(ta, tb), include_pats, exclude_pats)
     if include_pats and not names and (ta or tb):
         raise NothingSelected(include_pats, exclude_pats, len(ta), len(tb))
-    sizes = {n: (ta[n].nbytes if n in ta else 0) + (tb[n].nbytes if n in tb else 0) for n in names}
-    total = sum(sizes.values())
+    total = sum(ta[n].nbytes for n in names if n in ta) + sum(tb[n].nbytes for n in names if n in tb)
     meter = Meter(progress, total)
     atol_f, rtol_f = float(atol), float(rtol)
     advance = meter.advance if progress is not None else None  # no lock per tensor when nobody watches
@@ -102,7 +99,8 @@ def diff(
         return [_from_result(_start(n, x, y, man), res, x, y) for n, (x, y), res in zip(item, pairs, results)]
 
     items = _plan(names, ta, tb, chunk_bytes)
-    by_name = {td.name: td for td in _map_items(one, items, sizes, _worker_count(workers, total, len(items)))}
+    done = _map_items(one, items, ta, tb, _worker_count(workers, total, len(items)))
+    by_name = {td.name: td for td in done}
     tensors = [by_name[n] for n in names]
     meter.finish()
     report = DiffReport(
@@ -185,6 +183,11 @@ def _from_result(td: TensorDiff, res: PairResult, old_ref: TensorRef, new_ref: T
 # ---------------------------------------------------------------------------
 # inputs
 # ---------------------------------------------------------------------------
+
+def _tensors(ck: Checkpoint) -> dict[str, TensorRef]:
+    """The name -> ref dict, read once: every Mapping lookup on a Checkpoint is a Python call."""
+    return dict(ck.tensors) if type(ck) is Checkpoint else dict(ck.items())
+
 
 def _union(a: Mapping[str, TensorRef], b: Mapping[str, TensorRef]) -> list[str]:
     """Old order first, then the names only in new, in new's order."""
@@ -296,12 +299,16 @@ def _plan(names: list[str], ta: Mapping[str, TensorRef], tb: Mapping[str, Tensor
     return items
 
 
-def _map_items(fn: Callable[[list[str]], list[TensorDiff]], items: list[list[str]], sizes: Mapping[str, int],
-               workers: int) -> list[TensorDiff]:
+def _map_items(fn: Callable[[list[str]], list[TensorDiff]], items: list[list[str]],
+               ta: Mapping[str, TensorRef], tb: Mapping[str, TensorRef], workers: int) -> list[TensorDiff]:
     """``fn`` over every work item, spread over threads; the TensorDiffs in plan order."""
     if workers <= 1 or len(items) < 2:
         return [td for item in items for td in fn(item)]
-    weight = [sum(sizes[n] for n in item) for item in items]
+
+    def size(n: str) -> int:
+        return (ta[n].nbytes if n in ta else 0) + (tb[n].nbytes if n in tb else 0)
+
+    weight = [sum(size(n) for n in item) for item in items]
     parts = _map_tensors(lambda i: fn(items[i]), list(range(len(items))), weight, workers)
     return [td for part in parts for td in part]
 
