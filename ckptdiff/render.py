@@ -372,7 +372,7 @@ _ROW_VALUE = {**_SCALAR, list: _int_list, dict: _nested, tuple: _nested}
 def _rows(rows: list[TensorDiff], first: bool) -> str:
     """Tensor rows as they appear inside the report's ``"tensors"`` list, each led by its separator."""
     out: list[str] = []
-    enc = _ROW_VALUE
+    enc, esc = _ROW_VALUE, _esc
     sep = _ROW_NL if first else "," + _ROW_NL
     last_keys: tuple[str, ...] | None = None
     pre: list[str] = []
@@ -385,7 +385,9 @@ def _rows(rows: list[TensorDiff], first: bool) -> str:
             pre = ["{" + _ROW_IN + _esc(keys[0]) + ": "] + ["," + _ROW_IN + _esc(k) + ": " for k in keys[1:]]
             last_keys = keys
         try:
-            out.append(sep + "".join([p + enc[type(v)](v) for p, v in zip(pre, d.values())]) + _ROW_NL + "}")
+            # None and str, most of a row's values, without a call through the table.
+            out.append(sep + "".join([p + ("null" if v is None else esc(v) if type(v) is str else enc[type(v)](v))
+                                      for p, v in zip(pre, d.values())]) + _ROW_NL + "}")
         except KeyError:
             raise _Unsupported from None
         sep = "," + _ROW_NL
