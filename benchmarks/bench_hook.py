@@ -39,8 +39,8 @@ from torch import nn
 
 import ckptdiff
 from ckptdiff.hook import DriftWarning
-from ckptdiff.hook_fingerprint import FrozenWatch
-from ckptdiff.hook_model import collect
+from ckptdiff.hook.fingerprint import FrozenWatch
+from ckptdiff.hook.model import collect
 
 
 class TinyLM(nn.Module):

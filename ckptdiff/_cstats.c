@@ -7,15 +7,25 @@
  * which is a fifth of a whole 1 GB diff. This module is optional: when it
  * was not built (no C compiler at install time) ckptdiff uses numpy.
  *
- *   measure(kind, old, new, atol, rtol) -> tuple of 11 numbers
- *   measure(kind, old, None, 0, 0)      -> the same, for a chunk known to be
+ *   measure(kind, old, new, atol, rtol[, row_len, elem_offset, last_row,
+ *           want_rows, round_mask])      -> tuple of 16 items
+ *   measure(kind, old, None, 0, 0, ...)  -> the same, for a chunk known to be
  *                                          identical (only ||old|| grows)
  *
  * kind indexes KINDS (canonical dtype names); old/new are buffers of raw
  * little-endian elements of that kind, of equal length. The tuple is
  *   (changed, out_of_tolerance, finite_both, max_abs, sum_abs, nan_new,
  *    inf_new, delta_scale, delta_ssq, old_scale, old_ssq)
- * where a norm is scale * sqrt(ssq) (see stats._Norm). The GIL is released
+ * where a norm is scale * sqrt(ssq) (see stats._Norm), followed by the sums
+ * the cause classifier reads (ckptdiff.cause):
+ *   (sum_old_delta, round_mask, changed_rows, last_row, first_rows)
+ * sum_old_delta is the sum of old*(new-old) over positions finite on both
+ * sides; round_mask keeps the bits of the given round_mask (ROUND_NAMES)
+ * whose narrower format every new value is old rounded to (round to nearest
+ * even); changed_rows counts rows of row_len elements (the chunk starting at
+ * element elem_offset) with a changed element, other than last_row (the last
+ * changed row of the previous chunk), first_rows lists the first want_rows
+ * of them, and last_row is the last one seen. The GIL is released
  * while the bytes are read, so the engine's worker threads measure in
  * parallel.
  */
@@ -204,7 +214,7 @@ INLINE void norm_add_careful(norm_t *nm, const double *x, const unsigned char *u
 
 typedef struct {
     long long changed, beyond, moves, finite_both, nan_new, inf_new;
-    double max_abs, sum_abs;
+    double max_abs, sum_abs, sum_od;
     norm_t dn, on;
 } acc_t;
 
@@ -272,20 +282,23 @@ INLINE void old_only(acc_t *acc, int is_float, int careful, const double *xa, Py
 INLINE int changed_fast(acc_t *acc, int is_float, int careful, const double *xa, const double *xb,
                         Py_ssize_t n, double atol, double rtol, int tol)
 {
-    double o = 0, s = 0, s2 = 0, m = 0;
+    double o = 0, s = 0, s2 = 0, m = 0, od = 0;
     Py_ssize_t i = 0;
 #ifdef HAVE_VEC
     const v4l absmask = {INT64_MAX, INT64_MAX, INT64_MAX, INT64_MAX};
-    v4d so = {0, 0, 0, 0}, sd = so, sd2 = so, mx = so;
-    v4d so1 = so, sd1 = so, sd21 = so, mx1 = so;
+    v4d so = {0, 0, 0, 0}, sd = so, sd2 = so, mx = so, sod = so;
+    v4d so1 = so, sd1 = so, sd21 = so, mx1 = so, sod1 = so;
     for (; i + 8 <= n; i += 8) {
         v4d x, y, x1, y1;
         memcpy(&x, xa + i, sizeof x);
         memcpy(&y, xb + i, sizeof y);
         memcpy(&x1, xa + i + 4, sizeof x1);
         memcpy(&y1, xb + i + 4, sizeof y1);
-        v4d d = (v4d)((v4l)(y - x) & absmask);
-        v4d d1 = (v4d)((v4l)(y1 - x1) & absmask);
+        v4d e = y - x, e1 = y1 - x1;
+        v4d d = (v4d)((v4l)e & absmask);
+        v4d d1 = (v4d)((v4l)e1 & absmask);
+        sod += x * e;
+        sod1 += x1 * e1;
         so += x * x;
         so1 += x1 * x1;
         sd += d;
@@ -299,6 +312,7 @@ INLINE int changed_fast(acc_t *acc, int is_float, int careful, const double *xa,
     so += so1;
     sd += sd1;
     sd2 += sd21;
+    sod += sod1;
     {
         v4l gt = mx1 > mx;
         mx = (v4d)(((v4l)mx1 & gt) | ((v4l)mx & ~gt));
@@ -306,11 +320,12 @@ INLINE int changed_fast(acc_t *acc, int is_float, int careful, const double *xa,
     o = (so[0] + so[1]) + (so[2] + so[3]);
     s = (sd[0] + sd[1]) + (sd[2] + sd[3]);
     s2 = (sd2[0] + sd2[1]) + (sd2[2] + sd2[3]);
+    od = (sod[0] + sod[1]) + (sod[2] + sod[3]);
     m = fmax(fmax(mx[0], mx[1]), fmax(mx[2], mx[3]));
 #endif
     for (; i < n; i++) {
-        double x = xa[i], d = fabs(xb[i] - x);
-        o += x * x; s += d; s2 += d * d;
+        double x = xa[i], e = xb[i] - x, d = fabs(e);
+        o += x * x; s += d; s2 += d * d; od += x * e;
         if (d > m) m = d;
     }
     if (is_float && !(isfinite(o) && isfinite(s)))
@@ -321,6 +336,7 @@ INLINE int changed_fast(acc_t *acc, int is_float, int careful, const double *xa,
     norm_merge(&acc->on, 1.0, o);
     if (m > acc->max_abs) acc->max_abs = m;
     acc->sum_abs += s;
+    acc->sum_od += od;
     norm_merge(&acc->dn, 1.0, s2);
     if (tol) {
         long long beyond = 0;
@@ -339,7 +355,7 @@ INLINE void changed_careful(acc_t *acc, int careful, const double *xa, double *x
                             double atol, double rtol, int tol)
 {
     Py_ssize_t i, fin = 0;
-    double s = 0, m = 0;
+    double s = 0, m = 0, od = 0;
     long long beyond = 0;
     for (i = 0; i < n; i++) {
         double x = xa[i], y = xb[i];
@@ -348,6 +364,7 @@ INLINE void changed_careful(acc_t *acc, int careful, const double *xa, double *x
             use[i] = 1;
             fin++;
             s += d;
+            od += x * (y - x);
             if (d > m) m = d;
             if (tol) beyond += d > atol + rtol * fabs(x);
             xb[i] = d;  /* xb becomes |delta| for the norm below */
@@ -362,6 +379,7 @@ INLINE void changed_careful(acc_t *acc, int careful, const double *xa, double *x
     acc->finite_both += fin;
     if (m > acc->max_abs) acc->max_abs = m;
     acc->sum_abs += s;
+    acc->sum_od += od;
     acc->beyond += beyond;
     if (careful) {
         norm_add_careful(&acc->on, xa, use, n);
@@ -375,8 +393,98 @@ INLINE void changed_careful(acc_t *acc, int careful, const double *xa, double *x
     }
 }
 
+
+/* Narrower formats a tensor may have been rounded through: precision_roundtrip. */
+enum { R_F32, R_F16, R_BF16, R_E4M3FN, R_E5M2, R_COUNT };
+static const char *const ROUND_NAMES[R_COUNT] = {"float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"};
+/* (mantissa bits, smallest normal exponent, largest finite value, overflow gives NaN) */
+static const struct { int mbits, emin; double max; int overflow_nan; } ROUND_FMT[R_COUNT] = {
+    {23, -126, 3.4028234663852886e38, 0},
+    {10, -14, 65504.0, 0},
+    {7, -126, 3.3895313892515355e38, 0},
+    {3, -6, 448.0, 1},
+    {2, -14, 57344.0, 0},
+};
+
+/* Which formats are narrower than each kind (checking a format at least as
+ * wide would be trivially true of unchanged values and false of changed ones). */
+static int round_candidates(int kind)
+{
+    switch (kind) {
+    case K_F64: return (1 << R_COUNT) - 1;
+    case K_F32: return (1 << R_F16) | (1 << R_BF16) | (1 << R_E4M3FN) | (1 << R_E5M2);
+    case K_F16: case K_BF16: return (1 << R_E4M3FN) | (1 << R_E5M2);
+    default: return 0;
+    }
+}
+
+/* x rounded to nearest even in format f, in float64 (exact: every such
+ * format's values are float64 values, and x / ulp is an exact scaling). */
+static double round_to(int f, double x)
+{
+    int e;
+    if (!isfinite(x) || x == 0.0)
+        return x;
+    frexp(x, &e);  /* |x| = m * 2^e, m in [0.5, 1) */
+    e -= 1;
+    if (e < ROUND_FMT[f].emin)
+        e = ROUND_FMT[f].emin;  /* subnormals share the smallest normal spacing */
+    double ulp = ldexp(1.0, e - ROUND_FMT[f].mbits);
+    double r = nearbyint(x / ulp) * ulp;  /* the default rounding mode: to nearest, ties to even */
+    if (fabs(r) > ROUND_FMT[f].max)
+        return ROUND_FMT[f].overflow_nan ? NAN : copysign(INFINITY, x);
+    return r;
+}
+
+/* Drop from mask every format for which some new value is not old rounded to it.
+ * A format usually fails at its first element, so this costs next to nothing
+ * for an ordinary update. */
+static int round_check(int mask, const double *xa, const double *xb, Py_ssize_t n)
+{
+    for (int f = 0; f < R_COUNT; f++) {
+        if (!(mask & (1 << f)))
+            continue;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            double r = round_to(f, xa[i]), y = xb[i];
+            if (!(y == r || (isnan(y) && isnan(r)))) {
+                mask &= ~(1 << f);
+                break;
+            }
+        }
+    }
+    return mask;
+}
+
+typedef struct {
+    Py_ssize_t row_len, elem_offset, last_row, want;
+    long long changed_rows;
+    long long first_buf[64];
+    int nfirst;
+} rows_t;
+
+/* Count the rows with a changed element in one block (elements off..off+n of the chunk). */
+static void rows_scan(rows_t *rw, int size, const unsigned char *pa, const unsigned char *pb,
+                      Py_ssize_t off, Py_ssize_t n)
+{
+    Py_ssize_t g = rw->elem_offset + off;
+    Py_ssize_t r = g / rw->row_len, in_row = g % rw->row_len, i = 0;
+    while (i < n) {
+        Py_ssize_t seg = rw->row_len - in_row;
+        if (seg > n - i) seg = n - i;
+        if (r != rw->last_row && memcmp(pa + (size_t)i * size, pb + (size_t)i * size, (size_t)seg * size)) {
+            rw->changed_rows++;
+            rw->last_row = r;
+            if (rw->nfirst < rw->want)
+                rw->first_buf[rw->nfirst++] = r;
+        }
+        i += seg;
+        r++;
+        in_row = 0;
+    }
+}
+
 CLONES static void measure_all(int kind, const unsigned char *a, const unsigned char *b, Py_ssize_t count,
-                        double atol, double rtol, acc_t *acc)
+                        double atol, double rtol, acc_t *acc, int *round_mask, rows_t *rw)
 {
     double xa[BLOCK], xb[BLOCK];
     unsigned char use[BLOCK];
@@ -393,11 +501,17 @@ CLONES static void measure_all(int kind, const unsigned char *a, const unsigned 
             changed = count_unequal(size, pa, pb, n);
         decode(kind, pa, n, xa);
         if (!changed) {
+            if (*round_mask)
+                *round_mask = round_check(*round_mask, xa, xa, n);
             old_only(acc, is_float, careful, xa, n, use);
             continue;
         }
         acc->changed += changed;
+        if (rw->row_len > 0)
+            rows_scan(rw, size, pa, pb, off, n);
         decode(kind, pb, n, xb);
+        if (*round_mask)
+            *round_mask = round_check(*round_mask, xa, xb, n);
         if (changed_fast(acc, is_float, careful, xa, xb, n, atol, rtol, tol))
             continue;
         changed_careful(acc, careful, xa, xb, size, pa, pb, use, n, atol, rtol, tol);
@@ -411,9 +525,18 @@ static PyObject *measure(PyObject *self, PyObject *args)
     int has_b = 0;
     PyObject *new_obj;
     double atol, rtol;
+    rows_t rw;
+    int round_mask = 0;
+    memset(&rw, 0, sizeof rw);
+    rw.last_row = -1;
     (void)self;
-    if (!PyArg_ParseTuple(args, "iy*Odd:measure", &kind, &a, &new_obj, &atol, &rtol))
+    if (!PyArg_ParseTuple(args, "iy*Odd|nnnni:measure", &kind, &a, &new_obj, &atol, &rtol,
+                          &rw.row_len, &rw.elem_offset, &rw.last_row, &rw.want, &round_mask))
         return NULL;
+    if (rw.row_len < 0 || rw.elem_offset < 0 || rw.want < 0 || rw.want > 64) {
+        PyBuffer_Release(&a);
+        return PyErr_Format(PyExc_ValueError, "bad row arguments");
+    }
     if (kind < 0 || kind >= K_COUNT) {
         PyBuffer_Release(&a);
         return PyErr_Format(PyExc_ValueError, "unknown kind %d", kind);
@@ -439,14 +562,27 @@ static PyObject *measure(PyObject *self, PyObject *args)
     acc_t acc;
     memset(&acc, 0, sizeof acc);
     acc.dn.scale = acc.on.scale = 1.0;
+    round_mask &= round_candidates(kind);
     Py_BEGIN_ALLOW_THREADS
-    measure_all(kind, a.buf, has_b ? b.buf : NULL, a.len / ITEMSIZE[kind], atol, rtol, &acc);
+    measure_all(kind, a.buf, has_b ? b.buf : NULL, a.len / ITEMSIZE[kind], atol, rtol, &acc, &round_mask, &rw);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&a);
     if (has_b) PyBuffer_Release(&b);
     long long out_of_tol = (atol != 0.0 || rtol != 0.0) ? acc.beyond + acc.moves : acc.changed;
-    return Py_BuildValue("(LLLddLLdddd)", acc.changed, out_of_tol, acc.finite_both, acc.max_abs, acc.sum_abs,
-                         acc.nan_new, acc.inf_new, acc.dn.scale, acc.dn.ssq, acc.on.scale, acc.on.ssq);
+    PyObject *first = PyTuple_New(rw.nfirst);
+    if (!first)
+        return NULL;
+    for (int i = 0; i < rw.nfirst; i++) {
+        PyObject *v = PyLong_FromLongLong(rw.first_buf[i]);
+        if (!v) {
+            Py_DECREF(first);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(first, i, v);
+    }
+    return Py_BuildValue("(LLLddLLdddddiLnN)", acc.changed, out_of_tol, acc.finite_both, acc.max_abs, acc.sum_abs,
+                         acc.nan_new, acc.inf_new, acc.dn.scale, acc.dn.ssq, acc.on.scale, acc.on.ssq,
+                         acc.sum_od, round_mask, (long long)rw.changed_rows, rw.last_row, first);
 }
 
 static PyObject *decode_py(PyObject *self, PyObject *args)
@@ -482,7 +618,8 @@ static PyObject *decode_py(PyObject *self, PyObject *args)
 static PyMethodDef methods[] = {
     {"measure", measure, METH_VARARGS,
      "measure(kind, old, new_or_None, atol, rtol) -> (changed, out_of_tolerance, finite_both, max_abs, "
-     "sum_abs, nan_new, inf_new, delta_scale, delta_ssq, old_scale, old_ssq)"},
+     "sum_abs, nan_new, inf_new, delta_scale, delta_ssq, old_scale, old_ssq, sum_old_delta, round_mask, "
+     "changed_rows, last_row, first_rows); optional row_len, elem_offset, last_row, want_rows, round_mask"},
     {"decode", decode_py, METH_VARARGS, "decode(kind, buffer) -> list of float (at most 1024 elements)"},
     {NULL, NULL, 0, NULL},
 };
@@ -514,6 +651,13 @@ PyMODINIT_FUNC PyInit__cstats(void)
     }
     if (PyModule_AddObject(m, "KINDS", kinds) < 0) {
         Py_DECREF(kinds);
+        Py_DECREF(m);
+        return NULL;
+    }
+    PyObject *rounds = Py_BuildValue("(sssss)", ROUND_NAMES[0], ROUND_NAMES[1], ROUND_NAMES[2], ROUND_NAMES[3],
+                                     ROUND_NAMES[4]);
+    if (!rounds || PyModule_AddObject(m, "ROUND_NAMES", rounds) < 0) {
+        Py_XDECREF(rounds);
         Py_DECREF(m);
         return NULL;
     }

@@ -30,6 +30,7 @@ def diff(
     *,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     workers: int | None = None,
+    rank: int | None = None,
 ) -> DiffReport:
     """Compare two checkpoints tensor by tensor.
 
@@ -55,12 +56,17 @@ def diff(
     core, up to 4, and one when the tensors are small). The report is the
     same for any value.
 
+    ``rank``: also test each changed matrix's delta for a numerical rank of
+    at most ``rank`` (cause ``low_rank``, as a merged LoRA leaves); this
+    reads those tensors whole a second time, so it is off by default. Every
+    changed tensor gets a ``cause`` either way (docs/causes.md).
+
     Returns:
         The :class:`~ckptdiff.report.DiffReport` every renderer reads.
     """
     with opened(old, new) as (a, b):
         return engine.diff(a, b, load_manifest(manifest), atol, rtol, include, exclude, fail_on, progress,
-                           chunk_bytes=chunk_bytes, workers=workers)
+                           chunk_bytes=chunk_bytes, workers=workers, rank=rank)
 
 
 __all__ = ["diff"]

@@ -27,7 +27,7 @@ from .errors import CkptError
 from .textsafe import printable
 
 #: Subcommand modules, in the order ``--help`` lists them.
-COMMANDS = ("diff", "store_cmds", "tui_cmd")
+COMMANDS = ("diff", "store_cmds", "tui_cmd", "report_cmd")
 
 EXIT_OK, EXIT_FAIL, EXIT_TROUBLE = 0, 1, 2
 

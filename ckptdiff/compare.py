@@ -194,10 +194,20 @@ def _io_buffers(chunk_bytes: int) -> _IOBuffers:
     return io
 
 
-def _new_stats(info: DType, atol: float, rtol: float) -> DeltaStats:
+def _new_stats(info: DType, atol: float, rtol: float, row_len: int) -> DeltaStats:
     from .stats import DeltaStats
 
-    return DeltaStats(info, atol, rtol)
+    return DeltaStats(info, atol, rtol, row_len)
+
+
+def row_len(shape: Sequence[int]) -> int:
+    """Elements per row (the first dimension's step) when rows mean something: two dimensions or more."""
+    if len(shape) < 2:
+        return 0
+    n = 1
+    for d in shape[1:]:
+        n *= d
+    return n
 
 
 @dataclass
@@ -219,7 +229,8 @@ def _buffers_equal(io: _IOBuffers, start: int, n: int) -> bool:
     return io.mva[start:start + n] == io.mvb[start:start + n]  # pragma: no cover - no libc
 
 
-def _result(info: DType, ca: memoryview, cb: memoryview, same: bool, atol: float, rtol: float) -> PairResult:
+def _result(info: DType, ca: memoryview, cb: memoryview, same: bool, atol: float, rtol: float,
+            rows: int) -> PairResult:
     """Hashes, and statistics if the bytes differ, of one pair already in memory."""
     n = ca.nbytes
     h = new_hasher(n)
@@ -229,7 +240,7 @@ def _result(info: DType, ca: memoryview, cb: memoryview, same: bool, atol: float
         return PairResult(hash_old, hash_old, None)
     h = new_hasher(n)
     h.update(cb)
-    stats = _new_stats(info, atol, rtol)
+    stats = _new_stats(info, atol, rtol, rows)
     stats.add_changed(ca, cb)
     return PairResult(hash_old, h.hexdigest(), stats)
 
@@ -247,7 +258,7 @@ def _compare_small(old: TensorRef, new: TensorRef, io: _IOBuffers, atol: float, 
     assert old.read_into is not None and new.read_into is not None
     fill_exact(old.read_into, va, 0, n, f"tensor {old.name!r}")
     fill_exact(new.read_into, vb, 0, n, f"tensor {new.name!r}")
-    res = _result(old.dtype_info, va, vb, _buffers_equal(io, 0, n), atol, rtol)
+    res = _result(old.dtype_info, va, vb, _buffers_equal(io, 0, n), atol, rtol, row_len(old.shape))
     if progress:
         progress(2 * n)
     return res
@@ -296,7 +307,8 @@ def compare_run(
         assert new.file_span is not None and new.file_span[1] - lo_b == start, "not a run"
         n = old.nbytes
         same = whole_same or _buffers_equal(io, start, n)
-        out.append(_result(old.dtype_info, va[start:start + n], vb[start:start + n], same, atol, rtol))
+        out.append(_result(old.dtype_info, va[start:start + n], vb[start:start + n], same, atol, rtol,
+                           row_len(old.shape)))
         done += 2 * n
     if progress:
         progress(done)
@@ -337,6 +349,7 @@ def compare_pair(
     h_new = new_hasher(new.nbytes) if new.hash is None and not shared else None
     stats: DeltaStats | None = None
     same_chunks: list[int] = []
+    offset = 0
     chunks = zip(old.chunks(chunk_bytes, into_a), new.chunks(chunk_bytes, into_b), strict=True)
     for i, (ca, cb) in enumerate(chunks):
         if io is not None and io.holds(ca, cb):
@@ -355,8 +368,9 @@ def compare_pair(
             same_chunks.append(i)
         else:
             if stats is None:
-                stats = _new_stats(info, atol, rtol)
-            stats.add_changed(ca, cb)
+                stats = _new_stats(info, atol, rtol, row_len(old.shape))
+            stats.add_changed(ca, cb, offset)
+        offset += ca.nbytes
         release_pages(ca)
         release_pages(cb)
         if progress:

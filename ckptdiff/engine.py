@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from . import policy
+from .cause import classify, sums_of
 from .checkpoint import DEFAULT_CHUNK_BYTES, Checkpoint, TensorRef
 from .compare import PairResult, compare_pair, compare_run, hash_ref, in_worker_thread
 from .errors import CkptError, NothingSelected
@@ -41,6 +42,7 @@ def diff(
     *,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     workers: int | None = None,
+    rank: int | None = None,
 ) -> DiffReport:
     """Compare two open checkpoints tensor by tensor (they are left open).
 
@@ -60,6 +62,9 @@ def diff(
     ``workers``: threads comparing tensors side by side (default: one per
     core, up to 4, and one when the tensors are small; see _worker_count).
     The report is the same for any value.
+
+    ``rank``: also test each changed matrix's delta for a numerical rank of
+    at most ``rank`` (cause ``low_rank``; reads those tensors whole again).
     """
     _check_tolerance("atol", atol)
     _check_tolerance("rtol", rtol)
@@ -69,6 +74,8 @@ def diff(
         raise ValueError("chunk_bytes must be positive")
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise CkptError(f"workers must be a whole number >= 1, not {workers!r}")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise CkptError(f"rank must be a whole number >= 1, not {rank!r}")
     include_pats = _patterns("include", include)
     exclude_pats = _patterns("exclude", exclude)
 
@@ -102,6 +109,9 @@ def diff(
     done = _map_items(one, items, ta, tb, _worker_count(workers, total, len(items)))
     by_name = {td.name: td for td in done}
     tensors = [by_name[n] for n in names]
+    if rank is not None:
+        from .lowrank import apply_low_rank
+        apply_low_rank(tensors, ta, tb, rank)
     meter.finish()
     report = DiffReport(
         old=_side(old),
@@ -176,6 +186,7 @@ def _from_result(td: TensorDiff, res: PairResult, old_ref: TensorRef, new_ref: T
         td.max_abs_delta = s.max_abs_delta if s.finite_both else None
         td.mean_abs_delta = s.mean_abs_delta
         td.rel_l2 = s.rel_l2
+        td.cause, td.cause_detail = classify(sums_of(td.name, td.shape_old or [], s))
     td.status = policy.status(old_ref, new_ref, res.stats is None)
     return policy.judge(td)
 

@@ -20,6 +20,7 @@ from .display import dtype_of as fmt_dtype
 from .display import num as fmt_num
 from .display import shape as _shape
 from .display import shape_of as fmt_shape
+from .cause import explain, words
 from .report import STATUSES, DiffReport, TensorDiff, merge_off_text
 from .textsafe import printable
 
@@ -132,6 +133,25 @@ def verdict_line(report: DiffReport) -> str:
     return base
 
 
+def cause_lines(report: DiffReport) -> list[str]:
+    """One line per drifted frozen tensor that changed, saying why in words (after the verdict)."""
+    return [f"{t.name} drifted: {explain(t.cause, t.cause_detail)}" for t in report.drifted if t.cause]
+
+
+def cause_groups(report: DiffReport, names: int = 4) -> list[str]:
+    """:func:`cause_lines` with the tensors that share a cause (in words) on one line, up to
+    ``names`` of them by name: 300 decayed layers are one line in a PR comment, not 300."""
+    groups: dict[str, list[str]] = {}
+    for t in report.drifted:
+        if t.cause:
+            groups.setdefault(explain(t.cause, t.cause_detail), []).append(t.name)
+    out = []
+    for text, group in groups.items():
+        more = f" and {len(group) - names} more" if len(group) > names else ""
+        out.append(f"{', '.join(group[:names])}{more} drifted: {text}")
+    return out
+
+
 def summary_line(report: DiffReport) -> str:
     s = report.summary()
     parts = [f"{s[k]} {_STATUS_LABEL[k]}" for k in STATUSES if s[k]]
@@ -182,6 +202,8 @@ def describe(t: TensorDiff) -> str:
              f"{t.changed_elements:,} of {t.numel:,} elements differ")
         if t.nan_new or t.inf_new:
             s += f" ({t.nan_new} new NaN, {t.inf_new} new Inf)"
+        if t.cause:
+            s += f"; cause: {explain(t.cause, t.cause_detail) if t.drift else words(t.cause, t.cause_detail)}"
         return s
     if t.status == "shape_changed":
         return f"shape changed {_shape(t.shape_old)} -> {_shape(t.shape_new)}"
@@ -422,6 +444,9 @@ def render_markdown(report: DiffReport, show_all: bool = False, max_rows: int = 
     s = report.summary()
     icon = "❌" if failed else "⚠️" if s["stale"] else "✅"
     out = [f"### ckptdiff {icon} {_md_escape(verdict_line(report))}", ""]
+    why = cause_groups(report)
+    if why:
+        out += [f"- {_md_escape(line)}" for line in why] + [""]
     man = _md_code(report.manifest_source, in_table=False) if report.manifest_source else "none"
     out.append(
         f"{_md_code(report.old.path, False)} → {_md_code(report.new.path, False)} · manifest: {man} · "
@@ -436,8 +461,8 @@ def render_markdown(report: DiffReport, show_all: bool = False, max_rows: int = 
     merge = report.lora is not None
     if rows:
         out += ["", "| | tensor | status | " + ("merge | " if merge else "") + "role | dtype | shape | max \\|Δ\\| | "
-                "mean \\|Δ\\| | rel L2 | changed elements |",
-                "|---|---|---|" + ("---|" if merge else "") + "---|---|---|---:|---:|---:|---:|"]
+                "mean \\|Δ\\| | rel L2 | changed elements | cause |",
+                "|---|---|---|" + ("---|" if merge else "") + "---|---|---|---:|---:|---:|---:|---|"]
         for t in rows[:max_rows]:
             mark = ("🔴 merge-off" if flag(t) == "MERGE-OFF" else "🔴 drift" if flag(t) == "DRIFT" else
                     "🟡 stale" if t.stale else "≤ tol" if flag(t) == "<=tol" else "")
@@ -445,7 +470,8 @@ def render_markdown(report: DiffReport, show_all: bool = False, max_rows: int = 
                 f"| {mark} | {_md_code(t.name)} | {_STATUS_LABEL[t.status]} | "
                 + (f"{fmt_merge(t)} | " if merge else "") + f"{t.role} | "
                 f"{_md_escape(fmt_dtype(t))} | {fmt_shape(t)} | {fmt_num(t.max_abs_delta)} | "
-                f"{fmt_num(t.mean_abs_delta)} | {fmt_num(t.rel_l2)} | {fmt_changed(t)} |"
+                f"{fmt_num(t.mean_abs_delta)} | {fmt_num(t.rel_l2)} | {fmt_changed(t)} | "
+                f"{_md_escape(words(t.cause, t.cause_detail))} |"
             )
         if len(rows) > max_rows:
             out.append("")
@@ -546,6 +572,8 @@ def render_table(report: DiffReport, file: IO[str], *, show_all: bool = False,
     if hidden:
         console.print(f"({_plural(hidden, 'identical tensor')} hidden; --all shows them)", style="dim")
     console.print(summary_line(report), highlight=False, markup=False, soft_wrap=True)
+    for line in cause_lines(report):  # why, just above the verdict (which stays the last line)
+        console.print(Text(printable(line), style="red"), soft_wrap=True)
     failed, _ = report.verdict()
     style = "bold red" if failed else "bold yellow" if report.stale else "bold green"
     console.print(Text(verdict_line(report), style=style), soft_wrap=True)
@@ -555,17 +583,19 @@ def render_table(report: DiffReport, file: IO[str], *, show_all: bool = False,
 _COLUMNS = (("flag", "", False), ("name", "tensor", False), ("status", "status", False), ("merge", "merge", False),
             ("role", "role", False),
             ("dtype", "dtype", False), ("shape", "shape", False), ("max", "max |Δ|", True),
-            ("mean", "mean |Δ|", True), ("rel", "rel L2", True), ("changed", "changed", True))
+            ("mean", "mean |Δ|", True), ("rel", "rel L2", True), ("changed", "changed", True),
+            ("cause", "cause", False))
 #: On a narrow terminal, columns are dropped in this order until the rest fit
 #: with the names readable (a name folded three characters wide helps nobody).
-_DROP_ORDER = ("mean", "dtype", "shape", "role", "changed", "rel", "status")
+_DROP_ORDER = ("mean", "dtype", "shape", "cause", "role", "changed", "rel", "status")
 _NAME_MIN = 24
 
 
 def _cells(t: TensorDiff) -> dict[str, str]:
     return {"flag": flag(t), "name": printable(t.name), "status": _STATUS_LABEL[t.status], "merge": fmt_merge(t),
             "role": t.role, "dtype": fmt_dtype(t), "shape": fmt_shape(t), "max": fmt_num(t.max_abs_delta),
-            "mean": fmt_num(t.mean_abs_delta), "rel": fmt_num(t.rel_l2), "changed": fmt_changed(t)}
+            "mean": fmt_num(t.mean_abs_delta), "rel": fmt_num(t.rel_l2), "changed": fmt_changed(t),
+            "cause": t.cause or ""}
 
 
 def _row_style(t: TensorDiff) -> str | None:

@@ -78,6 +78,10 @@ class TensorDiff:
     #: Elements beyond ``atol + rtol*|old|`` (or that became NaN/Inf): what decides drift.
     #: Equals ``changed_elements`` at zero tolerance.
     out_of_tolerance: int | None = None
+    #: Why a 'changed' tensor moved: one of ckptdiff.cause.CAUSES; cause_detail holds the
+    #: numbers behind it (docs/causes.md). Added in ckptdiff 0.x without a schema change.
+    cause: str | None = None
+    cause_detail: dict[str, Any] | None = None
     #: Only with a LoRA merge check: this tensor's merge verdict, else None.
     merge: MergeCheck | None = None
 
@@ -97,6 +101,9 @@ class TensorDiff:
         if self.max_abs_delta is not None or self.mean_abs_delta is not None or self.rel_l2 is not None:
             for k in ("max_abs_delta", "mean_abs_delta", "rel_l2"):
                 d[k] = _json_float(d[k])
+        if d["cause_detail"] is not None:
+            d["cause_detail"] = {k: _json_float(v) if isinstance(v, float) else v
+                                 for k, v in d["cause_detail"].items()}
         return d
 
 

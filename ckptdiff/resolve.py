@@ -1,7 +1,7 @@
 """Resolution: what the user typed becomes a :class:`~ckptdiff.checkpoint.Checkpoint`, here and only here.
 
-A spec is a checkpoint file, a sharded directory (or its
-``model.safetensors.index.json``), or a store snapshot ``DIR@REF``. File
+A spec is a checkpoint file, a sharded directory (or its index file), a
+torch.distributed.checkpoint directory, or a store snapshot ``DIR@REF``. File
 formats are told apart by content in :mod:`ckptdiff.formats` (a new format
 is one reader module there and one line in its sniffer and opener); store
 references are opened by :mod:`ckptdiff.store`. Neither knows of the other:
@@ -18,6 +18,7 @@ from typing import Any
 
 from .checkpoint import Checkpoint
 from .errors import CkptError
+from .localpath import refuse_url
 from .manifest import Manifest
 
 CheckpointLike = Checkpoint | str | os.PathLike[str]
@@ -90,6 +91,7 @@ def open_checkpoint(spec: str | os.PathLike[str]) -> Checkpoint:
         CkptError: one line naming the path, for anything that is not a readable checkpoint.
     """
     path = os.fspath(spec)
+    refuse_url(path, "checkpoint")
     ref = split_store_ref(path)
     if ref is not None:
         from .store import open_snapshot

@@ -8,6 +8,12 @@ Two implementations give the same numbers (to float64 rounding):
 * :mod:`ckptdiff.stats_numpy`, the fallback when the C module is missing
   (no compiler at install time) or ``CKPTDIFF_STATS=numpy`` is set.
 
+Beside the statistics, the same pass keeps the sums :mod:`ckptdiff.cause`
+reads to say *why* a tensor moved (``Σ old·Δ`` for the fit of Δ against
+old, which narrower formats every new value is a rounding of, which rows
+changed); they cost nothing measurable on an ordinary update (see
+``_cstats.c``).
+
 NaN/Inf convention (README, "What the numbers mean"): ``max_abs_delta``,
 ``mean_abs_delta`` and ``rel_l2`` are computed over the positions that are
 finite on *both* sides; ``nan_new``/``inf_new`` count positions that became
@@ -21,7 +27,7 @@ import sys
 from types import ModuleType
 from typing import TYPE_CHECKING
 
-from .stats_types import _Norm
+from .stats_types import FIRST_ROWS, ROUND_NAMES, _Norm
 
 if TYPE_CHECKING:
     from .dtypes import DType
@@ -40,6 +46,14 @@ def _load_c() -> ModuleType | None:
 _C = _load_c()
 _C_KIND: dict[str, int] = {name: i for i, name in enumerate(_C.KINDS)} if _C is not None else {}
 
+#: Which of ROUND_NAMES are narrower than each dtype (the others would say nothing).
+_ROUND_CANDIDATES = {
+    "float64": 0b11111,
+    "float32": 0b11110,
+    "float16": 0b11000,
+    "bfloat16": 0b11000,
+}
+
 
 def backend() -> str:
     """``"c"`` when the C module measures changed tensors, ``"numpy"`` otherwise."""
@@ -52,13 +66,22 @@ class DeltaStats:
     Fed chunk by chunk: :meth:`add_changed` for a chunk pair whose bytes
     differ somewhere, :meth:`add_identical` for a chunk of the same tensor
     whose bytes did not (it only adds to ``||old||``).
+
+    ``row_len`` (elements per row: the product of the shape after its
+    first dimension; 0 for tensors of fewer than two dimensions) turns on
+    the count of changed rows. The cause sums: ``sum_old_delta`` (Σ old·Δ
+    over positions finite on both sides), ``round_mask`` (bits of
+    :data:`ROUND_NAMES`: every new value is old rounded to that format),
+    ``changed_rows`` and ``first_rows`` (the first :data:`FIRST_ROWS`
+    changed row indices).
     """
 
     __slots__ = ("dtype", "atol", "rtol", "changed_elements", "out_of_tolerance", "finite_both",
                  "max_abs_delta", "sum_abs_delta", "nan_new", "inf_new", "delta_norm", "old_norm",
+                 "sum_old_delta", "round_mask", "row_len", "changed_rows", "first_rows", "_last_row",
                  "_kind", "_bufs")
 
-    def __init__(self, dtype: DType, atol: float = 0.0, rtol: float = 0.0) -> None:
+    def __init__(self, dtype: DType, atol: float = 0.0, rtol: float = 0.0, row_len: int = 0) -> None:
         self.dtype = dtype
         self.atol, self.rtol = atol, rtol
         self.changed_elements = 0
@@ -70,18 +93,29 @@ class DeltaStats:
         self.inf_new = 0
         self.delta_norm = _Norm()
         self.old_norm = _Norm()
+        self.sum_old_delta = 0.0
+        self.round_mask = _ROUND_CANDIDATES.get(dtype.name, 0)
+        self.row_len = row_len
+        self.changed_rows = 0
+        self.first_rows: list[int] = []
+        self._last_row = -1
         self._kind = _C_KIND.get(dtype.name)  # None: measured with numpy
         self._bufs = None  # stats_numpy's float64 blocks
 
-    def add_changed(self, ca: memoryview, cb: memoryview) -> None:
-        """A chunk pair whose bytes differ somewhere."""
+    def add_changed(self, ca: memoryview, cb: memoryview, offset: int = 0) -> None:
+        """A chunk pair whose bytes differ somewhere; ``offset``: its first byte's place in the tensor.
+
+        Changed chunks must come in tensor order (rows are counted as they pass).
+        """
         if self._kind is None:
             from . import stats_numpy  # numpy loads here, at the first changed tensor
 
-            stats_numpy.add_changed(self, ca, cb)
+            stats_numpy.add_changed(self, ca, cb, offset // self.dtype.itemsize)
             return
         assert _C is not None
-        self._take(_C.measure(self._kind, ca, cb, self.atol, self.rtol))
+        self._take(_C.measure(self._kind, ca, cb, self.atol, self.rtol, self.row_len,
+                              offset // self.dtype.itemsize, self._last_row,
+                              FIRST_ROWS - len(self.first_rows), self.round_mask))
 
     def add_identical(self, chunk: memoryview) -> None:
         """An identical chunk of a changed tensor: it only adds to ``||old||``."""
@@ -91,10 +125,16 @@ class DeltaStats:
             stats_numpy.add_identical(self, chunk)
             return
         assert _C is not None
-        self._take(_C.measure(self._kind, chunk, None, 0.0, 0.0))
+        self._take(_C.measure(self._kind, chunk, None, 0.0, 0.0, 0, 0, -1, 0, self.round_mask))
 
-    def _take(self, r: tuple[int, int, int, float, float, int, int, float, float, float, float]) -> None:
-        changed, out, finite, mx, total, nan_new, inf_new, d_scale, d_ssq, o_scale, o_ssq = r
+    def _take(self, r: tuple) -> None:  # type: ignore[type-arg]  # the C module's 16 items
+        (changed, out, finite, mx, total, nan_new, inf_new, d_scale, d_ssq, o_scale, o_ssq,
+         sum_od, self.round_mask, rows, last_row, first) = r
+        self.sum_old_delta += sum_od
+        self.changed_rows += rows
+        if rows:
+            self._last_row = last_row
+            self.first_rows.extend(first)
         self.changed_elements += changed
         self.out_of_tolerance += out
         self.finite_both += finite

@@ -15,7 +15,7 @@ import threading
 import numpy as np
 
 from .stats_types import DeltaSums as DeltaStats  # the sums of a stats.DeltaStats, without importing it back
-from .stats_types import _Norm
+from .stats_types import FIRST_ROWS, _Norm
 
 _UINT_OF_SIZE = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 _LOCAL = threading.local()
@@ -94,10 +94,12 @@ def _optimistic(s: DeltaStats) -> bool:
 def add_identical(s: DeltaStats, chunk: memoryview) -> None:
     x = np.frombuffer(chunk, dtype=s.dtype.np_dtype)
     for i in range(0, x.size, STATS_BLOCK):
+        if s.round_mask:
+            _round_check(s, x[i:i + STATS_BLOCK], x[i:i + STATS_BLOCK])
         _old_only(s, x[i:i + STATS_BLOCK])
 
 
-def add_changed(s: DeltaStats, ca: memoryview, cb: memoryview) -> None:
+def add_changed(s: DeltaStats, ca: memoryview, cb: memoryview, elem_offset: int = 0) -> None:
     """Measure a chunk pair block by block.
 
     Unchanged positions inside a changed block contribute a delta of
@@ -111,10 +113,67 @@ def add_changed(s: DeltaStats, ca: memoryview, cb: memoryview) -> None:
         e = i + STATS_BLOCK
         neq = ua[i:e] != ub[i:e]
         changed = int(np.count_nonzero(neq))
+        if s.round_mask:
+            _round_check(s, xa[i:e], xb[i:e])
         if changed:
+            if s.row_len:
+                _rows(s, neq, elem_offset + i)
             _changed_block(s, neq, changed, xa[i:e], xb[i:e])
         else:
             _old_only(s, xa[i:e])
+
+
+#: (mantissa bits, smallest normal exponent, largest finite value, overflow gives NaN) of
+#: each format in stats_types.ROUND_NAMES: the same table as _cstats.c's ROUND_FMT.
+_ROUND_FMT = ((23, -126, 3.4028234663852886e38, False), (10, -14, 65504.0, False),
+              (7, -126, 3.3895313892515355e38, False), (3, -6, 448.0, True), (2, -14, 57344.0, False))
+#: Elements tried before a whole block: an ordinary update fails every format within a few.
+_ROUND_PROBE = 64
+
+
+def _round_to(f: int, x: np.ndarray) -> np.ndarray:
+    """``x`` rounded to nearest even in format ``f``, in float64: the C module's round_to."""
+    mbits, emin, top, overflow_nan = _ROUND_FMT[f]
+    with np.errstate(all="ignore"):
+        _, e = np.frexp(x)
+        ulp = np.ldexp(1.0, np.maximum(e - 1, emin) - mbits)
+        r = np.rint(x / ulp) * ulp
+        r = np.where(np.isfinite(x) & (x != 0), r, x)
+        big = np.abs(r) > top
+        if big.any():
+            r[big] = np.nan if overflow_nan else np.copysign(np.inf, x[big])
+    return r
+
+
+def _round_check(s: DeltaStats, xa: np.ndarray, xb: np.ndarray) -> None:
+    """Drop from ``s.round_mask`` each format of which some new value is not old's rounding."""
+    for f in range(len(_ROUND_FMT)):
+        if not s.round_mask & (1 << f):
+            continue
+        for lo, hi in ((0, _ROUND_PROBE), (_ROUND_PROBE, xa.size)):
+            if lo >= xa.size:
+                break
+            with np.errstate(all="ignore"):
+                a, b = xa[lo:hi].astype(np.float64), xb[lo:hi].astype(np.float64)
+                r = _round_to(f, a)
+                ok = bool(np.all((b == r) | (np.isnan(b) & np.isnan(r))))
+            if not ok:
+                s.round_mask &= ~(1 << f)
+                break
+
+
+def _rows(s: DeltaStats, neq: np.ndarray, start: int) -> None:
+    """Count the rows holding a changed element of this block (``start``: its first element's index)."""
+    rows = (np.flatnonzero(neq) + start) // s.row_len
+    rows = rows[np.concatenate(([True], rows[1:] != rows[:-1]))]
+    if rows.size and rows[0] == s._last_row:
+        rows = rows[1:]
+    if rows.size:
+        s.changed_rows += int(rows.size)
+        s._last_row = int(rows[-1])
+        want = FIRST_ROWS - len(s.first_rows)
+        if want > 0:
+            s.first_rows.extend(int(r) for r in rows[:want])
 
 
 def _old_only(s: DeltaStats, xa: np.ndarray) -> None:
@@ -166,6 +225,7 @@ def _changed_block(s: DeltaStats, neq: np.ndarray, changed: int, xa: np.ndarray,
         s.finite_both += n
         _norm_add(s.old_norm, a, _careful(s))
         np.subtract(d, a, out=d)
+        s.sum_old_delta += float(np.dot(a, d)) if _DOT_OK else float(np.einsum("i,i->", a, d))
         np.abs(d, out=d)
         s.max_abs_delta = max(s.max_abs_delta, float(d.max()))
         s.sum_abs_delta += float(d.sum())
@@ -191,12 +251,14 @@ def _changed_block_finite(s: DeltaStats, changed: int, xa: np.ndarray, xb: np.nd
         d[...] = xb
         ssq_old = _sumsq(a)
         np.subtract(d, a, out=d)
+        sum_od = float(np.dot(a, d)) if _DOT_OK else float(np.einsum("i,i->", a, d))
         np.abs(d, out=d)
         total = float(d.sum())
         if not (math.isfinite(ssq_old) and math.isfinite(total)):
             return False
         s.finite_both += a.size
         s.old_norm._merge(1.0, ssq_old)
+        s.sum_old_delta += sum_od
         s.max_abs_delta = max(s.max_abs_delta, float(d.max()))
         s.sum_abs_delta += total
         s.delta_norm._merge(1.0, _sumsq(d))

@@ -52,6 +52,13 @@ class _Norm:
         return (self.scale / other.scale) * math.sqrt(self.ssq / other.ssq)
 
 
+#: Narrower formats a changed tensor may be a rounding of, as bits of ``DeltaStats.round_mask``
+#: (the C module's ROUND_NAMES, in the same order; the cause ``precision_roundtrip``).
+ROUND_NAMES = ("float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2")
+#: How many changed rows are listed by index (the rest are only counted).
+FIRST_ROWS = 8
+
+
 class DeltaSums(Protocol):
     """What :mod:`ckptdiff.stats_numpy` reads and adds to (a :class:`~ckptdiff.stats.DeltaStats`)."""
 
@@ -67,7 +74,13 @@ class DeltaSums(Protocol):
     inf_new: int
     delta_norm: _Norm
     old_norm: _Norm
+    sum_old_delta: float
+    round_mask: int
+    row_len: int
+    changed_rows: int
+    first_rows: list[int]
+    _last_row: int
     _bufs: Any
 
 
-__all__ = ["DeltaSums", "_Norm"]
+__all__ = ["DeltaSums", "_Norm", "ROUND_NAMES", "FIRST_ROWS"]

@@ -71,7 +71,8 @@ def _table_commands(screen: TableScreen) -> Iterable[SystemCommand]:
         yield SystemCommand(f"Show only {role} tensors", f"Role filter: {role}",
                             lambda role=role: _set_role(screen, role))
     for key, label in (("max", "max |Δ|"), ("rel", "rel L2"), ("name", "name"), ("status", "status"),
-                       ("role", "role"), ("shape", "size"), ("dtype", "dtype"), ("hash", "hash")):
+                       ("role", "role"), ("shape", "size"), ("dtype", "dtype"), ("cause", "cause"),
+                       ("hash", "hash")):
         yield SystemCommand(f"Sort by {label}", "Again: reverse", lambda key=key: screen.action_sort(key))
     yield SystemCommand("Drifted rows on top (toggle)", "Pull red and yellow rows above the sort order",
                         screen.action_pull_drift)

@@ -20,6 +20,7 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Sparkline, Static
 from textual.worker import Worker, WorkerState, get_current_worker
 
+from ckptdiff.cause import evidence, explain, words
 from ckptdiff.report import TensorDiff
 from ckptdiff.textsafe import printable
 
@@ -70,7 +71,8 @@ class DetailScreen(Screen):
         if self.model is not None:
             table = self.query_one("#points", DataTable)
             for key, label in (("mark", " "), ("index", "#"), ("step", "step"), ("tag", "tag"), ("base", "base"),
-                               ("status", "status"), ("max", "max |Δ|"), ("rel", "rel L2"), ("hash", "hash")):
+                               ("status", "status"), ("max", "max |Δ|"), ("rel", "rel L2"), ("cause", "cause"),
+                               ("hash", "hash")):
                 table.add_column(label, key=key)
             self.load_series()
 
@@ -96,6 +98,10 @@ class DetailScreen(Screen):
                                     f"({100 * r.changed_elements / r.numel:.1f}%)")
         if r.nan_new or r.inf_new:
             grid.add_row("new NaN/Inf", Text(f"{r.nan_new or 0} NaN, {r.inf_new or 0} Inf", style="bold red"))
+        if r.cause:
+            said = explain(r.cause, r.cause_detail) if r.drift else words(r.cause, r.cause_detail)
+            grid.add_row("cause", Text.assemble((r.cause, "bold"), "  ", (said, style or "")))
+            grid.add_row("evidence", evidence(r.cause_detail))
         grid.add_row("hash old", r.hash_old or "-")
         grid.add_row("hash new", r.hash_new or "-")
         return grid
@@ -151,6 +157,7 @@ class DetailScreen(Screen):
                                style=style, justify="right"),
                           Text(fmt.num(d.rel_l2) if d else ("0" if p.status == "identical" else "-"),
                                style=style, justify="right"),
+                          Text((d.cause or "") if d else "", style=style),
                           fmt.short_hash(p.hash), key=str(p.index))
         if self.index is not None:
             table.move_cursor(row=self.index, animate=False)

@@ -23,7 +23,7 @@ from ckptdiff.report import STATUSES, TensorDiff
 ROLE_CHOICES = (None, "frozen", "trainable", "buffer", "unknown")
 #: The ``c`` key cycles these; "any" means anything that is not identical.
 STATUS_CHOICES = (None, "any", "identical")
-SORT_KEYS = ("name", "role", "status", "shape", "dtype", "max", "rel", "hash")
+SORT_KEYS = ("name", "role", "status", "shape", "dtype", "max", "rel", "cause", "hash")
 
 
 def merge_measured(row: TensorDiff, measured: TensorDiff) -> TensorDiff:
@@ -139,6 +139,8 @@ def _key(sort: str) -> Callable[[TensorDiff], Any]:
         return lambda r: r.max_abs_delta
     if sort == "rel":
         return lambda r: r.rel_l2
+    if sort == "cause":
+        return lambda r: (r.cause or "", r.name)
     if sort == "hash":
         return lambda r: r.hash_new or r.hash_old or ""
     raise ValueError(f"unknown sort key {sort!r}")

@@ -35,6 +35,7 @@ COLUMNS = (
     ("dtype", "dtype"),
     ("max", "max |Δ|"),
     ("rel", "rel L2"),
+    ("cause", "cause"),
     ("hash", "hash"),
 )
 
@@ -72,6 +73,7 @@ def cell_texts(r: TensorDiff) -> list[str]:
         fmt.dtype_of(r),
         _delta(r, r.max_abs_delta),
         _delta(r, r.rel_l2),
+        "…" if r.status == "pending" else (r.cause or ""),
         fmt.short_hash(r.hash_new or r.hash_old),
     ]
 
@@ -97,7 +99,7 @@ class TensorTable(LineTable):
     right_aligned = frozenset({"max", "rel"})
     cursor_keeps = frozenset({DRIFT_FLAG})
     #: Columns whose text arrives later get room up front, so the layout does not jump.
-    min_width = {"flag": 7, "max": 9, "rel": 9, "hash": 10}
+    min_width = {"flag": 7, "max": 9, "rel": 9, "cause": 13, "hash": 10}
     max_width = {"name": 72}
 
     BINDINGS = [

@@ -23,8 +23,9 @@ is identical (bitwise), changed (with max |delta|, mean |delta|, relative L2
 change and the number of elements that differ), added, removed, or changed
 shape or dtype.
 
-OLD and NEW can be any supported file (safetensors, a sharded HF directory,
-PyTorch .pt/.pth/.bin, HDF5 .h5, NumPy .npy/.npz; the format is read from the
+OLD and NEW can be any supported file (safetensors, a sharded HF directory or
+its index file, a torch.distributed.checkpoint directory, PyTorch
+.pt/.pth/.bin, HDF5 .h5, NumPy .npy/.npz; the format is read from the
 content, not the extension) or a snapshot in a store, DIR@REF.
 
 With a manifest (--manifest FILE, or trainable_keys embedded in a checkpoint)
@@ -113,7 +114,20 @@ def register(subparsers: Any) -> None:
     p.add_argument("--quiet", "-q", action="store_true",
                    help="print nothing on stdout; only the exit code (and --output) tell")
     p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+    p.add_argument("--rank", type=_rank, default=None, metavar="R",
+                   help="also call a changed matrix 'low_rank' when its delta has numerical rank <= R "
+                        "(randomized SVD; reads those tensors whole once more)")
     p.set_defaults(func=run)
+
+
+def _rank(text: str) -> int:
+    try:
+        r = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, not {text!r}") from None
+    if not 1 <= r <= 4096:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1 to 4096, not {text!r}")
+    return r
 
 
 def run(args: argparse.Namespace) -> int:
@@ -138,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
                     include=args.include, exclude=args.exclude,
                     fail_on=args.fail_on,
                     progress=progress,
+                    rank=args.rank,
                 )
     except NothingSelected as e:
         # The same error, in the words of the flags the user typed.

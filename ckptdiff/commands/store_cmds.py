@@ -94,11 +94,17 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "parent, drift (frozen tensors, per the manifest, whose bytes, dtype or shape differ\n"
         "from the first snapshot's; '-' when no manifest is known) and metrics. Per-tensor\n"
         "metrics (drift_max_abs/<tensor>) are shown as their maximum; 'ckptdiff show'\n"
-        "lists them. On a terminal each row is cut to its width. Reads no tensor data.\n\n"
-        "examples:\n  ckptdiff log runs/store\n  ckptdiff log runs/store --format json | jq '.snapshots[-1]'"))
+        "lists them. On a terminal each row is cut to its width. Reads no tensor data,\n"
+        "unless --causes asks why each drifted tensor moved (weight decay, optimizer step,\n"
+        "running statistics, ...; see docs/causes.md): then the drifted tensors, and only\n"
+        "those, are diffed against the first snapshot.\n\n"
+        "examples:\n  ckptdiff log runs/store\n  ckptdiff log runs/store --causes\n"
+        "  ckptdiff log runs/store --format json | jq '.snapshots[-1]'"))
     p.add_argument("dir", metavar="DIR", help="the store directory")
     p.add_argument("--format", choices=("table", "json"), default="table",
                    help="table (default) or json (schema ckptdiff.log/1)")
+    p.add_argument("--causes", action="store_true",
+                   help="say why each drifted tensor moved (reads the drifted tensors)")
     p.set_defaults(func=run_log)
 
     p = sub.add_parser("show", help="list one snapshot's tensors and metadata", **_fmt(
@@ -283,13 +289,14 @@ def run_init(args: argparse.Namespace) -> int:
 
 
 def run_snapshot(args: argparse.Namespace) -> int:
+    from ..localpath import refuse_url
     from ..manifest import Manifest
     from ..resolve import open_checkpoint
-    from ..store import Store, is_store
-
+    from ..store import Store
     from ..store.refs import check_tag
     from ..store.store import check_names
 
+    refuse_url(args.store, "store")  # before the checkpoint is read
     metrics = _parse_metrics(args.metric)
     if args.tag is not None:
         check_tag(args.tag)  # before any tensor is read or written
@@ -303,7 +310,7 @@ def run_snapshot(args: argparse.Namespace) -> int:
             if isinstance(meta_step, int) and not isinstance(meta_step, bool):
                 step = meta_step
         check_names(ckpt)  # before a new store directory is made for a checkpoint it cannot hold
-        store = Store.open(args.store) if is_store(args.store) else Store.init(args.store, compress=args.compress)
+        store = Store.open(args.store, create=True, compress=args.compress)
         if args.compress and not store.compressed:
             # Compression is chosen once per store; say so rather than silently ignore the flag.
             print(f"ckptdiff: note: --compress ignored: {printable(args.store)} already exists as an "
@@ -323,9 +330,18 @@ def run_log(args: argparse.Namespace) -> int:
     with Store.open(_store_dir(args.dir)) as s:
         rows = s.log()
         usage = s.disk_usage()
+    causes: dict[str, dict[str, Any]] = {}
+    if args.causes:
+        from ..timeline import drift_causes
+
+        causes = drift_causes(_store_dir(args.dir), {r.info.id: r.drift_names for r in rows})
     if args.format == "json":
-        _dump({"schema": "ckptdiff.log/1", "store": args.dir, "disk_usage": usage,
-               "snapshots": [r.to_dict() for r in rows]})
+        snaps = [r.to_dict() for r in rows]
+        if args.causes:
+            for d, r in zip(snaps, rows):
+                d["drift_causes"] = {n: {"cause": c, "cause_detail": det}
+                                     for n, (c, det) in causes.get(r.info.id, {}).items()}
+        _dump({"schema": "ckptdiff.log/1", "store": args.dir, "disk_usage": usage, "snapshots": snaps})
         return 0
     if not rows:
         print(f"{args.dir}: no snapshots yet (add one with 'ckptdiff snapshot CHECKPOINT --store {args.dir}')")
@@ -340,12 +356,32 @@ def run_log(args: argparse.Namespace) -> int:
         ])
     print(_fit(_table(["ID", "CREATED", "STEP", "TAG", "CHANGED", "DRIFT", "METRICS"], table, right=(2, 4, 5)),
                _terminal_width()))
+    if args.causes:
+        _print_causes(rows, causes)
     logical = sum(r.info.total_bytes for r in rows)
     print(f"\n{len(rows)} snapshot{'s' if len(rows) != 1 else ''}, {human_bytes(logical)} of tensors, "
           f"{human_bytes(usage)} on disk.")
     print("CHANGED: tensors that differ from the parent. DRIFT: frozen tensors (per the manifest) that differ "
           "from the first snapshot; '-' without a manifest.")
     return 0
+
+
+def _print_causes(rows: Sequence[Any], causes: dict[str, dict[str, Any]]) -> None:
+    """Why each drift happened, said once per tensor and cause: a tensor that decays at every
+    snapshot is one line (from the first snapshot where it drifted so), not fifty."""
+    from ..cause import explain
+
+    seen: dict[str, str] = {}
+    lines = []
+    for r in rows:
+        for name, (cause, detail) in causes.get(r.info.id, {}).items():
+            if cause is None or seen.get(name) == cause:
+                continue
+            seen[name] = cause
+            lines.append(f"  {r.info.id[:12]}  {printable(name)}: {explain(cause, detail)}")
+    if lines:
+        print("\nWhy frozen tensors drifted (from the first snapshot where each cause appears):")
+        print("\n".join(lines))
 
 
 def run_show(args: argparse.Namespace) -> int:

@@ -108,9 +108,11 @@ def run(args: argparse.Namespace) -> int:
 def _check_store(path: str) -> None:
     """Open and close the store now, so a wrong path fails before the screen changes."""
     from ..errors import CkptError
+    from ..localpath import refuse_url
     from ..resolve import split_store_ref
     from ..store import Store, is_store
 
+    refuse_url(path, "store")
     if not is_store(path):
         if split_store_ref(path) is not None or os.path.isfile(path):
             raise CkptError("is a single checkpoint; give two (OLD NEW) to diff them, "

@@ -26,6 +26,8 @@ TORCH_LEGACY = "torch-legacy"
 HDF5 = "hdf5"
 NPY = "npy"
 NPZ = "npz"
+DCP = "dcp"
+DCP_PART = "dcp-part"
 PEFT_ADAPTER = "peft-adapter"
 
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
@@ -48,19 +50,27 @@ def sniff(path: str) -> str:
     """Name the format of ``path`` from its content; CkptError if none matches."""
     st = _stat(path)
     if stat.S_ISDIR(st.st_mode):
-        if os.path.isfile(os.path.join(path, "model.safetensors.index.json")):
+        from .sharded import find_index
+        if find_index(path) is not None:
             return SHARDED
+        if os.path.isfile(os.path.join(path, ".metadata")):
+            return DCP
         single = os.path.join(path, "model.safetensors")
         if os.path.isfile(single):
             return SAFETENSORS
         if os.path.isfile(os.path.join(path, "adapter_config.json")):
             return PEFT_ADAPTER
         raise UnsupportedFormatError(
-            "is a directory without model.safetensors.index.json, model.safetensors or a ckptdiff store", path)
+            "is a directory without model.safetensors.index.json, pytorch_model.bin.index.json, model.safetensors, "
+            "adapter_config.json, a torch.distributed.checkpoint .metadata or a ckptdiff store", path)
     if not stat.S_ISREG(st.st_mode):
         raise UnsupportedFormatError("not a regular file", path)
     if st.st_size == 0:
         raise UnsupportedFormatError("file is empty (0 bytes)", path)
+    if path.endswith((".safetensors.index.json", ".bin.index.json")):
+        return SHARDED
+    if path.endswith(".distcp") or os.path.basename(path) == ".metadata":
+        return DCP_PART
     try:
         with open(path, "rb") as f:
             head = f.read(16)
@@ -109,6 +119,12 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     if fmt == SHARDED:
         from .sharded import open_sharded
         return open_sharded(spec)
+    if fmt == DCP:
+        from .dcp import open_dcp
+        return open_dcp(spec)
+    if fmt == DCP_PART:
+        raise CkptError("is one file of a torch.distributed.checkpoint; pass its directory instead: "
+                        f"{os.path.dirname(os.path.abspath(spec))}", spec)
     if fmt in (TORCH, TORCH_LEGACY):
         from .torch_format import open_torch
         return open_torch(spec, legacy=(fmt == TORCH_LEGACY))

@@ -1,8 +1,10 @@
-"""A Hugging Face sharded safetensors directory, opened as one checkpoint.
+"""A Hugging Face sharded directory (safetensors or ``.bin`` shards), opened as one checkpoint.
 
-``model.safetensors.index.json`` maps each tensor name to the shard file that
-holds it. The index is untrusted input like any header: shard names must stay
-inside the directory (no absolute paths, no ``..``, no symlink that resolves
+``model.safetensors.index.json`` (or ``pytorch_model.bin.index.json``, for
+``.bin`` shards, which are torch zips) maps each tensor name to the shard
+file that holds it. The directory or the index file itself may be given. The
+index is untrusted input like any header: shard names must stay inside the
+directory (no absolute paths, no ``..``, no symlink that resolves
 elsewhere), and every tensor must be exactly where the index says, once.
 """
 
@@ -14,16 +16,33 @@ from typing import Any
 
 from ..checkpoint import Checkpoint, TensorRef
 from ..errors import CkptError, FormatError
-from .safetensors_format import open_safetensors
 
-INDEX_NAME = "model.safetensors.index.json"
+#: The index files Hugging Face writes, in the order ``from_pretrained`` prefers them.
+INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+INDEX_NAME = INDEX_NAMES[0]
 MAX_INDEX_BYTES = 64 << 20
 FORMAT = "safetensors-sharded"
+TORCH_FORMAT = "torch-sharded"
 
 
-def open_sharded(directory: str | os.PathLike[str]) -> Checkpoint:
-    d = os.fspath(directory)
-    index_path = os.path.join(d, INDEX_NAME)
+def find_index(directory: str) -> str | None:
+    """The index file of a sharded directory, or None when it has none."""
+    for name in INDEX_NAMES:
+        candidate = os.path.join(directory, name)
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+def open_sharded(path: str | os.PathLike[str]) -> Checkpoint:
+    """Open a sharded directory, or the shard index file given directly."""
+    p = os.fspath(path)
+    if os.path.isdir(p):
+        d, index_path = p, find_index(p)
+        if index_path is None:
+            raise CkptError(f"directory has none of {', '.join(INDEX_NAMES)}", p)
+    else:
+        d, index_path = os.path.dirname(p) or ".", p
     weight_map, index_meta = _read_index(index_path)
 
     root = os.path.realpath(d)
@@ -35,11 +54,12 @@ def open_sharded(directory: str | os.PathLike[str]) -> Checkpoint:
     tensors: dict[str, TensorRef] = {}
     where: dict[str, str] = {}
     shard_meta: dict[str, str] = {}
+    formats: set[str] = set()
     try:
         for shard in sorted(by_shard):
-            shard_path = _shard_path(d, root, shard, index_path)
-            ck = open_safetensors(shard_path)
+            ck = _open_shard(member_path(d, root, shard, index_path))
             opened.append(ck)
+            formats.add(ck.format)
             listed = set(by_shard[shard])
             for name in listed:
                 if name not in ck:
@@ -65,10 +85,24 @@ def open_sharded(directory: str | os.PathLike[str]) -> Checkpoint:
     metadata.update(index_meta)
     metadata["shards"] = sorted(by_shard)
     ordered = {name: tensors[name] for name in sorted(tensors)}
-    ckpt = Checkpoint(d, FORMAT, ordered, metadata)
+    ckpt = Checkpoint(d, FORMAT if formats <= {"safetensors"} else TORCH_FORMAT, ordered, metadata)
     for ck in opened:
         ckpt.on_close(ck.close)
     return ckpt
+
+
+def _open_shard(shard_path: str) -> Checkpoint:
+    """A shard is a safetensors file or a torch file (``.bin``), told apart by content."""
+    from . import SAFETENSORS, TORCH, TORCH_LEGACY, sniff
+
+    fmt = sniff(shard_path)
+    if fmt == SAFETENSORS:
+        from .safetensors_format import open_safetensors
+        return open_safetensors(shard_path)
+    if fmt in (TORCH, TORCH_LEGACY):
+        from .torch_format import open_torch
+        return open_torch(shard_path, legacy=(fmt == TORCH_LEGACY))
+    raise FormatError(f"shard is a {fmt} file; shards must be safetensors or PyTorch files", shard_path)
 
 
 def _read_index(index_path: str) -> tuple[dict[str, str], dict[str, Any]]:
@@ -95,23 +129,24 @@ def _read_index(index_path: str) -> tuple[dict[str, str], dict[str, Any]]:
     return dict(weight_map), dict(meta)
 
 
-def _shard_path(d: str, root: str, shard: str, index_path: str) -> str:
-    """Resolve a shard name from the index, refusing anything that leaves the directory."""
-    if os.path.isabs(shard) or shard.startswith(("/", "\\")) or (len(shard) > 1 and shard[1] == ":"):
-        raise FormatError(f"shard {shard!r} is an absolute path; shards must be files inside the directory",
+def member_path(d: str, root: str, name: str, index_path: str, what: str = "shard") -> str:
+    """Resolve a file name read from an index or metadata file (``what``: how to call it in
+    messages), refusing anything that leaves the directory ``d`` (whose realpath is ``root``)."""
+    if os.path.isabs(name) or name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
+        raise FormatError(f"{what} {name!r} is an absolute path; it must be a file inside the directory",
                           index_path)
-    parts = shard.replace("\\", "/").split("/")
+    parts = name.replace("\\", "/").split("/")
     if ".." in parts:
-        raise FormatError(f"shard {shard!r} points outside the directory", index_path)
-    full = os.path.join(d, shard)
+        raise FormatError(f"{what} {name!r} points outside the directory", index_path)
+    full = os.path.join(d, name)
     try:
         real = os.path.realpath(full, strict=True)
     except FileNotFoundError:
-        raise CkptError(f"shard {shard!r} listed in the index is missing", full) from None
+        raise CkptError(f"{what} {name!r} listed in the index is missing", full) from None
     except OSError as e:
-        raise CkptError(f"cannot resolve shard {shard!r}: {e.strerror or e}", full) from None
+        raise CkptError(f"cannot resolve {what} {name!r}: {e.strerror or e}", full) from None
     if os.path.commonpath([root, real]) != root:
-        raise FormatError(f"shard {shard!r} resolves outside the directory (to {real})", index_path)
+        raise FormatError(f"{what} {name!r} resolves outside the directory (to {real})", index_path)
     if not os.path.isfile(real):
-        raise CkptError(f"shard {shard!r} is not a regular file", full)
+        raise CkptError(f"{what} {name!r} is not a regular file", full)
     return real

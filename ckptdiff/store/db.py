@@ -13,6 +13,7 @@ migration of older stores belongs here.
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 import time
@@ -86,23 +87,58 @@ def _uri_path(path: str) -> str:
     return quote(os.path.abspath(path))
 
 
-def create(path: str, *, compression: str, level: int) -> None:
-    """Write a fresh index at ``path`` atomically: built under a temp name, then renamed."""
-    tmp = path + ".init-" + os.urandom(6).hex()
-    conn = sqlite3.connect(tmp, isolation_level=None)
+#: Name prefix of a database being built in ``tmp/`` (``gc`` removes stale ones: they end in ``.part``).
+INIT_PREFIX = "ckptdiff.db.init-"
+
+
+def create(path: str, tmp_dir: str, *, compression: str, level: int) -> bool:
+    """Publish a fresh index at ``path``; False when one is already there.
+
+    Built under a temporary name in ``tmp_dir``, then hard-linked to
+    ``path``: a link, unlike a rename, fails when the name exists, so of
+    several processes creating the same store at once exactly one publishes
+    its database and none replaces a database another has already written to.
+    """
+    tmp = os.path.join(tmp_dir, INIT_PREFIX + os.urandom(6).hex() + ".part")
     try:
-        conn.executescript(SCHEMA)
-        conn.executemany("INSERT INTO meta(key, value) VALUES (?, ?)", [
-            ("format_version", str(FORMAT_VERSION)),
-            ("compression", compression),
-            ("zstd_level", str(level)),
-            ("created_at", repr(time.time())),
-            ("created_by", f"ckptdiff {__version__}"),
-        ])
-        conn.execute("PRAGMA journal_mode = WAL")
+        conn = sqlite3.connect(tmp, isolation_level=None)
+        try:
+            conn.executescript(SCHEMA)
+            conn.executemany("INSERT INTO meta(key, value) VALUES (?, ?)", [
+                ("format_version", str(FORMAT_VERSION)),
+                ("compression", compression),
+                ("zstd_level", str(level)),
+                ("created_at", repr(time.time())),
+                ("created_by", f"ckptdiff {__version__}"),
+            ])
+            conn.execute("PRAGMA journal_mode = WAL")
+        finally:
+            conn.close()
+        return _publish(tmp, path)
     finally:
-        conn.close()
-    os.replace(tmp, path)
+        for leftover in (tmp, tmp + "-journal"):
+            try:
+                os.unlink(leftover)
+            except FileNotFoundError:
+                pass
+
+
+def _publish(tmp: str, path: str) -> bool:
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+            raise
+    # A filesystem without hard links: an exclusive lock orders the creators instead.
+    from .locking import gc_lock
+    with gc_lock(os.path.dirname(path), exclusive=True):
+        if os.path.exists(path):
+            return False
+        os.replace(tmp, path)
+        return True
 
 
 def has_column(conn: sqlite3.Connection, table: str, column: str) -> bool:
@@ -140,4 +176,5 @@ def read_meta(conn: sqlite3.Connection, where: str) -> dict[str, str]:
     return meta
 
 
-__all__ = ["DB_NAME", "FORMAT_VERSION", "add_auxiliary_column", "connect", "create", "has_column", "read_meta"]
+__all__ = ["DB_NAME", "FORMAT_VERSION", "INIT_PREFIX", "add_auxiliary_column", "connect", "create", "has_column",
+           "read_meta"]

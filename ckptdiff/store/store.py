@@ -31,6 +31,7 @@ from blake3 import blake3
 
 from ..checkpoint import Checkpoint, TensorRef
 from ..errors import CkptError, FormatError
+from ..localpath import refuse_url
 from ..manifest import Manifest
 from ..progress import Meter, ProgressFn
 from ..textsafe import printable
@@ -54,6 +55,70 @@ STALE_TEMP_S = 3600.0
 def is_store(path: str | os.PathLike[str]) -> bool:
     """True when ``path`` is a ckptdiff store directory (it holds ``ckptdiff.db``)."""
     return os.path.isfile(os.path.join(os.fspath(path), db.DB_NAME))
+
+
+def _root(path: str | os.PathLike[str]) -> str:
+    """A store path as given, refused when it cannot name a local directory."""
+    root = os.fspath(path)
+    if not root.strip():
+        raise CkptError("the store directory name is empty")
+    refuse_url(root, "store")
+    return root
+
+
+#: What a store directory holds while one or more processes are creating it
+#: (before its database is published): an empty ``blobs/``, ``tmp/`` holding
+#: only databases being built, the empty lock file.
+_SKELETON = {"blobs", "tmp", LOCK_NAME}
+
+
+def _being_created(root: str, entries: list[str]) -> bool:
+    """True when ``root`` holds nothing but another creator's skeleton."""
+    if not set(entries) <= _SKELETON:
+        return False
+    try:
+        if "blobs" in entries and os.listdir(os.path.join(root, "blobs")):
+            return False
+        building = os.listdir(os.path.join(root, "tmp")) if "tmp" in entries else []
+        if not all(n.startswith(db.INIT_PREFIX) for n in building):
+            return False
+        return LOCK_NAME not in entries or os.path.getsize(os.path.join(root, LOCK_NAME)) == 0
+    except OSError:  # a file where a directory should be, or the reverse
+        return False
+
+
+def _create(root: str, compress: bool) -> bool:
+    """Make a store at ``root``; False when another process published one there first.
+
+    Safe against any number of concurrent creators: the skeleton (``blobs/``,
+    ``tmp/``, the lock file) is made idempotently, and the database is built
+    under a temporary name and published by :func:`db.create`, which never
+    replaces one already there. A directory holding only another creator's
+    skeleton counts as empty.
+    """
+    if os.path.exists(root):
+        if not os.path.isdir(root):
+            raise CkptError("exists and is not a directory", root)
+        try:
+            entries = os.listdir(root)
+        except OSError as e:
+            raise store_os_error(e, root, "create the store") from None
+        if entries and not _being_created(root, entries):
+            if is_store(root):  # another process finished creating it meanwhile
+                return False
+            raise CkptError("directory is not empty and is not a ckptdiff store; "
+                            "choose a new or empty directory", root)
+    try:
+        os.makedirs(os.path.join(root, "blobs"), exist_ok=True)
+        os.makedirs(os.path.join(root, "tmp"), exist_ok=True)
+        with open(os.path.join(root, LOCK_NAME), "ab"):
+            pass
+        return db.create(os.path.join(root, db.DB_NAME), os.path.join(root, "tmp"),
+                         compression="zstd" if compress else "none", level=compress_mod.DEFAULT_LEVEL)
+    except OSError as e:
+        raise store_os_error(e, root, "create the store") from None
+    except sqlite3.Error as e:
+        raise _sql_error(e, root, "create the store") from None
 
 
 def _sql_error(e: sqlite3.Error, root: str, action: str) -> CkptError:
@@ -89,43 +154,29 @@ class Store:
     # -- lifecycle ------------------------------------------------------------------
     @classmethod
     def init(cls, path: str | os.PathLike[str], compress: bool = False) -> Store:
-        """Create a store at ``path`` (a new or empty directory)."""
-        root = os.fspath(path)
-        if not root.strip():
-            raise CkptError("the store directory name is empty")
-        if os.path.exists(root):
-            if not os.path.isdir(root):
-                raise CkptError("exists and is not a directory", root)
-            if is_store(root):
-                raise CkptError("is already a ckptdiff store", root)
-            if os.listdir(root):
-                raise CkptError("directory is not empty and is not a ckptdiff store; "
-                                "choose a new or empty directory", root)
-        try:
-            os.makedirs(os.path.join(root, "blobs"), exist_ok=True)
-            os.makedirs(os.path.join(root, "tmp"), exist_ok=True)
-            with open(os.path.join(root, LOCK_NAME), "ab"):
-                pass
-            db.create(os.path.join(root, db.DB_NAME), compression="zstd" if compress else "none",
-                      level=compress_mod.DEFAULT_LEVEL)
-        except OSError as e:
-            raise store_os_error(e, root, "create the store") from None
-        except sqlite3.Error as e:
-            raise _sql_error(e, root, "create the store") from None
+        """Create a store at ``path`` (a new or empty directory); refuses an existing store."""
+        root = _root(path)
+        if is_store(root) or not _create(root, compress):
+            raise CkptError("is already a ckptdiff store", root)
         return cls.open(root)
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], create: bool = False) -> Store:
-        """Open an existing store; with ``create``, make one if ``path`` is missing or empty."""
-        root = os.fspath(path)
-        if not root.strip():
-            raise CkptError("the store directory name is empty")
+    def open(cls, path: str | os.PathLike[str], create: bool = False, compress: bool = False) -> Store:
+        """Open an existing store; with ``create``, make one if ``path`` is missing or empty.
+
+        Any number of processes may ``open(create=True)`` the same new path at
+        once: exactly one database is published and all of them open it
+        (``compress`` applies only if this call is the one that creates it).
+        """
+        root = _root(path)
         if not is_store(root):
             if create:
-                return cls.init(root)  # refuses files and non-empty directories itself
-            if not os.path.exists(root):
+                _create(root, compress)  # refuses files and non-empty directories itself
+            elif not os.path.exists(root):
                 raise CkptError("no such store (create one with 'ckptdiff init DIR')", root)
-            raise CkptError(f"not a ckptdiff store (no {db.DB_NAME}; create one with 'ckptdiff init DIR')", root)
+            else:
+                raise CkptError(f"not a ckptdiff store (no {db.DB_NAME}; create one with 'ckptdiff init DIR')",
+                                root)
         dbpath = os.path.join(root, db.DB_NAME)
         readonly = not (os.access(root, os.W_OK) and os.access(dbpath, os.W_OK))
         try:

@@ -17,7 +17,7 @@ from ckptdiff.cli import main
 
 TENSOR_KEYS = {"name", "status", "role", "drift", "stale", "dtype_old", "dtype_new", "shape_old", "shape_new",
                "numel", "hash_old", "hash_new", "max_abs_delta", "mean_abs_delta", "rel_l2",
-               "changed_elements", "nan_new", "inf_new", "out_of_tolerance"}
+               "changed_elements", "nan_new", "inf_new", "out_of_tolerance", "cause", "cause_detail"}
 
 
 @pytest.fixture()
@@ -81,7 +81,9 @@ def test_drift_exits_1_and_names_the_tensor(ckpts, capsys):
     assert rc == 1
     row = next(l for l in out.splitlines() if "backbone.0.weight" in l).split()
     assert row[:4] == ["DRIFT", "backbone.0.weight", "changed", "frozen"]
-    assert row[-2:] == ["1/128", "(0.781%)"]
+    assert row[-3:] == ["1/128", "(0.781%)", "sparse_rows"]  # one element: one row of 16
+    assert out.splitlines()[-2] == ("backbone.0.weight drifted: 1 of 16 rows changed (row 2) — only a few rows moved "
+                                    "(new token embeddings, a few classes of a head)")
     assert out.splitlines()[-1] == "FAIL: 1 frozen tensor drifted"
 
 

@@ -145,3 +145,35 @@ def zip_members(path: str, members: dict[str, bytes], compression: int = zipfile
             zf.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), data,
                         compress_type=compression)
     return path
+
+
+# ---- Hugging Face shard layouts (torch tensors) -----------------------------------
+
+def write_hf_index(d: str, name: str, weight_map: dict, total: int) -> str:
+    path = os.path.join(d, name)
+    with open(path, "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
+    return path
+
+
+def write_hf_shards(d: str, sd: dict, kind: str, n: int) -> str:
+    """Torch tensors ``sd`` as ``n`` Hugging Face shards of ``kind`` ("safetensors" or "bin"),
+    named and indexed as ``save_pretrained`` does; returns the index file's path."""
+    import torch
+    from safetensors.torch import save_file
+
+    os.makedirs(d, exist_ok=True)
+    names = sorted(sd)
+    weight_map = {}
+    for i in range(n):
+        part = {k: sd[k].clone() for k in names[i::n]}
+        if kind == "safetensors":
+            shard = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            save_file(part, os.path.join(d, shard), metadata={"format": "pt"})
+        else:
+            shard = f"pytorch_model-{i + 1:05d}-of-{n:05d}.bin"
+            torch.save(part, os.path.join(d, shard))
+        weight_map.update({k: shard for k in part})
+    total = sum(t.numel() * t.element_size() for t in sd.values())
+    index = "model.safetensors.index.json" if kind == "safetensors" else "pytorch_model.bin.index.json"
+    return write_hf_index(d, index, weight_map, total)

@@ -15,7 +15,7 @@ from ckptdiff.store import Store
 torch = pytest.importorskip("torch")
 
 # The audit's warnings for these deliberately buggy setups are tested in test_audit.py.
-pytestmark = pytest.mark.filterwarnings("ignore::ckptdiff.hook_drift.AuditWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::ckptdiff.hook.AuditWarning")
 
 BACKBONE_PARAMS = {"backbone.0.weight", "backbone.0.bias", "backbone.1.weight", "backbone.1.bias",
                    "backbone.3.weight", "backbone.3.bias"}
@@ -187,7 +187,7 @@ def test_deferred_checks_attribute_the_step_of_the_launch(net, data, store_dir):
     net.backbone.eval()
     opt = torch.optim.SGD(net.head.parameters(), lr=0.1)
     tracker = ckptdiff.track(net, opt, store=store_dir, every=100, on_drift="record")
-    tracker._defer_checks = True
+    tracker._drift.defer = True
     for step in range(1, 7):
         if step == 4:
             with torch.no_grad():

@@ -7,9 +7,9 @@ import pytest
 from hook_helpers import raw
 
 from ckptdiff import dtypes
-from ckptdiff.hook_capture import HostStaging, stream_refs
-from ckptdiff.hook_fingerprint import FrozenWatch, _balance, bit_checksum
-from ckptdiff.hook_model import Slot
+from ckptdiff.hook.capture import HostStaging, stream_refs
+from ckptdiff.hook.fingerprint import FrozenWatch, _balance, bit_checksum
+from ckptdiff.hook.model import Slot
 
 torch = pytest.importorskip("torch")
 

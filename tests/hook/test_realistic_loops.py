@@ -20,6 +20,8 @@ from hook_helpers import Net, freeze, raw, train_step
 
 import ckptdiff
 from ckptdiff import hook as hook_mod
+from ckptdiff.hook import failures as hook_failures
+from ckptdiff.hook import metrics as hook_metrics
 from ckptdiff.hook import DriftWarning, StoreWarning, TrackerError
 from ckptdiff.store import Store
 from ckptdiff.store.blobs import TMP_DIR
@@ -387,7 +389,7 @@ def test_a_read_only_store_fails_at_attach_with_a_clear_error(net, store_dir, mo
 
 def test_a_store_that_keeps_failing_warns_once_per_streak_with_a_bounded_error_list(net, data, store_dir,
                                                                                     monkeypatch):
-    monkeypatch.setattr(hook_mod, "_MAX_ERRORS", 5)
+    monkeypatch.setattr(hook_failures, "MAX_ERRORS", 5)
     freeze(net.backbone)
     net.backbone.eval()
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2)
@@ -426,7 +428,7 @@ def test_a_store_that_keeps_failing_warns_once_per_streak_with_a_bounded_error_l
 
 def test_a_snapshot_is_written_while_the_loop_pauses_and_late_metrics_go_to_the_next(net, data, store_dir,
                                                                                      monkeypatch):
-    monkeypatch.setattr(hook_mod, "_SEAL_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(hook_metrics, "SEAL_TIMEOUT_S", 0.2)
     freeze(net.backbone)
     net.backbone.eval()
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2)

@@ -15,7 +15,7 @@ from hook_helpers import Net, freeze, raw, train_step
 
 import ckptdiff
 from ckptdiff.hook import StaleWarning, StoreWarning, TrackerError
-from ckptdiff.hook_writer import BackgroundWriter
+from ckptdiff.hook.writer import BackgroundWriter
 from ckptdiff.store import Store
 from ckptdiff.store.blobs import TMP_DIR
 

@@ -113,7 +113,9 @@ def test_github_annotations():
     out = render_github(make_report()).splitlines()
     # per-tensor annotations name the NEW checkpoint as their file
     assert out[0] == ("::error file=tuned.safetensors,title=ckptdiff%3A frozen tensor drifted%3A enc.w::enc.w is "
-                      "frozen but changed: max |delta| 0.0004, rel L2 0.001192, 2 of 8 elements differ")
+                      "frozen but changed: max |delta| 0.0004, rel L2 0.001192, 2 of 8 elements differ; "
+                      "cause: an update with no simpler pattern — gradients or an optimizer reach it: "
+                      "it is being trained")
     assert out[1] == ("::error file=tuned.safetensors,title=ckptdiff%3A frozen tensor drifted%3A gone::gone is "
                       "frozen but removed")
     assert out[2].startswith("::warning file=tuned.safetensors,title=ckptdiff%3A trainable tensor never updated%3A "
@@ -148,7 +150,7 @@ def test_table_plain_when_not_a_terminal():
     lines = text.splitlines()
     assert lines[0] == "base.safetensors -> tuned.safetensors"
     header = lines[1].split()
-    assert header == ["tensor", "status", "role", "dtype", "shape", "max", "|Δ|", "mean", "|Δ|", "rel", "L2", "changed"]
+    assert header == ["tensor", "status", "role", "dtype", "shape", "max", "|Δ|", "mean", "|Δ|", "rel", "L2", "changed", "cause"]
     assert lines[2].split()[:3] == ["DRIFT", "enc.w", "changed"]
     assert lines[3].split()[:3] == ["DRIFT", "gone", "removed"]
     assert lines[4].split()[:3] == ["STALE", "head.b", "identical"]

@@ -17,13 +17,13 @@ before it. On CPU the same code path copies synchronously.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import dtypes
-from .checkpoint import TensorRef
-from .hook_model import Slot
+from .. import dtypes
+from ..checkpoint import TensorRef
+from .model import Slot
 
 
 @dataclass(eq=False)
@@ -84,8 +84,15 @@ class HostStaging:
             s = self._streams[device] = torch.cuda.Stream(device=device)
         return s
 
-    def capture(self, slots: Sequence[tuple[int, Slot]]) -> Capture:
-        """Start copying ``slots`` (index, slot) to host; returns at once on CUDA, after the copy on CPU."""
+    def capture(self, slots: Sequence[tuple[int, Slot]], whole: Callable[[Slot], Any] | None = None) -> Capture:
+        """Start copying ``slots`` (index, slot) to host; returns at once on CUDA, after the copy on CPU.
+
+        ``whole(slot)`` gives a sharded slot's full tensor (a collective:
+        called for each sharded slot in index order). Each is copied as soon
+        as it is gathered, on the training stream (so its memory is reused
+        only after the copy), and dropped: the gathered tensors are never all
+        alive at once.
+        """
         import torch
 
         used = {i for i, _ in slots}
@@ -97,14 +104,18 @@ class HostStaging:
         side: dict[Any, list[tuple[Any, Any]]] = {}
         current: dict[Any, list[tuple[Any, Any]]] = {}
         for i, slot in slots:
-            t = slot.tensor.detach()
-            stamps[i] = (slot.tensor._version, slot.tensor.data_ptr())
+            stamps[i] = slot.stamp()
+            gathered = slot.sharded and whole is not None
+            t = whole(slot) if gathered else slot.tensor.detach()
             nbytes = t.numel() * t.element_size()
             on_cuda = t.device.type == "cuda"
             host = self._buffer(i, nbytes, pinned=on_cuda)
             dst = host.view(t.dtype).view(t.shape)
             if not on_cuda:
                 dst.copy_(t)
+            elif gathered:  # copied now, on the training stream, so the gathered tensor can go at once
+                dst.copy_(t, non_blocking=True)
+                current.setdefault(t.device, [])  # the event recorded below covers this copy
             else:
                 (side if slot.kind == "param" else current).setdefault(t.device, []).append((dst, t))
             total += nbytes
@@ -133,16 +144,18 @@ class HostStaging:
         return cap
 
 
-def stream_refs(slots: Sequence[Slot], chunk_bytes: int = 16 << 20) -> dict[str, TensorRef]:
+def stream_refs(slots: Sequence[Slot], chunk_bytes: int = 16 << 20,
+                gathered: Mapping[int, Any] | None = None) -> dict[str, TensorRef]:
     """Lazy refs that read live tensors when the store asks (for the baseline, written while attach waits).
 
     CPU tensors are exposed zero-copy; CUDA tensors are copied to host one
     chunk at a time, so the baseline of any model size needs only
-    ``chunk_bytes`` of host memory.
+    ``chunk_bytes`` of host memory. ``gathered`` holds the full host copy of
+    each sharded slot, by slot index.
     """
     refs: dict[str, TensorRef] = {}
-    for slot in slots:
-        t = slot.tensor
+    for k, slot in enumerate(slots):
+        t = gathered[k] if gathered and k in gathered else slot.tensor
         if t.device.type == "cpu":
             maker: dict[str, Any] = {"view": _live_cpu_view(t)}
         else:

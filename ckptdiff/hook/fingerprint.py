@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .hook_model import Slot
+from .model import Slot
 
 _SAME_WIDTH_INT = {1: "int8", 2: "int16", 4: "int32", 8: "int64"}
 
@@ -104,8 +104,7 @@ class FrozenWatch:
         self.checksummed_bytes = 0
 
     def _stamp(self, i: int) -> tuple[int, int]:
-        t = self.slots[i].tensor
-        return (t._version, t.data_ptr())
+        return self.slots[i].stamp()
 
     def set_baseline(self, step: int = 0) -> None:
         """Checksum every watched tensor now (at attach) as the reference."""
@@ -124,9 +123,7 @@ class FrozenWatch:
         seen = self._seen
         out = []
         for i, s in enumerate(self.slots):
-            t = s.tensor
-            v, p = seen[i]
-            if (t._version != v or t.data_ptr() != p) and i not in self.drifted:
+            if s.stamp() != seen[i] and i not in self.drifted:
                 out.append(i)
         return out
 
@@ -166,11 +163,11 @@ class FrozenWatch:
         versions = [self._stamp(i) for i in idx]
         by_device: dict[Any, list[int]] = {}
         for pos, i in enumerate(idx):
-            by_device.setdefault(self.slots[i].tensor.device, []).append(pos)
+            by_device.setdefault(self.slots[i].local.device, []).append(pos)
         results = []
         events = []
         for device, positions in by_device.items():
-            sums = torch.stack([bit_checksum(self.slots[idx[p]].tensor) for p in positions])
+            sums = torch.stack([bit_checksum(self.slots[idx[p]].local) for p in positions])
             self.checksummed_bytes += sum(self.slots[idx[p]].nbytes for p in positions)
             if device.type == "cuda" and defer:
                 # Read it a check later: no host sync on the training thread.
@@ -211,7 +208,7 @@ class FrozenWatch:
         """A suspect the exact comparison cleared: re-base its checksum on what is there now."""
         self._seen[i] = self._stamp(i)
         self.last_clean[i] = step
-        self.baseline[i] = int(bit_checksum(self.slots[i].tensor).item())
+        self.baseline[i] = int(bit_checksum(self.slots[i].local).item())
 
 
 def _balance(slots: Sequence[Slot], k: int) -> list[list[int]]:

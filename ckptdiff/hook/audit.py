@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .hook_model import ModelTensors, TrackerError, collect, names_of
+from .model import ModelTensors, TrackerError, collect, names_of
 
 
 @dataclass(frozen=True)

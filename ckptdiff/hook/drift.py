@@ -16,25 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .checkpoint import TensorRef
+from ..checkpoint import TensorRef
 
 _CHUNK = 4 << 20
-
-
-class DriftWarning(UserWarning):
-    """A frozen tensor moved (``on_drift="warn"``)."""
-
-
-class AuditWarning(UserWarning):
-    """The attach-time audit found a likely mistake."""
-
-
-class StoreWarning(UserWarning):
-    """Writing a snapshot failed; training goes on (see ``Tracker.errors``)."""
-
-
-class StaleWarning(UserWarning):
-    """A trainable tensor is still bitwise equal to its baseline after a snapshot interval."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +37,8 @@ class DriftEvent:
     last_clean_step: int
     #: The snapshot tagged ``drift`` that records it (None if the store could not write it).
     snapshot: str | None = None
+    #: Under torch.distributed: the ranks that saw it move (empty in a single process).
+    ranks: tuple[int, ...] = ()
 
     @property
     def name(self) -> str:
@@ -70,16 +56,19 @@ class DriftEvent:
             f"between steps {self.last_clean_step} and {self.step}"
         if self.confirmed:
             delta = f"max |Δ| = {self.max_abs_delta:.6g}, {self.changed} of {self.numel} elements changed"
+        elif self.ranks:
+            delta = "bit checksum differs from the baseline (measured exactly by the rank that writes the history)"
         else:
             delta = "bit checksum differs from the baseline (baseline bytes unavailable for an exact comparison)"
-        return f"{self.name}{alias} ({what}) moved {when}: {delta}"
+        where = f", seen on {_ranks_text(self.ranks)}" if self.ranks else ""
+        return f"{self.name}{alias} ({what}) moved {when}{where}: {delta}"
 
     def to_dict(self) -> dict[str, object]:
         mad = self.max_abs_delta
         return {"step": self.step, "names": list(self.names), "kind": self.kind, "numel": self.numel,
                 "changed": self.changed,
                 "max_abs_delta": None if mad is None else (mad if math.isfinite(mad) else str(mad)),
-                "last_clean_step": self.last_clean_step, "snapshot": self.snapshot}
+                "last_clean_step": self.last_clean_step, "snapshot": self.snapshot, "ranks": list(self.ranks)}
 
 
 class FrozenDriftError(RuntimeError):
@@ -93,6 +82,47 @@ class FrozenDriftError(RuntimeError):
             lines.append(f"  ... and {len(self.events) - 12} more (see .events)")
         lines.append(hint_for(self.events))
         super().__init__("\n".join(x for x in lines if x))
+
+
+@dataclass(frozen=True)
+class ReplicaDivergence:
+    """A frozen tensor whose bits differ between data-parallel replicas (``replica_check_every``).
+
+    Each rank's own drift check compares a replica with its own baseline; a
+    replica that was different from the start, or that moved in a way its
+    check cannot see, shows only when the ranks compare notes.
+    """
+
+    step: int
+    names: tuple[str, ...]
+    #: Ranks grouped by identical bits, largest group first.
+    groups: tuple[tuple[int, ...], ...]
+
+    @property
+    def name(self) -> str:
+        return self.names[0]
+
+    def describe(self) -> str:
+        parts = " | ".join(_ranks_text(g) for g in self.groups)
+        return f"{self.name} differs across replicas at step {self.step}: {parts} hold different bits"
+
+
+class ReplicaDivergenceError(FrozenDriftError):
+    """Raised on every rank (``on_drift="raise"``) when frozen replicas no longer agree."""
+
+    def __init__(self, divergences: Sequence[ReplicaDivergence], step: int) -> None:
+        self.events = []
+        self.divergences = list(divergences)
+        self.step = step
+        lines = [f"frozen tensors differ across data-parallel replicas at step {step}:"]
+        lines += [f"  {d.describe()}" for d in self.divergences[:12]]
+        lines.append("  hint: every rank must start from the same weights (DDP broadcasts them when it wraps the "
+                     "model) and freeze the same tensors")
+        RuntimeError.__init__(self, "\n".join(lines))
+
+
+def _ranks_text(ranks: Sequence[int]) -> str:
+    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(str(r) for r in ranks)
 
 
 def hint_for(events: Sequence[DriftEvent]) -> str:
@@ -141,5 +171,4 @@ def compare(baseline: TensorRef, current: TensorRef) -> tuple[int, float]:
     return changed, max(worst, 0.0)
 
 
-__all__ = ["DriftEvent", "FrozenDriftError", "DriftWarning", "AuditWarning", "StoreWarning", "StaleWarning",
-           "compare", "hint_for"]
+__all__ = ["DriftEvent", "FrozenDriftError", "ReplicaDivergence", "ReplicaDivergenceError", "compare", "hint_for"]

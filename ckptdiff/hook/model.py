@@ -23,9 +23,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from . import dtypes
-from .errors import CkptError, FormatError
-from .manifest import Manifest
+from .. import dtypes
+from ..errors import CkptError, FormatError
+from ..manifest import Manifest
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -37,21 +37,62 @@ class TrackerError(CkptError, ValueError):
 
 @dataclass(eq=False)
 class Slot:
-    """One distinct tensor of the model (tied weights share a slot under several names)."""
+    """One distinct tensor of the model (tied weights share a slot under several names).
+
+    For a DTensor (an FSDP2 parameter) ``tensor`` is the DTensor, whose
+    version counter moves with every in-place update, and ``local`` is this
+    rank's shard, which is what the drift check reads (its own version
+    counter does not move when the optimizer updates the DTensor). For any
+    other tensor both are the same object.
+    """
 
     names: list[str]
     tensor: torch.Tensor
     kind: str  # "param" or "buffer"
     role: str = "frozen"  # "trainable", "frozen" or "buffer"
     dtype: str = ""
+    local: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.local = local_of(self.tensor)
 
     @property
     def name(self) -> str:
         return self.names[0]
 
     @property
+    def sharded(self) -> bool:
+        """A DTensor: snapshots need every rank to gather it (``full_tensor()``)."""
+        return self.local is not self.tensor
+
+    @property
     def nbytes(self) -> int:
-        return self.tensor.numel() * self.tensor.element_size()
+        """Bytes held on this rank (the local shard of a DTensor)."""
+        return self.local.numel() * self.local.element_size()
+
+    def stamp(self) -> tuple[int, int]:
+        """(version, storage address): what moves when the tensor is written or replaced, read in O(1)."""
+        return self.tensor._version, self.local.data_ptr()
+
+    def replace(self, tensor: torch.Tensor) -> None:
+        """The model points at a new tensor object under this slot's name."""
+        self.dtype = _check_tensor(self.name, tensor)
+        self.tensor = tensor
+        self.local = local_of(tensor)
+
+
+def _is_dtensor(t: Any) -> bool:
+    return type(t).__name__ == "DTensor" and hasattr(t, "_local_tensor")
+
+
+def local_of(t: Any) -> Any:
+    """This rank's part of ``t``: a DTensor's local shard, else ``t`` itself."""
+    if _is_dtensor(t):
+        import torch
+
+        with torch.no_grad():
+            return t.to_local()
+    return t
 
 
 @dataclass(eq=False)
@@ -77,6 +118,23 @@ class ModelTensors:
     @property
     def total_bytes(self) -> int:
         return sum(s.nbytes for s in self.slots)
+
+    def refresh(self) -> None:
+        """Follow tensors the model replaced since attach (``module.weight = nn.Parameter(...)``).
+
+        The per-step check watches tensor objects; a module attribute pointed
+        at a new object is only seen here, once per snapshot (one state_dict
+        walk, ~1 ms for hundreds of tensors). The new object's different
+        storage makes it a suspect, so a frozen one is checksummed at the next
+        check and reported if its values differ from the baseline.
+        """
+        import torch
+
+        current = self.module.state_dict(keep_vars=True)
+        for slot in self.slots:
+            t = current.get(slot.name)
+            if isinstance(t, torch.Tensor) and t is not slot.tensor:
+                slot.replace(t)
 
 
 def unwrap(model: Any) -> Any:
@@ -106,18 +164,16 @@ def _refuse_sharded(module: Any) -> None:
         for name, sub in module.named_modules():
             if isinstance(sub, FSDP):
                 raise TrackerError(
-                    f"module {name or '<root>'!r} is wrapped in FullyShardedDataParallel: each rank holds only a "
-                    "shard of the weights, which the hook cannot snapshot; track the model before sharding, or "
-                    "save full state dicts and compare them with `ckptdiff diff`")
+                    f"module {name or '<root>'!r} is wrapped in FullyShardedDataParallel (FSDP1), whose flat "
+                    "parameters hide the tensors' names and shapes; shard it with "
+                    "torch.distributed.fsdp.fully_shard (FSDP2) instead, which the hook tracks on every rank")
 
 
 def _check_tensor(name: str, t: Any) -> str:
     """Canonical dtype name of a trackable tensor, or a TrackerError saying why it is not."""
     import torch
 
-    if type(t).__name__ == "DTensor" or hasattr(t, "_local_tensor"):
-        raise TrackerError(f"tensor {name!r} is a DTensor (FSDP2 / tensor parallel shard); the hook needs "
-                           "whole tensors: track the unsharded model, or compare saved full state dicts")
+    t = local_of(t)  # a DTensor is as trackable as its local shard (snapshots gather it whole)
     if t.is_meta:
         raise TrackerError(f"tensor {name!r} is on the meta device (no data yet); attach the hook after the "
                            "weights are materialised (e.g. after load_state_dict(..., assign=True) or to_empty())")
