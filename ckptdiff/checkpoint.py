@@ -101,8 +101,8 @@ class TensorRef:
         them): skips ``__post_init__``, which is a third of opening a
         2,000-tensor safetensors file."""
         ref = cls.__new__(cls)
-        ref.__dict__.update(name=name, dtype=dtype, shape=shape, view=view, pieces=None, hash=None, source=source,
-                            read_into=read_into, file_span=file_span, _nbytes=nbytes)
+        ref.name, ref.dtype, ref.shape, ref.view, ref.pieces, ref.hash = name, dtype, shape, view, None, None
+        ref.source, ref.read_into, ref.file_span, ref._nbytes = source, read_into, file_span, nbytes
         return ref
 
     @property
@@ -184,7 +184,7 @@ class TensorRef:
 
 
 class SpanRef(TensorRef):
-    """A tensor whose bytes lie contiguously in a file that is open and mapped (safetensors).
+    """A tensor whose bytes lie contiguously in a file that is open and mapped (safetensors, plain HDF5).
 
     Its ``view`` and ``read_into`` are made when asked for, from the map, the
     descriptor and the offset, rather than held as two closures per tensor:
@@ -197,8 +197,8 @@ class SpanRef(TensorRef):
            offset: int, source: str | None) -> SpanRef:
         """A ref for bytes ``offset .. offset + nbytes`` of ``whole`` (the map of ``fd``), fields already validated."""
         ref = cls.__new__(cls)
-        ref.__dict__.update(name=name, dtype=dtype, shape=shape, pieces=None, hash=None, source=source,
-                            file_span=(fd, offset), _nbytes=nbytes, _whole=whole)
+        ref.name, ref.dtype, ref.shape, ref.pieces, ref.hash, ref.source = name, dtype, shape, None, None, source
+        ref.file_span, ref._nbytes, ref._whole = (fd, offset), nbytes, whole
         return ref
 
     @property  # type: ignore[override]  # a field of the base class, derived here
