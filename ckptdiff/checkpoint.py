@@ -292,6 +292,15 @@ class Checkpoint(Mapping[str, TensorRef]):
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
+    def subset(self, names: Iterable[str]) -> Checkpoint:
+        """A view of some of these tensors (names absent here are skipped); closing it leaves this one open.
+
+        It keeps the training-state names (``auxiliary``): the policy makes
+        them buffers, and a view without them would call optimizer state frozen.
+        """
+        return Checkpoint(self.path, self.format, {n: self.tensors[n] for n in names if n in self.tensors},
+                          dict(self.metadata), self.manifest, auxiliary=self.auxiliary)
+
     def on_close(self, fn: Callable[[], None]) -> None:
         self._closers.append(fn)
 

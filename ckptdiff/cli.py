@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 from ._version import __version__
 from .errors import CkptError
-from .textsafe import printable
+from .textsafe import one_line
 
 #: Subcommand modules, in the order ``--help`` lists them.
 COMMANDS = ("diff", "store_cmds", "tui_cmd", "report_cmd")
@@ -40,7 +40,7 @@ class _Parser(argparse.ArgumentParser):
         cmd = self.prog.split()[1:]  # "ckptdiff diff" -> ["diff"]
         where = f"{' '.join(cmd)}: " if cmd else ""
         see = f"ckptdiff {' '.join(cmd)} --help" if cmd else "ckptdiff --help"
-        self.exit(EXIT_TROUBLE, f"ckptdiff: error: {printable(where + message)} (see '{see}')\n")
+        self.exit(EXIT_TROUBLE, f"ckptdiff: error: {one_line(where + message)} (see '{see}')\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
             "  CKPTDIFF_HDF5_TIMEOUT=SECONDS    give up (exit 2) when the HDF5 library takes longer to open a\n"
             "                                   file and read its metadata (default 120; a corrupt file can\n"
             "                                   make it loop forever)\n"
+            "  CKPTDIFF_OPEN_TIMEOUT=SECONDS    give up (exit 2) when opening any checkpoint (reading its header,\n"
+            "                                   pickle or directory) takes longer (default 300)\n"
             "  CKPTDIFF_STATS=numpy             measure changed tensors with numpy, not the C module"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -132,8 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _error(msg: str) -> None:
-    # A message may quote a hostile tensor name or path: keep it to one visible line.
-    print(f"ckptdiff: error: {printable(msg)}", file=sys.stderr)
+    # A message may quote a hostile tensor name, path or ref: keep it to one visible line of bounded length.
+    print(f"ckptdiff: error: {one_line(msg)}", file=sys.stderr)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -27,7 +27,6 @@ from typing import Any
 from . import __version__
 from .cause import evidence, words
 from .render import cause_groups, fmt_num, ordered, summary_line, verdict_line
-from .report import TensorDiff
 from .timeline import Timeline
 
 #: Colour steps of the heatmap: rel change below 1e-6, [1e-6, 1e-5), ..., [1e-1, 1), >= 1.

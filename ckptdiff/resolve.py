@@ -134,5 +134,26 @@ def opened(*specs: CheckpointLike) -> Iterator[list[Checkpoint]]:
         yield out
 
 
-__all__ = ["open_checkpoint", "split_store_ref", "store_ref", "load_manifest", "opened", "CheckpointLike",
+def check_store(path: str) -> None:
+    """Check that ``path`` is a readable store directory, so a wrong path fails before long work starts.
+
+    A single checkpoint or ``DIR@REF`` given where a store's history is meant, a
+    missing directory and a damaged snapshot row each get their own one-line error.
+    """
+    from .store import Store, is_store
+
+    refuse_url(path, "store")
+    if not is_store(path):
+        if split_store_ref(path) is not None or os.path.isfile(path):
+            raise CkptError("is a single checkpoint; give two (OLD NEW) to diff them, "
+                            "or a store directory to browse its history", path)
+        if not os.path.exists(path):
+            raise CkptError("no such store directory", path)
+        raise CkptError("not a ckptdiff store (record snapshots with the training hook or "
+                        "'ckptdiff snapshot' first)", path)
+    with Store.open(path) as s:
+        s.list()  # reads every snapshot row: a damaged one fails here, not inside the app
+
+
+__all__ = ["open_checkpoint", "check_store", "split_store_ref", "store_ref", "load_manifest", "opened", "CheckpointLike",
            "ManifestLike"]

@@ -27,7 +27,7 @@ import sys
 from types import ModuleType
 from typing import TYPE_CHECKING
 
-from .stats_types import FIRST_ROWS, ROUND_NAMES, _Norm
+from .stats_types import FIRST_ROWS, _Norm
 
 if TYPE_CHECKING:
     from .dtypes import DType

@@ -34,4 +34,29 @@ def printable(text: str) -> str:
     return "".join(ch if ch.isprintable() else _escape(ch) for ch in text)
 
 
-__all__ = ["printable"]
+#: A run of characters without spaces longer than this is quoted by its ends only.
+MAX_QUOTED = 200
+#: A whole message longer than this keeps its beginning and end.
+MAX_LINE = 1000
+
+
+def _clip(text: str, limit: int) -> str:
+    keep = limit // 2
+    return f"{text[:keep]}...[{len(text) - 2 * keep} characters]...{text[-keep:]}"
+
+
+def one_line(message: str) -> str:
+    """An error message as one visible line of bounded length.
+
+    Messages quote user-supplied strings (paths, refs, tensor names, header
+    values) that can be 100,000 characters long: every run without spaces
+    longer than :data:`MAX_QUOTED` keeps only its two ends, and the whole
+    line at most :data:`MAX_LINE` characters. Applied once, where errors are
+    printed, so no message has to remember it.
+    """
+    words = printable(message).split(" ")
+    text = " ".join(_clip(w, MAX_QUOTED) if len(w) > MAX_QUOTED else w for w in words)
+    return _clip(text, MAX_LINE) if len(text) > MAX_LINE else text
+
+
+__all__ = ["MAX_LINE", "MAX_QUOTED", "one_line", "printable"]

@@ -13,7 +13,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .checkpoint import Checkpoint
 from .report import DiffReport
 
 
@@ -118,19 +117,13 @@ def drift_causes(path: str, drifted: Mapping[str, Sequence[str]], *, atol: float
                     continue
                 snap = store.open_snapshot(sid)
                 try:
-                    rep = diff(_subset(base, names), _subset(snap, names), atol=atol, rtol=rtol)
+                    rep = diff(base.subset(names), snap.subset(names), atol=atol, rtol=rtol)
                 finally:
                     snap.close()
                 out[sid] = {t.name: (t.cause, t.cause_detail) for t in rep.tensors}
         finally:
             base.close()
     return out
-
-
-def _subset(ck: Checkpoint, names: Sequence[str]) -> Checkpoint:
-    """Some tensors of ``ck`` as a checkpoint of their own (closing it leaves ``ck`` open)."""
-    return Checkpoint(ck.path, ck.format, {n: ck[n] for n in names if n in ck}, dict(ck.metadata), ck.manifest,
-                      auxiliary=ck.auxiliary)
 
 
 __all__ = ["Column", "Timeline", "from_store", "from_pair", "drift_causes"]

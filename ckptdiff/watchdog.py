@@ -15,6 +15,7 @@ Windows, guarded blocks run without a deadline.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -26,6 +27,9 @@ except (ImportError, OSError):  # pragma: no cover - no C compiler at install ti
 #: Seconds the HDF5 library may spend opening a file and reading its metadata.
 HDF5_TIMEOUT_ENV = "CKPTDIFF_HDF5_TIMEOUT"
 HDF5_TIMEOUT_DEFAULT = 120.0
+#: Seconds any reader may spend opening a file (its header, pickle, directory, metadata).
+OPEN_TIMEOUT_ENV = "CKPTDIFF_OPEN_TIMEOUT"
+OPEN_TIMEOUT_DEFAULT = 300.0
 
 _enabled = False
 
@@ -46,28 +50,59 @@ def available() -> bool:
 
 
 def hdf5_timeout() -> float:
-    raw = os.environ.get(HDF5_TIMEOUT_ENV, "").strip()
+    return _seconds(HDF5_TIMEOUT_ENV, HDF5_TIMEOUT_DEFAULT)
+
+
+def open_timeout() -> float:
+    return _seconds(OPEN_TIMEOUT_ENV, OPEN_TIMEOUT_DEFAULT)
+
+
+def _seconds(env: str, default: float) -> float:
+    raw = os.environ.get(env, "").strip()
     try:
-        v = float(raw) if raw else HDF5_TIMEOUT_DEFAULT
+        v = float(raw) if raw else default
     except ValueError:
-        return HDF5_TIMEOUT_DEFAULT
-    return v if 0 < v <= 1e6 else HDF5_TIMEOUT_DEFAULT
+        return default
+    return v if 0 < v <= 1e6 else default
+
+
+#: Deadlines in force, outermost first: (expiry on the monotonic clock, the line to print).
+_active: list[tuple[float, bytes]] = []
 
 
 @contextmanager
 def deadline(seconds: float, message: str) -> Iterator[None]:
     """Run the block; if enabled and it takes longer than ``seconds``, print
-    ``ckptdiff: error: <message>`` and exit with code 2 from a C thread."""
+    ``ckptdiff: error: <message>`` and exit with code 2 from a C thread.
+
+    Deadlines nest: the C thread counts down to whichever expires first (and
+    prints that one's message, which names what was slow); leaving an inner
+    block re-arms the outer one for the time it has left.
+    """
     if not _enabled or not available():
         yield
         return
     assert _C is not None
-    line = "ckptdiff: error: " + " ".join(message.split()) + "\n"
-    _C.arm(seconds, line.encode("utf-8", "backslashreplace"))
+    from .textsafe import one_line
+
+    line = ("ckptdiff: error: " + one_line(message) + "\n").encode("utf-8", "backslashreplace")
+    _active.append((time.monotonic() + seconds, line))
+    _arm_soonest()
     try:
         yield
     finally:
-        _C.disarm()
+        _active.pop()
+        if _active:
+            _arm_soonest()
+        else:
+            _C.disarm()
 
 
-__all__ = ["enabled", "available", "deadline", "hdf5_timeout", "HDF5_TIMEOUT_ENV"]
+def _arm_soonest() -> None:
+    assert _C is not None
+    expiry, line = min(_active)
+    _C.arm(max(expiry - time.monotonic(), 0.001), line)
+
+
+__all__ = ["enabled", "available", "deadline", "hdf5_timeout", "open_timeout", "HDF5_TIMEOUT_ENV",
+           "OPEN_TIMEOUT_ENV"]

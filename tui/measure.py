@@ -25,16 +25,6 @@ def _engine_diff():  # imported late: ``import ckptdiff.tui`` should not pull th
     return diff
 
 
-def subset(ckpt: Checkpoint, names: Sequence[str]) -> Checkpoint:
-    """A view of some tensors of ``ckpt``; closing it does not close ``ckpt``.
-
-    It keeps the training-state names (``auxiliary``): the policy makes them
-    buffers, and a view without them would call optimizer state frozen.
-    """
-    return Checkpoint(ckpt.path, ckpt.format, {n: ckpt[n] for n in names if n in ckpt},
-                      dict(ckpt.metadata), ckpt.manifest, auxiliary=ckpt.auxiliary)
-
-
 def pair_manifest(old: Checkpoint, new: Checkpoint, manifest_path: str | None) -> Manifest | None:
     """The manifest of a two-checkpoint table, as ``ckptdiff diff OLD NEW [--manifest FILE]`` chooses it."""
     explicit = Manifest.load(manifest_path) if manifest_path else None
@@ -44,7 +34,7 @@ def pair_manifest(old: Checkpoint, new: Checkpoint, manifest_path: str | None) -
 def measure(old: Checkpoint, new: Checkpoint, names: Sequence[str], manifest: Manifest | None,
             *, atol: float = 0.0, rtol: float = 0.0) -> list[TensorDiff]:
     """The engine's TensorDiff for each of ``names`` (present on either side)."""
-    report = diff_checkpoints(subset(old, names), subset(new, names), manifest, atol=atol, rtol=rtol)
+    report = diff_checkpoints(old.subset(names), new.subset(names), manifest, atol=atol, rtol=rtol)
     return report.tensors
 
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from typing import Any
 
 from ..errors import CkptError, NothingSelected
 from ..render import FORMATS
 from ..report import FAIL_ON
+from .output import is_special, check_output, write_output
 
 DESCRIPTION = """\
 Compare two checkpoints tensor by tensor and say, for each tensor, whether it
@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     from ..progress import byte_bar
 
     inputs = (args.old, args.new) + ((args.manifest,) if args.manifest else ())
-    _check_output(args.output, inputs)  # fail before a long diff, not after it
+    check_output(args.output, inputs)  # fail before a long diff, not after it
     if args.lora:
         _check_lora_flags(args)
     try:
@@ -178,75 +178,12 @@ def _check_lora_flags(args: argparse.Namespace) -> None:
 def _emit(report: Any, args: argparse.Namespace) -> None:
     from ..render import render
 
-    if args.output and args.output != "-" and _is_special(args.output):
-        # /dev/stdout, a FIFO, a terminal: no temp file beside it, just write.
-        with open(args.output, "w", encoding="utf-8") as f:
-            render(report, args.format, f, show_all=args.show_all, color=False)
-        return
     if args.output and args.output != "-":
-        # A regular file is replaced atomically: a reader never sees half a report.
-        tmp = f"{args.output}.tmp-{os.getpid()}"
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                render(report, args.format, f, show_all=args.show_all, color=False)
-            os.replace(tmp, args.output)
-        except OSError as e:
-            raise CkptError(f"cannot write the report: {e.strerror or e}", args.output) from None
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        if not args.quiet and args.format != "json":
+        write_output(args.output, lambda f: render(report, args.format, f, show_all=args.show_all, color=False))
+        if not args.quiet and args.format != "json" and not is_special(args.output):
             print(f"report written to {args.output}", file=sys.stderr)
         return
     if args.quiet:
         return
     render(report, args.format, sys.stdout, show_all=args.show_all)
     sys.stdout.flush()
-
-
-def _is_special(path: str) -> bool:
-    import stat
-    try:
-        return not stat.S_ISREG(os.stat(path).st_mode)
-    except OSError:
-        return False  # does not exist yet: a regular file will be created
-
-
-def _refuse_to_clobber_a_checkpoint(path: str, inputs: tuple[str, ...]) -> None:
-    """``-o model.safetensors`` (a slip for ``-o diff.json``) must not replace weights with a report."""
-    from ..store.store import owning_store
-
-    store = owning_store(path)
-    if store is not None:
-        raise CkptError(f"--output is inside the store {store} (its database, blobs/ or tmp/); "
-                        "refusing to write the report there", path)
-    if not os.path.isfile(path):
-        return
-    for spec in inputs:
-        try:
-            if os.path.exists(spec) and os.path.samefile(path, spec):
-                raise CkptError("--output names one of the inputs (OLD, NEW or --manifest); "
-                                "refusing to overwrite it with the report", path)
-        except OSError:
-            continue
-    from ..formats import sniff
-
-    try:
-        fmt = sniff(path)
-    except CkptError:
-        return  # not a checkpoint (an earlier report, a log): replacing it is what -o means
-    raise CkptError(f"--output is an existing {fmt} checkpoint; refusing to overwrite it with the report "
-                    "(name a new file, or delete it first)", path)
-
-
-def _check_output(path: str | None, inputs: tuple[str, ...] = ()) -> None:
-    if not path or path == "-":
-        return
-    parent = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise CkptError("--output is a directory; name a file", path)
-    _refuse_to_clobber_a_checkpoint(path, inputs)
-    if not os.path.isdir(parent):
-        raise CkptError("cannot write the report: its directory does not exist", path)
-    if not os.access(parent, os.W_OK) and not _is_special(path):
-        raise CkptError("cannot write the report: directory is not writable", path)

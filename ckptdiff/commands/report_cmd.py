@@ -10,11 +10,11 @@ publish the page and fail.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Any
 
-from .diff import _check_output, _rank, tolerance
+from .diff import _rank, tolerance
+from .output import check_output, is_special, write_output
 
 DESCRIPTION = """\
 Write one self-contained HTML file (inline SVG and CSS: no script, no network)
@@ -56,17 +56,16 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import CkptError
     from ..html_report import render_html
     from ..timeline import from_pair, from_store
 
     inputs = tuple(x for x in (args.first, args.second, args.manifest) if x)
-    _check_output(args.output, inputs)
+    check_output(args.output, inputs)
     opts = {"manifest": args.manifest, "atol": args.atol, "rtol": args.rtol, "rank": args.rank}
     if args.second is None:
-        from .tui_cmd import _check_store
+        from ..resolve import check_store
 
-        _check_store(args.first)
+        check_store(args.first)
         tl = from_store(args.first, **opts)
     else:
         tl = from_pair(args.first, args.second, **opts)
@@ -74,15 +73,7 @@ def run(args: argparse.Namespace) -> int:
     if args.output == "-":
         sys.stdout.write(page)
     else:
-        tmp = f"{args.output}.tmp-{os.getpid()}"
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(page)
-            os.replace(tmp, args.output)
-        except OSError as e:
-            raise CkptError(f"cannot write the report: {e.strerror or e}", args.output) from None
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        print(f"report written to {args.output} ({len(page.encode()) // 1024} KiB)", file=sys.stderr)
+        write_output(args.output, lambda f: f.write(page))
+        if not is_special(args.output):
+            print(f"report written to {args.output} ({len(page.encode()) // 1024} KiB)", file=sys.stderr)
     return tl.final.exit_code

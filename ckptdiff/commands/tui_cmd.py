@@ -9,7 +9,6 @@ usual one-line error and exit 2, not a crash inside the app.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Any
 
@@ -81,10 +80,11 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import CkptError
+    from ..resolve import check_store
 
     paths: list[str] = [args.first] + ([args.second] if args.second is not None else [])
     if len(paths) == 1:
-        _check_store(paths[0])
+        check_store(paths[0])
         if args.manifest:
             raise CkptError("--manifest is for two-checkpoint mode; a store records its own manifests")
     else:
@@ -105,24 +105,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_store(path: str) -> None:
-    """Open and close the store now, so a wrong path fails before the screen changes."""
-    from ..errors import CkptError
-    from ..localpath import refuse_url
-    from ..resolve import split_store_ref
-    from ..store import Store, is_store
-
-    refuse_url(path, "store")
-    if not is_store(path):
-        if split_store_ref(path) is not None or os.path.isfile(path):
-            raise CkptError("is a single checkpoint; give two (OLD NEW) to diff them, "
-                            "or a store directory to browse its history", path)
-        if not os.path.exists(path):
-            raise CkptError("no such store directory", path)
-        raise CkptError("not a ckptdiff store (record snapshots with the training hook or "
-                        "'ckptdiff snapshot' first)", path)
-    with Store.open(path) as s:
-        s.list()  # reads every snapshot row: a damaged one fails here, not inside the app
 
 
 def _check_checkpoints(old: str, new: str, manifest: str | None) -> None:

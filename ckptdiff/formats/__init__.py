@@ -32,6 +32,10 @@ PEFT_ADAPTER = "peft-adapter"
 
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 _NPY_MAGIC = b"\x93NUMPY"
+#: Enough of the head to see a safetensors header's ``{`` behind leading whitespace.
+_HEAD_BYTES = 4096
+_MAX_HEAD_BYTES = 1 << 20
+_JSON_SPACE = b" \t\r\n"
 
 
 def _stat(path: str) -> os.stat_result:
@@ -73,7 +77,12 @@ def sniff(path: str) -> str:
         return DCP_PART
     try:
         with open(path, "rb") as f:
-            head = f.read(16)
+            head = f.read(_HEAD_BYTES)
+            while len(head) < _MAX_HEAD_BYTES and len(head) > 8 and not head[8:].lstrip(_JSON_SPACE):
+                more = f.read(len(head))  # a safetensors header padded with whitespace: look further for '{'
+                if not more:
+                    break
+                head += more
     except OSError as e:
         raise CkptError(f"cannot read: {e.strerror}", path) from None
     if head.startswith(_HDF5_MAGIC):
@@ -82,12 +91,14 @@ def sniff(path: str) -> str:
         return NPY
     if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
         return _sniff_zip(path)
-    if head[:1] == b"\x80" and len(head) >= 2 and 2 <= head[1] <= 5:
-        return TORCH_LEGACY  # a pickle stream: torch's legacy (pre-1.6) serialization
-    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 0:
+    if len(head) >= 9 and head[8:].lstrip(_JSON_SPACE)[:1] == b"{" and int.from_bytes(head[:8], "little") > 0:
         # A JSON header after an 8-byte length: safetensors, even when the
         # length is absurd or the file truncated (the reader says which).
+        # JSON allows whitespace before the object, and so does the reference.
+        # Checked before the pickle test: a 640-byte header's length starts with bytes 0x80 0x02.
         return SAFETENSORS
+    if head[:1] == b"\x80" and len(head) >= 2 and 2 <= head[1] <= 5:
+        return TORCH_LEGACY  # a pickle stream: torch's legacy (pre-1.6) serialization
     raise UnsupportedFormatError(
         "unknown format (expected safetensors, PyTorch .pt/.pth/.bin, HDF5, .npy or .npz)", path)
 
@@ -112,6 +123,17 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     """Open any supported checkpoint file or sharded directory (store refs: :func:`ckptdiff.resolve.open_checkpoint`)."""
     spec = os.fspath(path)
     fmt = sniff(spec)
+    from .. import watchdog
+    from ..textsafe import printable
+
+    seconds = watchdog.open_timeout()
+    with watchdog.deadline(seconds, f"{printable(spec)}: opening this {fmt} file (reading its header, pickle or "
+                                    f"directory) took longer than {seconds:g} s. Set {watchdog.OPEN_TIMEOUT_ENV}="
+                                    "SECONDS to wait longer"):
+        return _open_as(fmt, spec)
+
+
+def _open_as(fmt: str, spec: str) -> Checkpoint:
     if fmt == SAFETENSORS:
         from .safetensors_format import open_safetensors
         target = os.path.join(spec, "model.safetensors") if os.path.isdir(spec) else spec

@@ -43,6 +43,7 @@ from ..dtypes import DTYPES, TORCH_NAMES
 from ..errors import CkptError, FormatError
 from . import torch_zip
 from ._common import json_safe, map_file, numel, open_binary, pread_into, with_path
+from .safe_pickle import Opaque, safe_unpickle
 from .chunked import Chunk, assembled_pieces, check_tiling
 from .sharded import member_path
 from .torch_format import WRAPPER_KEYS, _finish, _flatten_checkpoint
@@ -157,44 +158,42 @@ _GLOBALS: dict[tuple[str, str], Any] = {
 }
 
 
-class _MetadataUnpickler(torch_zip._Unpickler):
-    """The ``.pt`` reader's unpickler with DCP's allow-list instead of torch_zip's."""
-
-    def find_class(self, module: str, name: str) -> Any:  # noqa: D401
-        hit = _GLOBALS.get((module, name))
-        if hit is not None:
-            return hit
-        if module == "torch" and name in TORCH_NAMES:
-            return torch_zip._DType(TORCH_NAMES[name])
-        if module == "torch" and name in _OTHER_TORCH_DTYPES:
-            return torch_zip._DType(name)
-        raise torch_zip.Unsupported(f"pickle global {module}.{name}")
-
-    def persistent_load(self, pid: Any) -> Any:
-        raise torch_zip.Unsupported("a persistent id")
+def _metadata_global(module: str, name: str) -> Any:
+    """DCP's allow-list for ``.metadata``; anything else is a placeholder, and the file is refused."""
+    hit = _GLOBALS.get((module, name))
+    if hit is not None:
+        return hit
+    if module == "torch" and name in TORCH_NAMES:
+        return torch_zip._DType(TORCH_NAMES[name])
+    if module == "torch" and name in _OTHER_TORCH_DTYPES:
+        return torch_zip._DType(name)
+    return Opaque(f"pickle global {module}.{name}")
 
 
-def _unpickle(raw: bytes, *, dcp_metadata: bool) -> Any:
-    """The one place this module unpickles anything, with the ``.pt`` reader's unpickler
-    machinery (and its bounds): ``.metadata`` with DCP's allow-list, a chunk's or value's
-    ``data.pkl`` with the ``.pt`` reader's own. Raises torch_zip.Unsupported, or whatever
-    the pickle machinery raises on malformed input; callers turn both into one line."""
-    unpickler = _MetadataUnpickler if dcp_metadata else torch_zip._Unpickler
-    return unpickler(io.BytesIO(raw)).load()
+def _no_persistent_ids(pid: Any) -> Any:
+    raise torch_zip.Unsupported("a persistent id")
+
+
+def _unpickle_metadata(raw: bytes) -> Any:
+    """The one place this module unpickles ``.metadata``: safe_pickle's interpreter (the ``.pt``
+    reader's bounds on memo, depth and integers) with DCP's allow-list, for the protocol
+    ``pickle.dumps`` writes. Raises torch_zip.Unsupported for anything outside the allow-list,
+    PickleRefused for a malformed or unbounded stream; callers turn both into one line."""
+    obj, opaque, _end = safe_unpickle(raw, _metadata_global, _no_persistent_ids, protocol4=True)
+    if opaque:
+        raise torch_zip.Unsupported(opaque[0])
+    return obj
 
 
 def _read_torch_save(window: _Window) -> tuple[Any, dict[str, tuple[int, int]]]:
     """A ``torch.save`` zip inside a .distcp range, read with the ``.pt`` reader's zip
     member table (which checks the members) and unpickler. Returns the unpickled object
     and member -> (offset in the window, length)."""
-    import zipfile
-
-    with zipfile.ZipFile(window) as zf:  # type: ignore[arg-type]
-        _prefix, members = torch_zip._member_offsets(zf, window, window.length)
+    _prefix, members = torch_zip._member_offsets(window, window.length, None)  # type: ignore[arg-type]
     start, length = members["data.pkl"]
     if length > MAX_BYTES_ITEM:  # one tensor's or one value's pickle is a few hundred bytes
         raise torch_zip.Unsupported("data.pkl too large")
-    return _unpickle(window.pread(start, length), dcp_metadata=False), members
+    return torch_zip.unpickle_data_pkl(window.pread(start, length), members), members
 
 
 class _Window(io.RawIOBase):
@@ -333,7 +332,7 @@ def _load_metadata(meta_path: str) -> _Record:
     if len(raw) > MAX_METADATA_BYTES:
         raise FormatError(f"{METADATA_NAME} is larger than {MAX_METADATA_BYTES >> 20} MiB", meta_path)
     try:
-        md = _unpickle(raw, dcp_metadata=True)
+        md = _unpickle_metadata(raw)
     except torch_zip.Unsupported as e:
         raise FormatError(f"refused: {METADATA_NAME} holds {e}, which a DCP checkpoint never pickles; "
                           "ckptdiff never runs code from a checkpoint", meta_path) from None

@@ -10,6 +10,14 @@ their data offset, zero copy. Compressed members (``np.savez_compressed``)
 are streamed in bounded pieces and their byte count checked, so a lying
 header or a zip bomb costs an error, not memory.
 
+Reference: ``numpy.load`` (``allow_pickle=False``). Stricter: object arrays
+and untyped void members are refused; each member's .npy header must agree
+with the zip's size for it before anything is inflated (the header is read
+from the first bytes of the stream); a compressed member that would inflate
+beyond 64 MiB and more than 100-fold (a deflate bomb; real weights compress
+about 1.1-fold) is refused from the zip directory alone; a name listed twice
+is refused (numpy keeps one).
+
 Note: bfloat16/float8 arrays (ml_dtypes) lose their type in .npy (numpy
 writes them as anonymous ``V2``/``V1`` void); such members are refused with a
 message saying so, since guessing the type would be wrong.
@@ -40,6 +48,10 @@ NPZ_FORMAT = "npz"
 MAX_NPY_HEADER = 10000
 _LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # zipfile's structFileHeader layout
 _READ_PIECE = 1 << 20
+#: Compressed members that would inflate to more than this and more than MAX_INFLATE_RATIO times
+#: their compressed size are refused (trained weights compress ~1.1-fold; zeros ~1000-fold).
+MAX_BOMB_BYTES = 64 << 20
+MAX_INFLATE_RATIO = 100
 
 
 class _Header:
@@ -239,6 +251,12 @@ def _compressed_member(p: str, info: zipfile.ZipInfo, name: str) -> TensorRef:
         raise FormatError(
             f"{where}: header says {hdr.nbytes} bytes of data, the zip entry claims {info.file_size - hdr.data_offset}",
             p)
+    if info.file_size > MAX_BOMB_BYTES and info.file_size > MAX_INFLATE_RATIO * max(info.compress_size, 1):
+        # From the zip's own numbers, before the data is inflated (only the header was).
+        raise FormatError(
+            f"{where}: {info.compress_size:,} compressed bytes claim to inflate to {info.file_size:,} "
+            f"(more than {MAX_INFLATE_RATIO}-fold and over {MAX_BOMB_BYTES >> 20} MiB: a deflate bomb?); "
+            "ckptdiff refuses such members (save real weights with np.savez, or as safetensors)", p)
     return TensorRef(name, hdr.dtype.name, hdr.shape, pieces=_stream_pieces(p, info, hdr, where),
                      source=info.filename)
 

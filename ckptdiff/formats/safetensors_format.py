@@ -8,12 +8,25 @@ validate completely here:
 ``[8-byte LE header length N][N bytes of JSON header][data section]``, each
 header entry ``{"dtype", "shape", "data_offsets": [begin, end]}`` relative to
 the data section, plus an optional ``__metadata__`` str -> str map.
+
+Reference: the ``safetensors`` library (its Rust ``read_metadata`` and
+``Metadata::validate``), followed rule for rule: a header of at most
+100,000,000 bytes of UTF-8 JSON (whitespace around the object is valid JSON
+and accepted, as the writer itself pads with spaces); the tensors, sorted by
+``data_offsets``, tile the data section exactly from byte 0 with no gap and
+no overlap; each holds exactly ``numel * itemsize`` bytes; and the last one
+ends exactly at the end of the file, so no bytes after the data (a polyglot
+tail) can hide there. Stricter than the reference: a name listed twice is
+refused (serde keeps one silently), ``__metadata__`` values must be strings
+(as the reference requires), and dtypes ckptdiff has no canonical name for
+are refused rather than skipped.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
 from ..checkpoint import Checkpoint, SpanRef, TensorRef, check_shape
@@ -21,9 +34,8 @@ from ..dtypes import _BY_SAFETENSORS, from_safetensors
 from ..errors import CkptError, FormatError
 from ._common import map_file, numel, open_binary, with_path
 
-#: A header larger than this is refused before it is read (the Rust
-#: implementation uses the same cap).
-MAX_HEADER_BYTES = 100 << 20
+#: A header larger than this is refused before it is read (the reference's MAX_HEADER_SIZE).
+MAX_HEADER_BYTES = 100_000_000
 FORMAT = "safetensors"
 
 
@@ -67,12 +79,13 @@ def _parse(buf: Any, path: str) -> tuple[dict[str, tuple[str, tuple[int, ...], i
         raise FormatError(f"truncated: {size} bytes, too short for the 8-byte safetensors header length", path)
     n = int.from_bytes(buf[:8], "little")
     if n > MAX_HEADER_BYTES:
-        raise FormatError(f"header claims {n} bytes, more than the {MAX_HEADER_BYTES >> 20} MiB limit", path)
+        raise FormatError(f"header claims {n} bytes, more than the {MAX_HEADER_BYTES:,}-byte limit", path)
     if n > size - 8:
         raise FormatError(f"truncated: header claims {n} bytes but the file has only {size - 8} after the length", path)
     raw = bytes(buf[8:8 + n])
     try:
-        header = _loads(raw.decode("utf-8"))
+        text = raw.decode("utf-8")
+        header = _loads(text)
     except UnicodeDecodeError:
         raise FormatError("header is not valid UTF-8", path) from None
     except _Duplicate as e:
@@ -86,6 +99,9 @@ def _parse(buf: Any, path: str) -> tuple[dict[str, tuple[str, tuple[int, ...], i
     if not isinstance(header, dict):
         raise FormatError("header is not a JSON object", path)
 
+    if _SURROGATE_ESCAPE.search(text) and not _valid_unicode(header):
+        raise FormatError("header holds a string with a lone UTF-16 surrogate escape, which is not valid Unicode "
+                          "(the safetensors library refuses it)", path)
     data_start = 8 + n
     data_len = size - data_start
     metadata: dict[str, str] = {}
@@ -96,7 +112,8 @@ def _parse(buf: Any, path: str) -> tuple[dict[str, tuple[str, tuple[int, ...], i
     for name, info in header.items():
         # The common entry, checked in a few type tests (a 200,000-tensor header
         # makes this loop the cost of opening the file); anything unusual
-        # takes the full checks below, which say what is wrong.
+        # takes the full checks below, which say what is wrong. Dims in
+        # 1..2**48 with a product up to 2**48 also fit the reference's u64.
         if type(info) is dict:
             code, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
             dt = by_code.get(code) if type(code) is str else None
@@ -109,8 +126,7 @@ def _parse(buf: Any, path: str) -> tuple[dict[str, tuple[str, tuple[int, ...], i
                 begin, end = offsets
                 if count <= max_numel and 0 <= begin and end == begin + count * dt.itemsize and end <= data_len:
                     out[name] = (dt.name, tuple(shape), data_start + begin, data_start + end)
-                    if end > begin:
-                        spans.append((begin, end, name))
+                    spans.append((begin, end, name))
                     continue
         if name == "__metadata__":
             if not isinstance(info, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in info.items()):
@@ -131,6 +147,9 @@ def _parse(buf: Any, path: str) -> tuple[dict[str, tuple[str, tuple[int, ...], i
             if not e.message.startswith("tensor "):
                 e = FormatError(f"tensor {name!r}: {e.message}")
             raise with_path(e, path) from None
+        if not _fits_usize(shape, dt.itemsize):
+            raise FormatError(f"tensor {name!r}: shape {list(shape)} overflows 64 bits (the safetensors library "
+                              "refuses it)", path)
         offsets = info["data_offsets"]
         if (not isinstance(offsets, list) or len(offsets) != 2
                 or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
@@ -148,12 +167,21 @@ def _parse(buf: Any, path: str) -> tuple[dict[str, tuple[str, tuple[int, ...], i
                 f"tensor {name!r}: data_offsets [{begin}, {end}] hold {end - begin} bytes but "
                 f"{dt.safetensors} {list(shape)} needs {expected}", path)
         out[name] = (dt.name, shape, data_start + begin, data_start + end)
-        if end > begin:
-            spans.append((begin, end, name))
+        spans.append((begin, end, name))
+    # The reference's rule: sorted by offsets, the tensors tile the data section exactly.
     spans.sort()
-    for (b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
-        if b1 < e0:
-            raise FormatError(f"tensors {n0!r} and {n1!r} overlap (bytes {b1}..{e0} of the data section)", path)
+    covered, previous = 0, ""
+    for begin, end, name in spans:
+        if begin < covered:
+            raise FormatError(f"tensors {previous!r} and {name!r} overlap (bytes {begin}..{covered} of the data "
+                              "section)", path)
+        if begin > covered:
+            raise FormatError(f"tensor {name!r}: bytes {covered}..{begin} of the data section belong to no tensor "
+                              "(the safetensors library refuses gaps)", path)
+        covered, previous = end, name
+    if covered != data_len:
+        raise FormatError(f"{data_len - covered} bytes after the last tensor's data (the safetensors library "
+                          "refuses such a file: the data section must end where the last tensor ends)", path)
     return out, metadata
 
 
@@ -178,6 +206,43 @@ def _loads(text: str) -> Any:
         if members == text.count(":"):
             return header
     return json.loads(text, object_pairs_hook=_no_duplicates)
+
+
+#: A JSON escape that may stand for half a surrogate pair: only then can a
+#: string hold a lone surrogate (the raw bytes were valid UTF-8).
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _fits_usize(shape: tuple[int, ...], itemsize: int) -> bool:
+    """The reference multiplies the dims left to right in u64 and fails on overflow, even before a 0 dim."""
+    limit = 1 << 64
+    n = 1
+    for dim in shape:
+        if dim >= limit:
+            return False
+        n *= dim
+        if n >= limit:
+            return False
+    return n * itemsize < limit
+
+
+def _valid_unicode(header: dict[str, Any]) -> bool:
+    """serde_json refuses ``\\ud800``-style lone surrogates that Python's json accepts."""
+    def ok(text: str) -> bool:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+
+    for key, info in header.items():
+        if not ok(key):
+            return False
+        if isinstance(info, dict):
+            for k, v in info.items():
+                if not ok(k) or (isinstance(v, str) and not ok(v)):
+                    return False
+    return True
 
 
 class _Duplicate(Exception):

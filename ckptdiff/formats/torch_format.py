@@ -4,6 +4,15 @@ Security: ``torch.load(weights_only=True)`` uses torch's restricted
 unpickler, which refuses any global outside a small allow-list, so a
 checkpoint can never run code here. There is deliberately no opt-out.
 
+Reference: ``torch.load(weights_only=True)`` itself, so the bytes compared
+are torch's by construction. Stricter: torch's unpickler is plain Python on
+top of C hashing and allocation, so a hostile pickle can still crash the
+process under it (a dict key nested two million deep overflows the C stack
+while it is hashed). Every pickle torch would interpret (the zip's data.pkl,
+the five pickles at the start of a legacy file) is first run through
+:mod:`.safe_pickle`'s bounded interpreter, and refused if it breaks a bound;
+the zip layout is checked by :mod:`.torch_zip` before torch opens it.
+
 Naming: tensors anywhere in nested dicts/lists/tuples get dotted names
 (``optimizer.state.0.exp_avg``); everything else becomes metadata. The usual
 wrappers are peeled off so the same weights get the same names whatever
@@ -29,7 +38,7 @@ from typing import Any
 from ..checkpoint import Checkpoint, TensorRef, check_shape
 from ..errors import CkptError, FormatError
 from ..manifest import Manifest
-from ._common import json_safe, with_path
+from ._common import json_safe, map_file, open_binary, with_path
 
 FORMAT = "torch"
 #: Top-level keys whose value is the model's state_dict, in order of preference.
@@ -58,6 +67,8 @@ def open_torch(path: str | os.PathLike[str], legacy: bool = False) -> Checkpoint
             return open_torch_zip(p, _flatten_checkpoint, _finish)
         except Unsupported:
             pass
+    else:
+        _scan_legacy(p)
     torch = _import_torch(p)
     obj = _load(torch, p, legacy)
     tensors, metadata, trainable, extras = _flatten_checkpoint(torch, obj, p)
@@ -77,6 +88,79 @@ def open_torch(path: str | os.PathLike[str], legacy: bool = False) -> Checkpoint
     # lets it go as soon as no caller holds a view.
     ckpt.on_close(tensors.clear)
     return ckpt
+
+
+#: torch's legacy format opens with five pickles: magic number, protocol, sys info, the object, storage keys.
+LEGACY_PICKLES = 5
+#: Modules whose globals a checkpoint's pickle may name; anything else is quoted when a legacy file is refused.
+_FAMILIAR_MODULES = ("torch", "collections", "_codecs", "numpy", "builtins", "copyreg")
+
+
+def _scan_legacy(path: str) -> None:
+    """Validate a legacy file before torch reads it: bounded pickles, and storages that are all there.
+
+    torch's legacy loader allocates every storage the object pickle names
+    and then fills those listed after it; a storage named but never filled
+    comes back as uninitialised memory (different bytes on every load), so
+    each must be listed, and the raw storages must fill the rest of the file.
+    """
+    from .safe_pickle import PickleRefused, safe_unpickle, scan_only
+
+    with open_binary(path) as f:
+        mm = map_file(f, path)
+    if mm is None:
+        raise FormatError("file is empty (0 bytes)", path)
+    named: dict[Any, Any] = {}
+    foreign: list[str] = []
+
+    def find_class(module: str, name: str) -> Any:
+        if not module.startswith(_FAMILIAR_MODULES):
+            foreign.append(f"{module}.{name}")
+        return scan_only(module, name)
+
+    def persistent_load(pid: Any) -> None:
+        if type(pid) is tuple and len(pid) >= 5:
+            named.setdefault(pid[2], pid[1])
+        return None
+
+    try:
+        pos = 0
+        for i in range(LEGACY_PICKLES):
+            keys, _, pos = safe_unpickle(mm, find_class, persistent_load if i == 3 else None, start=pos)
+        if type(keys) is not list or not all(type(k) is str for k in keys) or len(set(keys)) != len(keys):
+            raise PickleRefused("the list of storage keys is not a list of distinct strings")
+        missing = [k for k in named if k not in keys]
+        if missing:
+            raise PickleRefused(f"storage {str(missing[0])[:80]!r} is used but its bytes are not in the file")
+        _check_legacy_storages(mm, pos, keys, named)
+    except PickleRefused as e:
+        if foreign:  # a plain pickle of arbitrary objects, not a checkpoint: say what it would have run
+            raise FormatError(f"refused: the file's pickle references {foreign[0][:200]}; ckptdiff loads weights "
+                              "only and never runs code from a checkpoint", path) from None
+        raise FormatError(f"refused: {e}", path) from None
+    finally:
+        mm.close()
+
+
+def _check_legacy_storages(mm: Any, pos: int, keys: list[str], named: dict[Any, Any]) -> None:
+    """Each listed storage is an 8-byte element count and its bytes; together they end the file."""
+    from .safe_pickle import Opaque, PickleRefused
+    from ..dtypes import DTYPES, STORAGE_DTYPES
+
+    for key in keys:
+        stype = named.get(key)
+        what = stype.what if isinstance(stype, Opaque) else ""
+        dtype = STORAGE_DTYPES.get(what.removeprefix("torch."))
+        if dtype is None:
+            return  # a storage type the table does not know: torch judges the rest
+        if pos + 8 > len(mm):
+            raise PickleRefused(f"storage {key[:80]!r} is cut off (truncated file?)")
+        count = int.from_bytes(mm[pos:pos + 8], "little", signed=True)
+        pos += 8 + max(count, 0) * DTYPES[dtype].itemsize
+        if count < 0 or pos > len(mm):
+            raise PickleRefused(f"storage {key[:80]!r} is cut off (truncated file?)")
+    if pos != len(mm):
+        raise PickleRefused(f"{len(mm) - pos} bytes after the last storage")
 
 
 def _finish(path: str, refs: dict[str, TensorRef], metadata: dict[str, Any], trainable: list[str] | None,

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ckptdiff import dtypes, stats, stats_numpy
+from ckptdiff import dtypes, stats, stats_numpy, stats_types
 
 try:
     from ckptdiff import _cstats as cstats
@@ -306,7 +306,7 @@ def test_round_trip_mask_matches_ml_dtypes_rounding(src, through):
     a = (rng.standard_normal((64, 64)) * 3).astype(src)
     with np.errstate(all="ignore"):
         b = a.astype(through).astype(src)
-    names = stats.ROUND_NAMES
+    names = stats_types.ROUND_NAMES
     for backend in ("c", "numpy"):
         s = _cause_sums(backend, a, b, 1 << 20)
         found = [names[i] for i in range(len(names)) if s.round_mask >> i & 1]

@@ -116,9 +116,9 @@ def test_safetensors_shorter_than_the_length_field(tmp):
 def test_safetensors_absurd_header_length(tmp):
     # 2**60-byte header in a tiny file: refused before any read or allocation
     expect_error(_st(tmp, b'{"w": 1}', length=1 << 60), "header claims 1152921504606846976 bytes",
-                 "more than the 100 MiB limit")
+                 "more than the 100,000,000-byte limit")
     # 200 MiB: over the cap as well; 50 MiB: under the cap but past the end of the file
-    expect_error(raw_safetensors(tmp("b.safetensors"), b'{"w": 1}', length=200 << 20), "100 MiB limit")
+    expect_error(raw_safetensors(tmp("b.safetensors"), b'{"w": 1}', length=200 << 20), "100,000,000-byte limit")
     expect_error(raw_safetensors(tmp("c.safetensors"), b'{"w": 1}', length=50 << 20), "truncated: header claims")
 
 

@@ -44,7 +44,7 @@ def _truncated(d):
 
 
 def _absurd(d):
-    return raw_safetensors(os.path.join(d, "a.safetensors"), b'{"w": 1}', length=1 << 62), "100 MiB limit"
+    return raw_safetensors(os.path.join(d, "a.safetensors"), b'{"w": 1}', length=1 << 62), "100,000,000-byte limit"
 
 
 def _overflow(d):
