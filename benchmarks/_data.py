@@ -108,6 +108,11 @@ def small_tensor_shapes(count: int = 2000, seed: int = 7, lo: int = 64,
     return tuple(out)
 
 
+def uniform_shapes(count: int, shape: tuple[int, ...]) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """``count`` tensors of one shape, named as a mixture-of-experts model names its experts."""
+    return tuple((f"model.layers.{i // 256}.experts.{i % 256}.weight", shape) for i in range(count))
+
+
 def _tensor(spec: PairSpec, index: int, shape: tuple[int, ...]) -> np.ndarray:
     rng = np.random.default_rng([spec.seed, index])
     return (rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02))
@@ -171,6 +176,63 @@ def _write_torch_from_safetensors(src: str, dst: str) -> None:
     os.replace(dst + ".tmp", dst)
 
 
+def _each_tensor(src: str) -> Iterator[tuple[str, np.ndarray]]:
+    """The tensors of a safetensors file, one at a time, in file order."""
+    from safetensors import safe_open
+
+    with safe_open(src, "np") as f:
+        for name in f.keys():
+            yield name, f.get_tensor(name)
+
+
+def _write_shards_from_safetensors(src: str, dst: str, shards: int = 4) -> None:
+    """The same tensors as a Hugging Face sharded directory (``model-0000k-of-0000n`` + index)."""
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    names = list(json.loads(_header(src)))
+    names = [n for n in names if n != "__metadata__"]
+    per = -(-len(names) // shards)
+    tmp = dst + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    weight_map: dict[str, str] = {}
+    tensors = _each_tensor(src)
+    for k in range(shards):
+        file = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
+        part = dict(next(tensors) for _ in names[k * per:(k + 1) * per])
+        save_file(part, os.path.join(tmp, file), metadata={"format": "pt"})
+        weight_map.update((n, file) for n in part)
+        del part
+    with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=2)
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
+
+
+def _write_h5_from_safetensors(src: str, dst: str) -> None:
+    """The same tensors as HDF5 datasets (contiguous, uncompressed: Keras/h5py's default layout)."""
+    import h5py
+
+    with h5py.File(dst + ".tmp", "w") as f:
+        for name, arr in _each_tensor(src):
+            f.create_dataset(name, data=arr)
+    os.replace(dst + ".tmp", dst)
+
+
+def _header(path: str) -> bytes:
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return f.read(n)
+
+
+#: Formats a spec can ask for beside safetensors: file suffix and writer (from the safetensors file).
+_DERIVED = {"pt": (".pt", _write_torch_from_safetensors),
+            "shards4": (".shards", _write_shards_from_safetensors),
+            "h5": (".h5", _write_h5_from_safetensors)}
+
+
 @dataclass
 class Pair:
     spec: PairSpec
@@ -189,23 +251,23 @@ def ensure(spec: PairSpec, data_dir: str, log=print) -> list[Pair]:  # noqa: ANN
     base = os.path.join(data_dir, spec.name)
     stamp_path = base + ".stamp.json"
     sa, sb = base + ".a.safetensors", base + ".b.safetensors"
-    pa, pb = base + ".a.pt", base + ".b.pt"
+    derived = {fmt: (base + ".a" + _DERIVED[fmt][0], base + ".b" + _DERIVED[fmt][0])
+               for fmt in spec.formats if fmt in _DERIVED}
     want = spec.stamp()
-    files = [sa, sb] + ([pa, pb] if "pt" in spec.formats else [])
+    files = [sa, sb] + [p for pair in derived.values() for p in pair]
     fresh = os.path.exists(stamp_path) and open(stamp_path).read() == want and all(map(os.path.exists, files))
     if not fresh:
         if os.path.exists(stamp_path):
             os.remove(stamp_path)
         log(f"generating {spec.name}: {len(spec.shapes)} tensors, {spec.nbytes / 2**20:.0f} MiB a side ...")
         _write_safetensors_pair(spec, sa, sb)
-        if "pt" in spec.formats:
-            _write_torch_from_safetensors(sa, pa)
-            _write_torch_from_safetensors(sb, pb)
+        for fmt, (da, db) in derived.items():
+            _DERIVED[fmt][1](sa, da)
+            _DERIVED[fmt][1](sb, db)
         with open(stamp_path, "w") as f:
             f.write(want)
-    pairs = [Pair(spec, sa, sb, "safetensors")]
-    if "pt" in spec.formats:
-        pairs.append(Pair(spec, pa, pb, "pt"))
+    pairs = [Pair(spec, sa, sb, "safetensors")] if "safetensors" in spec.formats else []
+    pairs += [Pair(spec, da, db, fmt) for fmt, (da, db) in derived.items()]
     return pairs
 
 
@@ -227,12 +289,27 @@ def specs(quick: bool = False, big: bool = False) -> list[PairSpec]:
         # Two tensors: what ckptdiff costs before it reads any data (interpreter, imports, I/O setup).
         PairSpec("tiny", "float32", (("w", (16,)), ("b", (4,))), change_every=2),
         PairSpec("fp32_1g" if not quick else "fp32_quick", "float32",
-                 transformer_shapes(main, 4), formats=("safetensors", "pt")),
+                 transformer_shapes(main, 4), formats=("safetensors", "pt", "shards4")),
         PairSpec("bf16" if not quick else "bf16_quick", "bfloat16", transformer_shapes(main, 4)),
         # The many-small-tensors model: 2,000 tensors of 1 KiB..4 MiB (log-uniform), ~1 GB a
         # side like fp32_1g, so the two differ only in how the bytes are cut up.
         PairSpec("small2000" if not quick else "small_quick", "float32",
                  small_tensor_shapes(2000, lo=256, hi=1 << 20) if not quick else small_tensor_shapes(300)),
+    ]
+    # Cost per tensor, not per file: many tensors, few bytes each.
+    out += [
+        # 50,000 tensors, 512 MiB a side (mixture-of-experts, per-head tensors); --quick: 5,000 and 32 MiB.
+        PairSpec("many50k" if not quick else "many5k_quick", "float32",
+                 uniform_shapes(50_000 if not quick else 5_000, (22, 122) if not quick else (16, 106))),
+        # 200,000 tensors of 16 floats (a 13 MiB file): per-tensor cost and nothing else.
+        PairSpec("tiny200k" if not quick else "tiny20k_quick", "float32",
+                 uniform_shapes(200_000 if not quick else 20_000, (16,))),
+        # 2,000 tensors of 51 KiB (100 MiB a side).
+        PairSpec("small51k" if not quick else "small51k_quick", "float32",
+                 uniform_shapes(2_000 if not quick else 500, (102, 128))),
+        # The HDF5 reader at the read floor: a 768 MiB LM as .h5 (--quick: 48 MiB).
+        PairSpec("lm_h5" if not quick else "lm_h5_quick", "float32",
+                 transformer_shapes(768 << 20 if not quick else 48 << 20, 4), formats=("h5",)),
     ]
     if not quick:
         # The first spec of the small model (256 B..1 MiB, 238 MiB a side): the floor is

@@ -26,6 +26,8 @@ class Run:
     returncode: int
     #: Killed at the time limit: wall_s is then a lower bound.
     timed_out: bool = False
+    #: CPU seconds (user + system) of the child, all its threads.
+    cpu_s: float = 0.0
 
 
 @dataclass
@@ -51,6 +53,11 @@ class Timing:
     @property
     def timed_out(self) -> bool:
         return bool(self.runs) and all(r.timed_out for r in self.runs)
+
+    @property
+    def cpu_s(self) -> float | None:
+        """The least CPU time of any run (CPU time is noisy too, but only upwards)."""
+        return min(r.cpu_s for r in self.runs) if self.runs else None
 
     @property
     def peak_rss_mb(self) -> float | None:
@@ -82,14 +89,14 @@ def run_once(cmd: list[str], stdout_path: str | None = None, ok_codes: tuple[int
         p.returncode = code = os.waitstatus_to_exitcode(status)
         if timeout_s and code == -signal.SIGKILL and wall >= timeout_s:
             kib = usage.ru_maxrss / 1024 if sys.platform == "darwin" else usage.ru_maxrss
-            return Run(wall, kib / 1024, code, timed_out=True)
+            return Run(wall, kib / 1024, code, timed_out=True, cpu_s=usage.ru_utime + usage.ru_stime)
         if code not in ok_codes:
             err.seek(0)
             tail = err.read().decode(errors="replace").strip().splitlines()[-3:]
             raise RuntimeError(f"{' '.join(cmd[:3])}... exited {code}: {' | '.join(tail)}")
     # ru_maxrss is KiB on Linux, bytes on macOS.
     kib = usage.ru_maxrss / 1024 if sys.platform == "darwin" else usage.ru_maxrss
-    return Run(wall, kib / 1024, code)
+    return Run(wall, kib / 1024, code, cpu_s=usage.ru_utime + usage.ru_stime)
 
 
 def time_command(

@@ -15,6 +15,7 @@ same weights hash the same whatever file they came from.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -100,8 +101,8 @@ class TensorRef:
         them): skips ``__post_init__``, which is a third of opening a
         2,000-tensor safetensors file."""
         ref = cls.__new__(cls)
-        ref.__dict__.update(name=name, dtype=dtype, shape=shape, view=view, pieces=None, hash=None, source=source,
-                            read_into=read_into, file_span=file_span, _nbytes=nbytes)
+        ref.name, ref.dtype, ref.shape, ref.view, ref.pieces, ref.hash = name, dtype, shape, view, None, None
+        ref.source, ref.read_into, ref.file_span, ref._nbytes = source, read_into, file_span, nbytes
         return ref
 
     @property
@@ -180,6 +181,45 @@ class TensorRef:
         whole = self.buffer()
         data: Buffer = whole if whole is not None else self.read()
         return np.frombuffer(data, dtype=self.dtype_info.np_dtype).reshape(self.shape)
+
+
+class SpanRef(TensorRef):
+    """A tensor whose bytes lie contiguously in a file that is open and mapped (safetensors, plain HDF5).
+
+    Its ``view`` and ``read_into`` are made when asked for, from the map, the
+    descriptor and the offset, rather than held as two closures per tensor:
+    a 200,000-tensor file would otherwise hold 400,000 of them, most never
+    called (runs of neighbours are read through ``file_span`` directly).
+    """
+
+    @classmethod
+    def at(cls, name: str, dtype: str, shape: tuple[int, ...], nbytes: int, *, whole: memoryview, fd: int,
+           offset: int, source: str | None) -> SpanRef:
+        """A ref for bytes ``offset .. offset + nbytes`` of ``whole`` (the map of ``fd``), fields already validated."""
+        ref = cls.__new__(cls)
+        ref.name, ref.dtype, ref.shape, ref.pieces, ref.hash, ref.source = name, dtype, shape, None, None, source
+        ref.file_span, ref._nbytes, ref._whole = (fd, offset), nbytes, whole
+        return ref
+
+    @property  # type: ignore[override]  # a field of the base class, derived here
+    def view(self) -> Callable[[], memoryview]:
+        whole, lo, hi = self._whole, self.file_span[1], self.file_span[1] + self._nbytes  # type: ignore[index]
+
+        def view() -> memoryview:
+            return whole[lo:hi]
+        return view
+
+    @property  # type: ignore[override]
+    def read_into(self) -> Callable[[int, memoryview], int]:
+        fd, lo = self.file_span  # type: ignore[misc]
+        size = self._nbytes
+
+        def read_into(offset: int, buf: memoryview) -> int:
+            n = min(buf.nbytes, size - offset)
+            if n <= 0:
+                return 0
+            return os.preadv(fd, [buf[:n] if n < buf.nbytes else buf], lo + offset)
+        return read_into
 
 
 def fill_exact(read_into: Callable[[int, memoryview], int], buf: memoryview, offset: int, total: int,
@@ -326,4 +366,4 @@ def check_shape(name: str, shape: Iterable[Any], *, max_elements: int = 1 << 48)
     return tuple(out)
 
 
-__all__ = ["Checkpoint", "TensorRef", "DEFAULT_CHUNK_BYTES", "check_shape", "CkptError"]
+__all__ = ["Checkpoint", "TensorRef", "SpanRef", "DEFAULT_CHUNK_BYTES", "check_shape", "CkptError"]

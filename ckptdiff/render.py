@@ -12,6 +12,7 @@ one format knows them all.
 
 from __future__ import annotations
 
+import io
 import json
 from typing import IO, Any
 
@@ -219,11 +220,48 @@ def describe(t: TensorDiff) -> str:
 
 def render_json(report: DiffReport) -> str:
     """``report.to_json()`` plus a newline, byte for byte, through the fast writer below."""
-    d = report.to_dict()
-    text = dumps_indent2(d)
-    if text is None:
-        text = json.dumps(d, indent=2, allow_nan=False)
-    return text + "\n"
+    buf = io.StringIO()
+    write_json(report, buf)
+    return buf.getvalue()
+
+
+#: Tensor rows encoded per write: the output streams in pieces of about this
+#: many rows, so a 200,000-tensor report never sits in memory as one string.
+_JSON_BATCH = 4096
+
+
+def write_json(report: DiffReport, file: IO[str]) -> None:
+    """Write ``report.to_json()`` plus a newline to ``file``, byte for byte, streaming the tensor rows.
+
+    The report's top level is small; its ``tensors`` list is what grows with
+    the checkpoint. Rows are made one at a time (``TensorDiff.to_dict``, so
+    every field the schema has, now or later, is written), encoded by the
+    row writer below in batches, and written as they are made: memory is one
+    batch of rows, not the whole document. Anything the fast writers cannot
+    promise to encode as ``json.dumps`` does falls back to it.
+    """
+    head = report.to_dict(tensors=False)
+    rows = report.tensors
+    # json.dumps(indent=2) puts "tensors" where to_dict() does: write the
+    # members before it, the rows, then the members after it.
+    keys = list(head)
+    at = keys.index("tensors")
+    before = dumps_indent2({k: head[k] for k in keys[:at]})
+    after = dumps_indent2({k: head[k] for k in keys[at + 1:]})
+    if before is None or after is None:
+        file.write(json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n")
+        return
+    file.write(before[:-2] + ',\n  "tensors": ' + ("[" if rows else "[]"))
+    for i in range(0, len(rows), _JSON_BATCH):
+        batch = rows[i:i + _JSON_BATCH]
+        try:
+            text = _rows(batch, first=i == 0)
+        except _Unsupported:  # not from the engine; json.dumps decides, row by row, at the same depth
+            text = "".join(("" if i == 0 and k == 0 else ",") + _ROW_NL
+                           + json.dumps(t.to_dict(), indent=2, allow_nan=False).replace("\n", _ROW_NL)
+                           for k, t in enumerate(batch))
+        file.write(text)
+    file.write(("\n  ]" if rows else "") + "," + after[1:] + "\n")
 
 
 # The standard library indents only in its pure-Python encoder (CPython 3.11
@@ -327,6 +365,55 @@ def _list(items: list[Any] | tuple[Any, ...], out: list[str], nl: str) -> None:
             _value(v, out, inner)
         sep = "," + inner
     out.append(nl + "]")
+
+
+#: A row's members sit at this depth of the document, its shapes' elements one deeper.
+_ROW_NL, _ROW_IN, _ROW_IN2 = "\n    ", "\n      ", "\n        "
+
+
+def _int_list(v: list[Any]) -> str:
+    if not v:
+        return "[]"
+    for x in v:
+        if type(x) is not int:
+            raise _Unsupported
+    return "[" + _ROW_IN2 + ("," + _ROW_IN2).join(map(int.__repr__, v)) + _ROW_IN + "]"
+
+
+def _nested(v: Any) -> str:
+    out: list[str] = []
+    _value(v, out, _ROW_IN)
+    return "".join(out)
+
+
+#: Encoders of a row's member values, by type: scalars as ``json`` writes
+#: them, shapes in one join, anything else (a merge check) through _value.
+_ROW_VALUE = {**_SCALAR, list: _int_list, dict: _nested, tuple: _nested}
+
+
+def _rows(rows: list[TensorDiff], first: bool) -> str:
+    """Tensor rows as they appear inside the report's ``"tensors"`` list, each led by its separator."""
+    out: list[str] = []
+    enc, esc = _ROW_VALUE, _esc
+    sep = _ROW_NL if first else "," + _ROW_NL
+    last_keys: tuple[str, ...] | None = None
+    pre: list[str] = []
+    for t in rows:
+        d = t.to_dict()
+        keys = tuple(d)
+        if keys != last_keys:
+            if not all(type(k) is str for k in keys):
+                raise _Unsupported
+            pre = ["{" + _ROW_IN + _esc(keys[0]) + ": "] + ["," + _ROW_IN + _esc(k) + ": " for k in keys[1:]]
+            last_keys = keys
+        try:
+            # None and str, most of a row's values, without a call through the table.
+            out.append(sep + "".join([p + ("null" if v is None else esc(v) if type(v) is str else enc[type(v)](v))
+                                      for p, v in zip(pre, d.values())]) + _ROW_NL + "}")
+        except KeyError:
+            raise _Unsupported from None
+        sep = "," + _ROW_NL
+    return "".join(out)
 
 
 def _md_escape(s: str) -> str:
@@ -477,8 +564,7 @@ def render_table(report: DiffReport, file: IO[str], *, show_all: bool = False,
     console.print(Text.assemble((printable(report.old.path), "bold"), " -> ", (printable(report.new.path), "bold")),
                   soft_wrap=True)  # a long path is one line (the terminal may wrap it, rich does not)
     if rows:
-        table, dropped = _table(rows, console.width)
-        console.print(table)
+        dropped = _print_table(console, rows, console.width)
         if dropped:
             console.print(f"(terminal too narrow for: {', '.join(dropped)}; widen it, or use --format json)",
                           style="dim", markup=False, highlight=False)
@@ -512,38 +598,86 @@ def _cells(t: TensorDiff) -> dict[str, str]:
             "cause": t.cause or ""}
 
 
-def _table(rows: list[TensorDiff], width: int) -> tuple[Any, list[str]]:
+def _row_style(t: TensorDiff) -> str | None:
+    return ("red" if t.drift or _merge_failed(t) else "yellow" if t.stale else "dim" if t.status == "identical"
+            else None)
+
+
+def _table(rows: list[TensorDiff], width: int) -> tuple[list[tuple[str, str, bool]], list[dict[str, str]],
+                                                         dict[str, int], list[str]]:
+    """Columns that fit ``width``, each row's cells, column widths, and the headers dropped."""
     from rich.cells import cell_len
-    from rich.table import Table
-    from rich.text import Text
 
     cells = [_cells(t) for t in rows]
     need = {key: max([cell_len(head)] + [cell_len(c[key]) for c in cells]) for key, head, _ in _COLUMNS}
     columns = [c for c in _COLUMNS if c[0] != "merge" or any(t.merge is not None for t in rows)]
     keys = [key for key, _, _ in columns]
 
-    def fits(ks: list[str]) -> bool:
-        used = sum(need[k] for k in ks if k != "name") + 2 * (len(ks) - 1)
-        return used + min(need["name"], _NAME_MIN) <= width
+    def used(ks: list[str]) -> int:
+        return sum(need[k] for k in ks if k != "name") + 2 * (len(ks) - 1)
 
     for key in _DROP_ORDER:
-        if fits(keys):
+        if used(keys) + min(need["name"], _NAME_MIN) <= width:
             break
         keys.remove(key)
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    for key, head, right in columns:
-        if key in keys:
-            if key == "name":
-                table.add_column(head, overflow="fold", min_width=min(need["name"], _NAME_MIN))
-            else:
-                table.add_column(head, justify="right" if right else "left", no_wrap=True)
+    need["name"] = max(min(need["name"], width - used(keys)), min(need["name"], _NAME_MIN))
+    shown = [c for c in columns if c[0] in keys]
+    return shown, cells, need, [head for k, head, _ in columns if k not in keys]
+
+
+def _print_table(console: Any, rows: list[TensorDiff], width: int) -> list[str]:
+    """Write the rows as aligned columns, two spaces apart, names folded to their column.
+
+    rich's Table measures and lays out every cell as objects, some 100 µs a
+    row: the table of a 50,000-tensor diff took longer than the diff. The
+    layout here is the one that Table drew (no box, no edge padding,
+    numbers right-aligned, the header bold), made of plain strings; rich
+    still decides the colours (terminal, NO_COLOR) and renders each style
+    once. Returns the headers of the columns that did not fit.
+    """
+    from rich.cells import cell_len, chop_cells
+    from rich.style import Style
+
+    shown, cells, need, dropped = _table(rows, width)
+    system = console._color_system  # None when not a terminal, forced off, or colours refused
+
+    def paint(style: str | None) -> tuple[str, str]:
+        """The escape codes that open and close ``style`` on this console ('' without colours)."""
+        if style is None or system is None:
+            return "", ""
+        st = Style.parse(style)
+        if console.no_color:
+            st = st.without_color
+        start, _, end = st.render("\0", color_system=system).partition("\0")
+        return start, end
+
+    def pad(text: str, key: str, right: bool) -> str:
+        gap = need[key] - cell_len(text)
+        return (" " * gap + text if right else text + " " * gap) if gap > 0 else text
+
+    painted: dict[str | None, tuple[str, str]] = {}
+
+    def styled(text: str, style: str | None) -> str:
+        if not text.strip():
+            return text
+        if style not in painted:
+            painted[style] = paint(style)
+        start, end = painted[style]
+        return start + text + end
+
+    out = ["  ".join(styled(pad(head, key, right), "bold") for key, head, right in shown).rstrip(" ") + "\n"]
+    name_width = need["name"]
     for t, c in zip(rows, cells):
-        style = ("red" if t.drift or _merge_failed(t) else "yellow" if t.stale else "dim" if t.status == "identical"
-                 else None)
-        # Text, never markup: names and values are shown exactly as they are.
-        table.add_row(*[Text(c[k], style="bold") if k == "flag" else Text(c[k]) for k in keys], style=style)
-    headers = dict((k, h) for k, h, _ in _COLUMNS)
-    return table, [headers[k] for k, _, _ in columns if k not in keys]
+        style = _row_style(t)
+        bold = "bold" if style is None else f"bold {style}"
+        name = c["name"]
+        parts = chop_cells(name, name_width) if cell_len(name) > name_width else [name]
+        for n, piece in enumerate(parts):
+            line = [styled(pad(piece if key == "name" else c[key] if n == 0 else "", key, right),
+                           bold if key == "flag" else style) for key, _head, right in shown]
+            out.append("  ".join(line).rstrip(" ") + "\n")
+    console.file.write("".join(out))
+    return dropped
 
 
 def render(report: DiffReport, fmt: str, file: IO[str], *, show_all: bool = False,
@@ -552,7 +686,7 @@ def render(report: DiffReport, fmt: str, file: IO[str], *, show_all: bool = Fals
     if fmt == "table":
         render_table(report, file, show_all=show_all, color=color)
     elif fmt == "json":
-        file.write(render_json(report))
+        write_json(report, file)
     elif fmt == "markdown":
         file.write(render_markdown(report, show_all=show_all))
     elif fmt == "github":
@@ -561,5 +695,5 @@ def render(report: DiffReport, fmt: str, file: IO[str], *, show_all: bool = Fals
         raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
 
 
-__all__ = ["FORMATS", "render", "render_json", "render_markdown", "render_github", "render_table",
+__all__ = ["FORMATS", "render", "render_json", "write_json", "render_markdown", "render_github", "render_table",
            "verdict_line", "summary_line", "ordered"]

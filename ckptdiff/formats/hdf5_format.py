@@ -35,12 +35,12 @@ from typing import Any
 
 import numpy as np
 
-from ..checkpoint import Checkpoint, TensorRef, check_shape
+from ..checkpoint import Checkpoint, SpanRef, TensorRef, check_shape
 from ..dtypes import DTYPES, DType, from_numpy
 from .. import watchdog
 from ..errors import CkptError, FormatError
 from ..textsafe import printable
-from ._common import json_safe, le_bytes, slabs, with_path
+from ._common import json_safe, le_bytes, map_file, numel, open_binary, slabs, with_path
 
 FORMAT = "hdf5"
 #: Attribute that names the real dtype of a dataset stored as raw unsigned ints.
@@ -65,13 +65,49 @@ def open_hdf5(path: str | os.PathLike[str]) -> Checkpoint:
             raise CkptError("no such file or directory", p) from None
         except (OSError, RuntimeError, ValueError) as e:
             raise FormatError(f"corrupt or unreadable HDF5 file ({_h5msg(e)})", p) from None
+        raw = _RawFile(p)
         try:
-            ckpt = _build(h5py, f, p)
+            ckpt = _build(h5py, f, p, raw)
         except BaseException:
+            raw.close()
             f.close()
             raise
     ckpt.on_close(f.close)
+    ckpt.on_close(raw.close)
     return ckpt
+
+
+class _RawFile:
+    """The file's own bytes, for datasets stored plainly (see _direct_ref): a descriptor and a map.
+
+    Opened beside h5py's handle only when a dataset qualifies, and closed with the checkpoint.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd: int | None = None
+        self.whole: memoryview | None = None
+        self._mm: Any = None
+        self.size = 0
+
+    def open(self) -> bool:
+        if self.fd is None:
+            with open_binary(self.path) as f:
+                mm = map_file(f, self.path)
+                if mm is None:
+                    return False
+                self.fd = os.dup(f.fileno())
+            self._mm, self.whole, self.size = mm, memoryview(mm), len(mm)
+        return True
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        if self.whole is not None:
+            self.whole.release()
+            self._mm.close()
+            self.whole = self._mm = None
 
 
 def _h5msg(e: BaseException) -> str:
@@ -79,7 +115,7 @@ def _h5msg(e: BaseException) -> str:
     return msg[:300]
 
 
-def _build(h5py: Any, f: Any, p: str) -> Checkpoint:
+def _build(h5py: Any, f: Any, p: str, raw: _RawFile) -> Checkpoint:
     try:
         datasets = _datasets(h5py, f, p)
     except CkptError:
@@ -92,7 +128,7 @@ def _build(h5py: Any, f: Any, p: str) -> Checkpoint:
     for hpath, ds in datasets:
         name = hpath.lstrip("/").replace("/", ".")
         try:
-            ref, why = _dataset_ref(h5py, ds, name, p)
+            ref, why = _dataset_ref(h5py, ds, name, p, raw)
         except CkptError as e:
             raise with_path(e, p) from None
         except (OSError, RuntimeError, ValueError, TypeError) as e:
@@ -160,7 +196,7 @@ def _names(group: Any) -> Iterator[Any]:
     return iter(sorted(group.keys(), key=lambda n: n.encode("utf-8", "surrogatepass") if isinstance(n, str) else n))
 
 
-def _dataset_ref(h5py: Any, ds: Any, name: str, p: str) -> tuple[TensorRef | None, str]:
+def _dataset_ref(h5py: Any, ds: Any, name: str, p: str, raw: _RawFile) -> tuple[TensorRef | None, str]:
     if ds.is_virtual:
         raise FormatError(f"refused: dataset {ds.name!r} is a virtual dataset (it reads other files)", p)
     if ds.external:
@@ -180,7 +216,33 @@ def _dataset_ref(h5py: Any, ds: Any, name: str, p: str) -> tuple[TensorRef | Non
     # The little-endian numpy type we read into: the stored type (not the
     # declared bf16/fp8, which h5py cannot convert to), in C order.
     read_as = native.np_dtype
+    direct = _direct_ref(ds, name, dt, shape, read_as, raw)
+    if direct is not None:
+        return direct, ""
     return TensorRef(name, dt.name, shape, pieces=_pieces(ds, shape, read_as, p), source=ds.name), ""
+
+
+def _direct_ref(ds: Any, name: str, dt: DType, shape: tuple[int, ...], read_as: np.dtype,
+                raw: _RawFile) -> TensorRef | None:
+    """A dataset whose file bytes already are the tensor's bytes, read like a safetensors tensor.
+
+    Contiguous layout (no chunks, so no filters), allocated, stored in the
+    little-endian type we would convert to, and lying inside the file: then
+    the bytes at its offset are its elements in C order, exactly what
+    ``ds[...]`` would return, and the engine can ``pread`` them into its own
+    buffers (no h5py selection, numpy array or copy per slab) and batch
+    neighbours into runs. Anything else goes through h5py.
+    """
+    nbytes = numel(shape) * dt.itemsize
+    if ds.chunks is not None or ds.dtype != read_as or nbytes == 0:
+        return None
+    offset = ds.id.get_offset()
+    if offset is None or ds.id.get_storage_size() != nbytes or not raw.open():
+        return None
+    if offset < 0 or offset + nbytes > raw.size:
+        return None  # h5py will say what is wrong, if anything, when the bytes are read
+    assert raw.fd is not None and raw.whole is not None
+    return SpanRef.at(name, dt.name, shape, nbytes, whole=raw.whole, fd=raw.fd, offset=offset, source=ds.name)
 
 
 def _declared_dtype(ds: Any, native: DType, p: str) -> DType:

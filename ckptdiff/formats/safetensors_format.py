@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
-from ..checkpoint import Checkpoint, TensorRef, check_shape
-from ..dtypes import from_safetensors
+from ..checkpoint import Checkpoint, SpanRef, TensorRef, check_shape
+from ..dtypes import _BY_SAFETENSORS, from_safetensors
 from ..errors import CkptError, FormatError
-from ._common import map_file, numel, open_binary, pread_into, with_path
+from ._common import map_file, numel, open_binary, with_path
 
 #: A header larger than this is refused before it is read (the reference's MAX_HEADER_SIZE).
 MAX_HEADER_BYTES = 100_000_000
@@ -53,13 +54,12 @@ def open_safetensors(path: str | os.PathLike[str]) -> Checkpoint:
         fd = os.dup(f.fileno())  # for read_into (pread); outlives the file object
     whole = memoryview(mm)
 
-    refs: dict[str, TensorRef] = {}
     base = os.path.basename(p)
-    checked = TensorRef.checked
-    for name, (dtype, shape, begin, end) in tensors.items():
-        # _parse checked the shape, the dtype and that end - begin is numel * itemsize.
-        refs[name] = checked(name, dtype, shape, end - begin, view=_slicer(whole, begin, end), source=base,
-                             read_into=pread_into(fd, begin, end), file_span=(fd, begin))
+    at = SpanRef.at
+    # _parse checked the shape, the dtype and that end - begin is numel * itemsize.
+    refs: dict[str, TensorRef] = {
+        name: at(name, dtype, shape, end - begin, whole=whole, fd=fd, offset=begin, source=base)
+        for name, (dtype, shape, begin, end) in tensors.items()}
 
     ckpt = Checkpoint(p, FORMAT, refs, metadata)
 
@@ -70,12 +70,6 @@ def open_safetensors(path: str | os.PathLike[str]) -> Checkpoint:
 
     ckpt.on_close(close)
     return ckpt
-
-
-def _slicer(whole: memoryview, begin: int, end: int):  # -> Callable[[], memoryview]
-    def view() -> memoryview:
-        return whole[begin:end]
-    return view
 
 
 def _parse(buf: Any, path: str) -> tuple[dict[str, tuple[str, tuple[int, ...], int, int]], dict[str, str]]:
@@ -90,7 +84,8 @@ def _parse(buf: Any, path: str) -> tuple[dict[str, tuple[str, tuple[int, ...], i
         raise FormatError(f"truncated: header claims {n} bytes but the file has only {size - 8} after the length", path)
     raw = bytes(buf[8:8 + n])
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        text = raw.decode("utf-8")
+        header = _loads(text)
     except UnicodeDecodeError:
         raise FormatError("header is not valid UTF-8", path) from None
     except _Duplicate as e:
@@ -104,7 +99,7 @@ def _parse(buf: Any, path: str) -> tuple[dict[str, tuple[str, tuple[int, ...], i
     if not isinstance(header, dict):
         raise FormatError("header is not a JSON object", path)
 
-    if not _valid_unicode(header):
+    if _SURROGATE_ESCAPE.search(text) and not _valid_unicode(header):
         raise FormatError("header holds a string with a lone UTF-16 surrogate escape, which is not valid Unicode "
                           "(the safetensors library refuses it)", path)
     data_start = 8 + n
@@ -112,7 +107,27 @@ def _parse(buf: Any, path: str) -> tuple[dict[str, tuple[str, tuple[int, ...], i
     metadata: dict[str, str] = {}
     out: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
     spans: list[tuple[int, int, str]] = []
+    max_numel = _MAX_NUMEL
+    by_code = _BY_SAFETENSORS
     for name, info in header.items():
+        # The common entry, checked in a few type tests (a 200,000-tensor header
+        # makes this loop the cost of opening the file); anything unusual
+        # takes the full checks below, which say what is wrong. Dims in
+        # 1..2**48 with a product up to 2**48 also fit the reference's u64.
+        if type(info) is dict:
+            code, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+            dt = by_code.get(code) if type(code) is str else None
+            if (dt is not None and type(shape) is list and type(offsets) is list and len(offsets) == 2
+                    and type(offsets[0]) is int and type(offsets[1]) is int and all(
+                        type(d) is int and 0 < d <= max_numel for d in shape)):
+                count = 1
+                for d in shape:
+                    count *= d
+                begin, end = offsets
+                if count <= max_numel and 0 <= begin and end == begin + count * dt.itemsize and end <= data_len:
+                    out[name] = (dt.name, tuple(shape), data_start + begin, data_start + end)
+                    spans.append((begin, end, name))
+                    continue
         if name == "__metadata__":
             if not isinstance(info, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in info.items()):
                 raise FormatError("__metadata__ must map strings to strings", path)
@@ -168,6 +183,34 @@ def _parse(buf: Any, path: str) -> tuple[dict[str, tuple[str, tuple[int, ...], i
         raise FormatError(f"{data_len - covered} bytes after the last tensor's data (the safetensors library "
                           "refuses such a file: the data section must end where the last tensor ends)", path)
     return out, metadata
+
+
+#: check_shape's bound on the element count.
+_MAX_NUMEL = 1 << 48
+
+
+def _loads(text: str) -> Any:
+    """``json.loads`` that refuses duplicate keys anywhere, fast when there are none.
+
+    A hook on every object costs a Python call per tensor. Instead, parse
+    plainly and count: every member of every object is a key followed by
+    ``:``, so when the text holds exactly as many ``:`` as the parsed
+    objects hold members (the header, each entry, ``__metadata__``), no key
+    was dropped as a duplicate (and no string held a colon). Any other
+    count, including objects nested deeper, re-parses with the hook, which
+    finds the duplicate if there is one.
+    """
+    header = json.loads(text)
+    if type(header) is dict:
+        members = len(header) + sum(len(v) for v in header.values() if type(v) is dict)
+        if members == text.count(":"):
+            return header
+    return json.loads(text, object_pairs_hook=_no_duplicates)
+
+
+#: A JSON escape that may stand for half a surrogate pair: only then can a
+#: string hold a lone surrogate (the raw bytes were valid UTF-8).
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def _fits_usize(shape: tuple[int, ...], itemsize: int) -> bool:

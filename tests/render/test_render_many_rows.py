@@ -1,0 +1,93 @@
+"""Reports of many tensors: JSON streamed in batches and the plain-string table keep their output.
+
+The JSON rows are written in batches (a 200,000-tensor report is never one
+string); the table lays out its rows itself instead of through rich's Table.
+These check the seams: batch boundaries, the CLI's file output, column
+alignment, folding of long names, and identical tensors kept to one line.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from rich.cells import cell_len
+
+from ckptdiff import Checkpoint, diff
+from ckptdiff import render as render_mod
+from ckptdiff.cli import main
+from ckptdiff.render import render_json, render_table
+
+
+@pytest.mark.parametrize("batch", [1, 7, 299, 300, 4096])
+def test_json_batches_join_into_exactly_the_report_to_json(many_small, monkeypatch, batch):
+    a, b = many_small(300, 3)
+    rep = diff(Checkpoint.from_arrays(a), Checkpoint.from_arrays(b))
+    monkeypatch.setattr(render_mod, "_JSON_BATCH", batch)
+    assert render_json(rep) == rep.to_json() + "\n"
+
+
+def test_json_of_an_empty_report_matches_json_dumps():
+    rep = diff(Checkpoint.from_arrays({}), Checkpoint.from_arrays({}))
+    assert render_json(rep) == rep.to_json() + "\n"
+
+
+def test_cli_json_file_is_the_report_of_a_many_tensor_pair(tmp_path, capsys):
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(5)
+    a = {f"experts.{i}.w": rng.standard_normal(8).astype(np.float32) for i in range(5000)}
+    b = {k: (v + np.float32(1) if i % 9 == 0 else v) for i, (k, v) in enumerate(a.items())}
+    save_file(a, str(tmp_path / "a.safetensors"))
+    save_file(b, str(tmp_path / "b.safetensors"))
+    out = tmp_path / "r.json"
+    assert main(["diff", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), "-f", "json",
+                 "-o", str(out), "--no-progress"]) == 1
+    with Checkpoint.from_arrays(a) as ca, Checkpoint.from_arrays(b) as cb:
+        want = json.loads(diff(ca, cb).to_json())
+    got = json.loads(out.read_text())
+    assert got["summary"] == want["summary"] and got["summary"]["changed"] == 556
+    # Paths and formats differ (files vs memory), and the file lists tensors in its own order.
+    for rep in (got, want):
+        del rep["old"], rep["new"]
+        rep["tensors"].sort(key=lambda t: t["name"])
+        rep["verdict"]["reasons"].sort()
+    assert got == want
+
+
+def test_table_rows_align_and_long_names_fold_inside_their_column():
+    long = "encoder.layers.0.attention.self.query_key_value.weight_" + "x" * 80
+    old = {f"layer.{i}.w": np.zeros(4, np.float32) for i in range(30)} | {long: np.zeros(3, np.float32)}
+    new = {k: v + 1 for k, v in old.items()}
+    buf = io.StringIO()
+    render_table(diff(Checkpoint.from_arrays(old), Checkpoint.from_arrays(new)), buf, width=100)
+    lines = buf.getvalue().splitlines()
+    assert all(cell_len(line) <= 100 for line in lines)
+    header = lines[1]
+    rows = [line for line in lines[2:] if line.startswith("  ") and "changed  unknown" in line]
+    assert len(rows) == 31
+    for col, cell in (("status", "changed"), ("role", "unknown")):
+        assert {line.index(cell) for line in rows} == {header.index(col)}
+    # The long name is whole once its pieces are joined, and every piece sits in the name column.
+    first = next(i for i, line in enumerate(lines) if line.strip().startswith("encoder."))
+    pieces = [lines[first].split()[0]]
+    for line in lines[first + 1:]:
+        if not line.startswith("  ") or line[header.index("status"):].strip():
+            break  # a row of its own, or the lines after the table
+        pieces.append(line.strip())
+    assert "".join(pieces) == long and len(pieces) > 1
+
+
+def test_table_keeps_identical_tensors_to_one_line_unless_asked():
+    old = {f"t{i}": np.zeros(2, np.float32) for i in range(1000)}
+    new = dict(old, t7=np.ones(2, np.float32))
+    rep = diff(Checkpoint.from_arrays(old), Checkpoint.from_arrays(new))
+    buf = io.StringIO()
+    render_table(rep, buf)
+    text = buf.getvalue()
+    assert "(999 identical tensors hidden; --all shows them)" in text and len(text.splitlines()) < 10
+    every = io.StringIO()
+    render_table(rep, every, show_all=True)
+    assert sum(line.split()[0].startswith("t") for line in every.getvalue().splitlines()[2:-2]) == 1000
