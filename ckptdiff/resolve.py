@@ -98,10 +98,7 @@ def open_checkpoint(spec: str | os.PathLike[str]) -> Checkpoint:
         return open_snapshot(*ref)
     _check_not_a_bad_ref(path)
     from .formats import open_checkpoint as open_file
-    from .formats.sharded import INDEX_NAME
-    if os.path.basename(path) == INDEX_NAME and os.path.isfile(path):
-        path = os.path.dirname(path) or "."  # the index of a sharded checkpoint names its directory
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model.safetensors.index.json")):
+    if os.path.isdir(path):
         from .store import is_store
         if is_store(path):
             raise CkptError("is a ckptdiff store: name a snapshot as DIR@REF (e.g. DIR@latest)", path)

@@ -6,6 +6,7 @@ Kept private (``_common``) because these are reader plumbing, not API.
 
 from __future__ import annotations
 
+import json
 import math
 import mmap
 import os
@@ -94,6 +95,23 @@ def le_bytes(arr: np.ndarray, target: np.dtype) -> memoryview:
 
     out = np.ascontiguousarray(arr, dtype=target)
     return memoryview(out.reshape(-1).view(np.uint8))
+
+
+def small_json(raw: bytes, limit: int, what: str, path: str) -> Any:
+    """Parse a small JSON side file (a shard index, an adapter config) read as ``raw``.
+
+    The caller reads at most ``limit + 1`` bytes, so a huge file is refused
+    here without being read whole; a bad file is one ``FormatError`` naming
+    ``what`` it was meant to be.
+    """
+    from ..errors import FormatError
+
+    if len(raw) > limit:
+        raise FormatError(f"{what} is larger than {limit >> 20} MiB", path)
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, huge int literals
+        raise FormatError(f"{what} is not valid JSON ({str(e)[:200]})", path) from None
 
 
 def json_safe(value: Any, depth: int = 0) -> Any:

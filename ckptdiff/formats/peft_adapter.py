@@ -12,13 +12,12 @@ check (:mod:`ckptdiff.lora`).
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 from ..checkpoint import Checkpoint
 from ..errors import CkptError, FormatError
-from ._common import json_safe
+from ._common import json_safe, small_json
 
 CONFIG_NAME = "adapter_config.json"
 #: The weight files PEFT writes, in the order PEFT itself prefers them.
@@ -47,12 +46,7 @@ def read_adapter_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
         raise CkptError(f"not a PEFT adapter directory: no {CONFIG_NAME}", d) from None
     except OSError as e:
         raise CkptError(f"cannot read the adapter config: {e.strerror or e}", path) from None
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise FormatError(f"adapter config is larger than {MAX_CONFIG_BYTES >> 20} MiB", path)
-    try:
-        config = json.loads(raw.decode("utf-8"))
-    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, huge int literals
-        raise FormatError(f"adapter config is not valid JSON ({str(e)[:200]})", path) from None
+    config = small_json(raw, MAX_CONFIG_BYTES, "adapter config", path)
     if not isinstance(config, dict):
         raise FormatError("adapter config is not a JSON object", path)
     return config

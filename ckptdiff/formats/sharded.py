@@ -10,12 +10,12 @@ elsewhere), and every tensor must be exactly where the index says, once.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 from ..checkpoint import Checkpoint, TensorRef
 from ..errors import CkptError, FormatError
+from ._common import small_json
 
 #: The index files Hugging Face writes, in the order ``from_pretrained`` prefers them.
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -111,12 +111,7 @@ def _read_index(index_path: str) -> tuple[dict[str, str], dict[str, Any]]:
             raw = f.read(MAX_INDEX_BYTES + 1)
     except OSError as e:
         raise CkptError(f"cannot read the shard index: {e.strerror or e}", index_path) from None
-    if len(raw) > MAX_INDEX_BYTES:
-        raise FormatError(f"shard index is larger than {MAX_INDEX_BYTES >> 20} MiB", index_path)
-    try:
-        index = json.loads(raw.decode("utf-8"))
-    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, huge int literals
-        raise FormatError(f"shard index is not valid JSON ({str(e)[:200]})", index_path) from None
+    index = small_json(raw, MAX_INDEX_BYTES, "shard index", index_path)
     if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
         raise FormatError("shard index has no 'weight_map' object", index_path)
     weight_map = index["weight_map"]
