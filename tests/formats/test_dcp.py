@@ -244,25 +244,16 @@ def test_a_gap_between_chunks_is_refused(two_ranks, tmp_path, capsys):
 
 
 @pytest.mark.distributed
-def test_overlapping_chunks_are_refused(two_ranks, tmp_path, capsys):
+@pytest.mark.parametrize("row, message", [(2, "overlap"), (6, "outside the tensor")],
+                         ids=["overlapping", "outside-the-tensor"])
+def test_a_misplaced_chunk_is_refused(two_ranks, tmp_path, capsys, row, message):
     d = _copy(two_ranks, "fsdp2", tmp_path)
 
-    def overlap(md) -> None:
+    def move_second_chunk(md) -> None:
         chunks = md.state_dict_metadata["model.0.weight"].chunks
-        chunks[1] = dataclasses.replace(chunks[1], offsets=torch.Size([2, 0]))
-    _rewrite_metadata(d, overlap)
-    _refused(d, capsys, "overlap")
-
-
-@pytest.mark.distributed
-def test_a_chunk_outside_the_tensor_is_refused(two_ranks, tmp_path, capsys):
-    d = _copy(two_ranks, "fsdp2", tmp_path)
-
-    def outside(md) -> None:
-        chunks = md.state_dict_metadata["model.0.weight"].chunks
-        chunks[1] = dataclasses.replace(chunks[1], offsets=torch.Size([6, 0]))
-    _rewrite_metadata(d, outside)
-    _refused(d, capsys, "outside the tensor")
+        chunks[1] = dataclasses.replace(chunks[1], offsets=torch.Size([row, 0]))
+    _rewrite_metadata(d, move_second_chunk)
+    _refused(d, capsys, message)
 
 
 @pytest.mark.distributed

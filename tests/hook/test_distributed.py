@@ -70,7 +70,7 @@ def _run_once(scenario: str, tmp_path_factory, worker_id: str) -> tuple[list[dic
         return _launch(scenario, out), os.path.join(out, "store")
     from filelock import FileLock  # a torch dependency
 
-    shared = tmp_path_factory.getbasetemp().parent  # this session's, common to its workers
+    shared = tmp_path_factory.getbasetemp().parent  # this pytest run's, common to its workers
     out = shared / f"distributed-{scenario}"
     with FileLock(str(shared / f"distributed-{scenario}.lock")):
         if not (out / "reports.json").exists():
