@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -32,7 +33,27 @@ TIMEOUT_S = 120  # a hang fails the test; a healthy run takes seconds
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
+    """A free port below the kernel's ephemeral range.
+
+    Between this check and rank 0 binding it, the port must not be handed out
+    as anyone's ephemeral port (gloo's pair sockets in a concurrent launch
+    take them by the dozen); below that range only an explicit bind takes it.
+    """
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral_low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768  # Linux's default
+    rng = random.Random()
+    for _ in range(100):
+        port = rng.randrange(max(1024, ephemeral_low - 12000), ephemeral_low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # every try taken: fall back to any free port
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
