@@ -1,0 +1,386 @@
+"""The run kernel (ckptdiff._ckernel): its BLAKE3 and its per-tensor compare and hash.
+
+The blake3 package is the oracle for every digest; flags and counts are
+checked against a plain Python comparison of the same slices. Bad offsets,
+sizes, buffers and descriptors must raise, never crash.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import random
+import threading
+from array import array
+
+import blake3
+import pytest
+
+ck = pytest.importorskip("ckptdiff._ckernel")
+
+PATTERN = bytes(range(251))  # a prime period, so no chunk or block repeats another's bytes
+
+
+def pattern(n: int) -> bytes:
+    return (PATTERN * (n // len(PATTERN) + 1))[:n]
+
+
+def oracle(data) -> bytes:
+    return blake3.blake3(data).digest()
+
+
+# ---------------------------------------------------------------------------
+# BLAKE3
+
+
+def test_blake3_every_length_up_to_four_chunks():
+    """Every length 0..4200: empty input, partial and whole blocks and chunks, and trees of up to five chunks."""
+    data = pattern(4200)
+    for n in range(4201):
+        assert ck.blake3(data[:n]) == oracle(data[:n]), n
+
+
+@pytest.mark.parametrize("chunks", [2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 64, 1023, 1024, 1025, 2048])
+@pytest.mark.parametrize("extra", [-1, 0, 1])
+def test_blake3_around_whole_chunk_counts(chunks, extra):
+    """Subtree boundaries: at a power of two of chunks the tree gains a level, one byte later the root moves."""
+    data = pattern(chunks * 1024 + extra)
+    assert ck.blake3(data) == oracle(data)
+
+
+def test_blake3_random_lengths_and_bytes():
+    rnd = random.Random(20240601)
+    for n in [8193, (1 << 20) + 7, 3 * (1 << 20) + 12345] + [rnd.randrange(4200, 300_000) for _ in range(30)]:
+        data = rnd.randbytes(n)
+        assert ck.blake3(data) == oracle(data), n
+
+
+def test_blake3_takes_any_contiguous_buffer():
+    data = pattern(5000)
+    want = oracle(data[3:4003])
+    assert ck.blake3(memoryview(data)[3:4003]) == want  # unaligned start
+    assert ck.blake3(bytearray(data[3:4003])) == want
+    assert ck.blake3(array("b", data[3:4003])) == want
+    m = mmap.mmap(-1, 4000)
+    m.write(data[3:4003])
+    assert ck.blake3(m) == want
+    m.close()
+    with pytest.raises((TypeError, BufferError)):
+        ck.blake3(memoryview(data)[::2])
+    with pytest.raises(TypeError):
+        ck.blake3("text")
+
+
+# ---------------------------------------------------------------------------
+# The run kernel
+
+DIFFERS, HASHED, STRIDE = ck.FLAG_DIFFERS, ck.FLAG_HASHED, ck.DIGEST_STRIDE
+SENTINEL = 0xA5
+
+
+def test_constants():
+    assert (DIFFERS, HASHED, STRIDE) == (1, 2, 64)
+
+
+def expected(a: bytes, b: bytes, offsets, sizes, hash_max: int):
+    """What the kernel must produce, from Python slices and the blake3 package."""
+    flags, digests, differ = bytearray(len(offsets)), bytearray([SENTINEL]) * (STRIDE * len(offsets)), 0
+    for i, (off, size) in enumerate(zip(offsets, sizes)):
+        sa, sb = a[off:off + size], b[off:off + size]
+        f = DIFFERS if sa != sb else 0
+        differ += f
+        if size <= hash_max:
+            f |= HASHED
+            digests[STRIDE * i:STRIDE * i + 32] = oracle(sa)
+            if sa != sb:
+                digests[STRIDE * i + 32:STRIDE * (i + 1)] = oracle(sb)
+        flags[i] = f
+    return differ, flags, digests
+
+
+def outputs(n: int):
+    """Flags and digests prefilled with a sentinel, so that bytes the kernel must leave alone are checked too."""
+    return bytearray([SENTINEL]) * n, bytearray([SENTINEL]) * (STRIDE * n)
+
+
+SIZES = [0, 1, 64, 1000, 5000]
+
+
+def make_run(seed: int, sizes=SIZES, gap: int = 5):
+    """Two byte strings holding each size twice (once equal, once one byte apart), with gaps between tensors."""
+    rnd = random.Random(seed)
+    offsets, tensor_sizes, off = [], [], gap
+    for size in sizes:
+        for _ in range(2):
+            offsets.append(off)
+            tensor_sizes.append(size)
+            off += size + gap
+    a = bytearray(rnd.randbytes(off))
+    b = bytearray(a)
+    for i in range(1, len(offsets), 2):  # every second tensor differs in one byte
+        if tensor_sizes[i]:
+            b[offsets[i] + rnd.randrange(tensor_sizes[i])] ^= 1 << rnd.randrange(8)
+    return bytes(a), bytes(b), offsets, tensor_sizes
+
+
+@pytest.fixture
+def write_file(tmp_path):
+    fds = []
+
+    def write(data: bytes, lead: int = 0) -> int:
+        """A file of lead filler bytes, then data; returns a descriptor open for reading."""
+        path = tmp_path / f"f{len(fds)}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        fds.append(fd)
+        os.write(fd, b"\xee" * lead + data)
+        return fd
+
+    yield write
+    for fd in fds:
+        os.close(fd)
+
+
+def as_int64(values) -> array:
+    return array("q", values)
+
+
+@pytest.mark.parametrize("hash_max", [-1, 0, 1, 64, 999, 1000, 4999, 5000, 1 << 40])
+def test_compare_run_against_python(write_file, hash_max):
+    a, b, offsets, sizes = make_run(1)
+    span = len(a)
+    fd_a, fd_b = write_file(a, lead=17), write_file(b, lead=4096 + 3)
+    buf_a, buf_b = mmap.mmap(-1, span + 100), mmap.mmap(-1, span)
+    flags, digests = outputs(len(offsets))
+    got = ck.compare_run(fd_a, 17, fd_b, 4096 + 3, span, buf_a, buf_b, as_int64(offsets), as_int64(sizes),
+                         hash_max, flags, digests)
+    want, want_flags, want_digests = expected(a, b, offsets, sizes, hash_max)
+    assert got == want == 4  # the one-byte edits; the size-0 pair cannot differ
+    assert flags == want_flags
+    assert digests == want_digests
+    assert buf_a[:span] == a and buf_b[:span] == b
+
+
+def test_compare_run_identical_run(write_file):
+    a, _b, offsets, sizes = make_run(2)
+    fd_a, fd_b = write_file(a), write_file(a)
+    buf_a, buf_b = mmap.mmap(-1, len(a)), mmap.mmap(-1, len(a))
+    flags, digests = outputs(len(offsets))
+    assert ck.compare_run(fd_a, 0, fd_b, 0, len(a), buf_a, buf_b, as_int64(offsets), as_int64(sizes), 1 << 20,
+                          flags, digests) == 0
+    assert flags == bytearray([HASHED]) * len(offsets)
+    assert (0, flags, digests) == expected(a, a, offsets, sizes, 1 << 20)
+
+
+def test_compare_run_many_tiny_tensors(write_file):
+    """A long run of 64-byte tensors, one in ten changed: the case the kernel exists for."""
+    rnd = random.Random(3)
+    n, size = 4096, 64
+    a = rnd.randbytes(n * size)
+    b = bytearray(a)
+    for i in rnd.sample(range(n), n // 10):
+        b[i * size + rnd.randrange(size)] ^= 0x80
+    b = bytes(b)
+    offsets, sizes = list(range(0, n * size, size)), [size] * n
+    fd_a, fd_b = write_file(a), write_file(b)
+    buf_a, buf_b = mmap.mmap(-1, len(a)), mmap.mmap(-1, len(a))
+    flags, digests = outputs(n)
+    got = ck.compare_run(fd_a, 0, fd_b, 0, len(a), buf_a, buf_b, as_int64(offsets), as_int64(sizes), size,
+                         flags, digests)
+    assert (got, flags, digests) == expected(a, b, offsets, sizes, size)
+    assert got == n // 10
+
+
+def test_compare_run_takes_raw_native_int64_bytes(write_file):
+    a, b, offsets, sizes = make_run(4)
+    fd_a, fd_b = write_file(a), write_file(b)
+    buf_a, buf_b = bytearray(len(a)), bytearray(len(a))
+    flags, digests = outputs(len(offsets))
+    got = ck.compare_run(fd_a, 0, fd_b, 0, len(a), buf_a, buf_b, as_int64(offsets).tobytes(),
+                         memoryview(as_int64(sizes)).cast("B"), 2000, flags, digests)
+    assert (got, flags, digests) == expected(a, b, offsets, sizes, 2000)
+
+
+def test_compare_run_no_tensors_and_empty_span(write_file):
+    fd = write_file(b"")
+    flags, digests = outputs(0)
+    assert ck.compare_run(fd, 0, fd, 0, 0, bytearray(), bytearray(), b"", b"", 100, flags, digests) == 0
+    # Empty tensors in an empty span: equal, and hashed as the empty input.
+    flags, digests = outputs(2)
+    assert ck.compare_run(fd, 0, fd, 0, 0, bytearray(), bytearray(), as_int64([0, 0]), as_int64([0, 0]), 0,
+                          flags, digests) == 0
+    assert (0, flags, digests) == expected(b"", b"", [0, 0], [0, 0], 0)
+
+
+@pytest.mark.parametrize("side", ["a", "b"])
+@pytest.mark.parametrize("short_by", [1, 1000])
+def test_compare_run_short_file(write_file, side, short_by):
+    a, b, offsets, sizes = make_run(5)
+    span = len(a)
+    fd_a = write_file(a[:span - short_by] if side == "a" else a)
+    fd_b = write_file(b[:span - short_by] if side == "b" else b)
+    buf_a, buf_b = mmap.mmap(-1, span), mmap.mmap(-1, span)
+    flags, digests = outputs(len(offsets))
+    assert ck.compare_run(fd_a, 0, fd_b, 0, span, buf_a, buf_b, as_int64(offsets), as_int64(sizes), 1 << 20,
+                          flags, digests) == -1
+
+
+def test_compare_run_position_past_the_end(write_file):
+    a, b, offsets, sizes = make_run(6)
+    fd_a, fd_b = write_file(a), write_file(b)
+    buf = bytearray(len(a))
+    flags, digests = outputs(len(offsets))
+    assert ck.compare_run(fd_a, 1 << 40, fd_b, 0, len(a), buf, bytearray(len(a)), as_int64(offsets),
+                          as_int64(sizes), 0, flags, digests) == -1
+
+
+def test_compare_run_bad_descriptor(write_file, tmp_path):
+    a, b, offsets, sizes = make_run(7)
+    fd_b = write_file(b)
+    closed = os.open(tmp_path / "closed", os.O_RDWR | os.O_CREAT, 0o600)
+    os.close(closed)
+    flags, digests = outputs(len(offsets))
+    args = (len(a), bytearray(len(a)), bytearray(len(a)), as_int64(offsets), as_int64(sizes), 100, flags, digests)
+    with pytest.raises(OSError) as err:
+        ck.compare_run(closed, 0, fd_b, 0, *args)
+    assert err.value.errno == 9  # EBADF
+    with pytest.raises(OSError):
+        ck.compare_run(fd_b, 0, -1, 0, *args)
+    directory = os.open(tmp_path, os.O_RDONLY)
+    try:
+        with pytest.raises(OSError):
+            ck.compare_run(fd_b, 0, directory, 0, *args)
+    finally:
+        os.close(directory)
+
+
+BAD_TENSORS = [
+    ([-1], [1]),                   # negative offset
+    ([0], [-1]),                   # negative size
+    ([0], [101]),                  # past the span
+    ([100], [1]),                  # starts at the end
+    ([101], [0]),                  # empty, but starts past the end
+    ([2 ** 62], [2 ** 62]),        # the end overflows int64 if added
+    ([50], [2 ** 63 - 1]),
+    ([2 ** 63 - 1], [2 ** 63 - 1]),
+    ([-2 ** 63], [2 ** 63 - 1]),
+    ([0, 10, 2 ** 62], [5, 5, 5]),  # a bad tensor after good ones
+]
+
+
+@pytest.mark.parametrize("offsets, sizes", BAD_TENSORS)
+def test_bad_offsets_and_sizes_raise(write_file, offsets, sizes):
+    data = pattern(100)
+    fd = write_file(data)
+    flags, digests = outputs(len(offsets))
+    with pytest.raises(ValueError):
+        ck.compare_run(fd, 0, fd, 0, 100, bytearray(100), bytearray(100), as_int64(offsets), as_int64(sizes),
+                       1 << 20, flags, digests)
+    with pytest.raises(ValueError):
+        ck.compare_buffers(data, data, as_int64(offsets), as_int64(sizes), 1 << 20, flags, digests)
+    # The span of compare_buffers is the shorter buffer.
+    with pytest.raises(ValueError):
+        ck.compare_buffers(data, data[:50], as_int64([40]), as_int64([20]), 1 << 20, *outputs(1))
+
+
+@pytest.mark.parametrize("offsets, sizes", [
+    (b"\0" * 7, b"\0" * 7),      # not whole int64s
+    (b"\0" * 8, b"\0" * 16),     # different counts
+    (as_int64([0, 1]), as_int64([1])),
+])
+def test_malformed_offset_arrays_raise(offsets, sizes):
+    with pytest.raises(ValueError):
+        ck.compare_buffers(b"abc", b"abc", offsets, sizes, 10, *outputs(2))
+
+
+def test_small_buffers_raise(write_file):
+    a, b, offsets, sizes = make_run(8)
+    span, n = len(a), len(offsets)
+    fd_a, fd_b = write_file(a), write_file(b)
+    offs, szs = as_int64(offsets), as_int64(sizes)
+
+    def run(buf_a, buf_b, flags, digests, span=span):
+        return ck.compare_run(fd_a, 0, fd_b, 0, span, buf_a, buf_b, offs, szs, 1 << 20, flags, digests)
+
+    big = bytearray(span)
+    with pytest.raises(ValueError):
+        run(bytearray(span - 1), big, *outputs(n))
+    with pytest.raises(ValueError):
+        run(big, mmap.mmap(-1, span - 1), *outputs(n))
+    with pytest.raises(ValueError):
+        run(big, bytearray(span), bytearray(n - 1), bytearray(STRIDE * n))
+    with pytest.raises(ValueError):
+        run(big, bytearray(span), bytearray(n), bytearray(STRIDE * n - 1))
+    with pytest.raises(ValueError):
+        ck.compare_buffers(a, b, offs, szs, 1 << 20, bytearray(n), bytearray(STRIDE * n - 32))
+    with pytest.raises(ValueError):
+        run(big, bytearray(span), *outputs(n), span=-1)
+    with pytest.raises(ValueError):
+        ck.compare_run(fd_a, -1, fd_b, 0, span, big, bytearray(span), offs, szs, 0, *outputs(n))
+    with pytest.raises(ValueError):
+        ck.compare_run(fd_a, 0, fd_b, 2 ** 63 - 10, span, big, bytearray(span), offs, szs, 0, *outputs(n))
+
+
+def test_read_only_buffers_raise_where_written(write_file):
+    a, b, offsets, sizes = make_run(9)
+    fd = write_file(a)
+    offs, szs = as_int64(offsets), as_int64(sizes)
+    n = len(offsets)
+    with pytest.raises(TypeError):
+        ck.compare_run(fd, 0, fd, 0, len(a), bytes(len(a)), bytearray(len(a)), offs, szs, 0, *outputs(n))
+    with pytest.raises(TypeError):
+        ck.compare_buffers(a, b, offs, szs, 0, bytes(n), bytearray(STRIDE * n))
+    with pytest.raises(TypeError):
+        ck.compare_buffers(a, b, offs, szs, 0, bytearray(n), bytes(STRIDE * n))
+    with pytest.raises(TypeError):
+        ck.compare_buffers(a, b, offs, [0] * n, 0, *outputs(n))
+    assert ck.compare_buffers(a, b, offs, szs, 0, *outputs(n)) == 4  # read-only inputs are fine
+    closed = mmap.mmap(-1, len(a))
+    closed.close()
+    with pytest.raises(ValueError):
+        ck.compare_run(fd, 0, fd, 0, len(a), closed, bytearray(len(a)), offs, szs, 0, *outputs(n))
+
+
+@pytest.mark.parametrize("hash_max", [-1, 64, 1 << 20])
+def test_compare_buffers_against_python(hash_max):
+    a, b, offsets, sizes = make_run(10)
+    flags, digests = outputs(len(offsets))
+    got = ck.compare_buffers(a, memoryview(b), as_int64(offsets), as_int64(sizes), hash_max, flags, digests)
+    assert (got, flags, digests) == expected(a, b, offsets, sizes, hash_max)
+
+
+def test_compare_buffers_overlapping_tensors_and_unequal_lengths():
+    """Tensors may overlap or repeat (the kernel only reads them); the span is the shorter buffer."""
+    a = pattern(3000)
+    b = bytearray(a) + b"tail"
+    b[1500] ^= 1
+    offsets, sizes = [0, 0, 1000, 1499, 1501, 2999], [3000, 1500, 1000, 2, 1499, 1]
+    flags, digests = outputs(len(offsets))
+    got = ck.compare_buffers(a, b, as_int64(offsets), as_int64(sizes), 1 << 20, flags, digests)
+    assert (got, flags, digests) == expected(a, bytes(b), offsets, sizes, 1 << 20)
+    assert got == 3  # the whole, the range 1000..2000 and the pair at 1499
+
+
+def test_concurrent_runs_in_threads(write_file):
+    """The GIL is released from the reads through the hashing: threads must not share anything."""
+    runs = []
+    for seed in (11, 12):
+        a, b, offsets, sizes = make_run(seed, sizes=[0, 1, 64, 1000, 5000, 3000, 64, 64])
+        runs.append((write_file(a), write_file(b), len(a), as_int64(offsets), as_int64(sizes),
+                     expected(a, b, offsets, sizes, 4096)))
+    failures = []
+
+    def work(fd_a, fd_b, span, offs, szs, want):
+        buf_a, buf_b = mmap.mmap(-1, span), mmap.mmap(-1, span)
+        for _ in range(200):
+            flags, digests = outputs(len(offs))
+            got = ck.compare_run(fd_a, 0, fd_b, 0, span, buf_a, buf_b, offs, szs, 4096, flags, digests)
+            if (got, flags, digests) != want:
+                failures.append(got)
+                return
+
+    threads = [threading.Thread(target=work, args=run) for run in runs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures
