@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, ItemsView, Iterable, Iterator, Mapping, ValuesView
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -222,6 +222,78 @@ class SpanRef(TensorRef):
         return read_into
 
 
+class SpanTable(Mapping[str, TensorRef]):
+    """The tensors of one open, mapped file, held as columns; a :class:`SpanRef` is made only when asked for.
+
+    Readers of files whose tensors each lie contiguously (safetensors) hand
+    the checkpoint this instead of a dict of refs: a 200,000-tensor file
+    would otherwise hold 200,000 ref objects that a diff never touches
+    (the engine compares such tables column by column, see
+    ``engine._diff_tables``). Columns, one entry per tensor in file order:
+    ``names``, ``dtypes`` (canonical names), ``shapes`` (tuples; equal
+    shapes may share one object), ``offsets`` (file offsets less ``base``)
+    and ``nbytes``; the last two are any int sequences (lists, or int64
+    memoryviews). Fields are trusted: the reader validated them.
+    """
+
+    __slots__ = ("names", "dtypes", "shapes", "offsets", "nbytes", "base", "whole", "fd", "source", "_index",
+                 "__weakref__")
+
+    def __init__(self, names: list[str], dtypes: list[str], shapes: list[tuple[int, ...]], offsets: Any,
+                 nbytes: Any, *, base: int, whole: memoryview, fd: int, source: str | None) -> None:
+        self.names, self.dtypes, self.shapes, self.offsets, self.nbytes = names, dtypes, shapes, offsets, nbytes
+        self.base, self.whole, self.fd, self.source = base, whole, fd, source
+        self._index: dict[str, int] | None = None
+
+    @property
+    def index(self) -> dict[str, int]:
+        """Name -> row, built on first use (a diff of two files with the same names never needs it)."""
+        if self._index is None:
+            self._index = dict(zip(self.names, range(len(self.names))))
+        return self._index
+
+    def ref(self, i: int) -> SpanRef:
+        return SpanRef.at(self.names[i], self.dtypes[i], self.shapes[i], self.nbytes[i], whole=self.whole,
+                          fd=self.fd, offset=self.base + self.offsets[i], source=self.source)
+
+    def __getitem__(self, name: str) -> TensorRef:
+        return self.ref(self.index[name])
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.index
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def values(self) -> ValuesView[TensorRef]:
+        return _TableValues(self)
+
+    def items(self) -> ItemsView[str, TensorRef]:
+        return _TableItems(self)
+
+    def total_bytes(self) -> int:
+        return sum(self.nbytes)
+
+
+class _TableValues(ValuesView[TensorRef]):
+    _mapping: SpanTable
+
+    def __iter__(self) -> Iterator[TensorRef]:
+        table = self._mapping
+        return map(table.ref, range(len(table)))
+
+
+class _TableItems(ItemsView[str, TensorRef]):
+    _mapping: SpanTable
+
+    def __iter__(self) -> Iterator[tuple[str, TensorRef]]:
+        table = self._mapping
+        return zip(table.names, map(table.ref, range(len(table))))
+
+
 def fill_exact(read_into: Callable[[int, memoryview], int], buf: memoryview, offset: int, total: int,
                what: str) -> None:
     """Fill all of ``buf`` with bytes ``offset..`` through a ``read_into``-style reader
@@ -269,7 +341,8 @@ class Checkpoint(Mapping[str, TensorRef]):
 
     path: str
     format: str
-    tensors: dict[str, TensorRef]
+    #: name -> ref: a dict, or a :class:`SpanTable` (columns, refs made on demand).
+    tensors: Mapping[str, TensorRef]
     metadata: dict[str, Any] = field(default_factory=dict)
     manifest: Manifest | None = None
     #: Top-level names of training state that is not model weights (a .pt
@@ -290,6 +363,8 @@ class Checkpoint(Mapping[str, TensorRef]):
 
     @property
     def total_bytes(self) -> int:
+        if isinstance(self.tensors, SpanTable):
+            return self.tensors.total_bytes()
         return sum(t.nbytes for t in self.tensors.values())
 
     def subset(self, names: Iterable[str]) -> Checkpoint:
@@ -366,4 +441,4 @@ def check_shape(name: str, shape: Iterable[Any], *, max_elements: int = 1 << 48)
     return tuple(out)
 
 
-__all__ = ["Checkpoint", "TensorRef", "SpanRef", "DEFAULT_CHUNK_BYTES", "check_shape", "CkptError"]
+__all__ = ["Checkpoint", "TensorRef", "SpanRef", "SpanTable", "DEFAULT_CHUNK_BYTES", "check_shape", "CkptError"]

@@ -37,6 +37,12 @@ from typing import TYPE_CHECKING
 import blake3
 
 from .checkpoint import DEFAULT_CHUNK_BYTES, TensorRef, fill_exact
+from .errors import FormatError
+
+try:  # optional C kernel: a run of small tensors in one call (see compare_spans)
+    from . import _ckernel
+except ImportError:  # pragma: no cover - installs without a compiler
+    _ckernel = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     from .dtypes import DType
@@ -389,3 +395,62 @@ def compare_pair(
     hash_new = hash_old if shared else (new.hash if h_new is None else h_new.hexdigest())
     assert hash_old is not None and hash_new is not None
     return PairResult(hash_old, hash_new, stats)
+
+
+#: Tensors up to this many bytes are hashed by the C kernel's own BLAKE3
+#: (portable code, no per-call overhead); bigger ones by the blake3 package
+#: (SIMD), which is faster once a call carries a few KiB.
+C_HASH_MAX = 1536
+
+#: Bits of compare_spans' per-tensor flags.
+DIFFERS, HASHED = 1, 2
+
+
+def compare_spans(fd_a: int, pos_a: int, fd_b: int, pos_b: int, span: int, offsets: memoryview,
+                  sizes: memoryview, flags: memoryview, digests: memoryview, chunk_bytes: int,
+                  what: str) -> tuple[memoryview, memoryview, int]:
+    """Compare a run of tensors that lie side by side in two files, tensor by tensor, with no object per tensor.
+
+    Reads ``span`` bytes at ``pos_a`` of ``fd_a`` and at ``pos_b`` of
+    ``fd_b`` into this thread's buffers; tensor ``k`` is bytes
+    ``offsets[k] .. offsets[k] + sizes[k]`` of both (int64 views). Fills
+    ``flags[k]`` (DIFFERS when the bytes differ) and ``digests[64k:64k+64]``
+    (BLAKE3 of the old side, then of the new side when they differ).
+    Returns the two buffers' views of the run (valid until this thread's
+    next comparison, for the caller to measure changed tensors) and how
+    many tensors differ.
+    """
+    io = _io_buffers(chunk_bytes)
+    va, vb = io.mva[:span], io.mvb[:span]
+    if _ckernel is not None:
+        got = _ckernel.compare_run(fd_a, pos_a, fd_b, pos_b, span, io.a, io.b, offsets, sizes, C_HASH_MAX,
+                                   flags, digests)
+        if got < 0:
+            raise FormatError(f"{what}: a file ended before the bytes its header promises")
+        differ = got
+    else:
+        fill_exact(lambda off, b: os.preadv(fd_a, [b], pos_a + off), va, 0, span, f"OLD: {what}")
+        fill_exact(lambda off, b: os.preadv(fd_b, [b], pos_b + off), vb, 0, span, f"NEW: {what}")
+        whole_same = _buffers_equal(io, 0, span)
+        differ = 0
+        for k, (start, n) in enumerate(zip(offsets, sizes)):
+            same = whole_same or _buffers_equal(io, start, n)
+            flags[k] = 0 if same else DIFFERS
+            differ += not same
+    digest = blake3.blake3
+    for k, (start, n) in enumerate(zip(offsets, sizes)):
+        f = flags[k]
+        if not f & HASHED:
+            at = 64 * k
+            digests[at:at + 32] = digest(va[start:start + n]).digest()
+            if f & DIFFERS:
+                digests[at + 32:at + 64] = digest(vb[start:start + n]).digest()
+    return va, vb, differ
+
+
+def changed_stats(info: DType, va: memoryview, vb: memoryview, atol: float, rtol: float,
+                  shape: Sequence[int]) -> DeltaStats:
+    """Statistics of one changed tensor whose two sides are in memory."""
+    stats = _new_stats(info, atol, rtol, row_len(shape))
+    stats.add_changed(va, vb)
+    return stats

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Sequence
 from typing import IO, Any
 
 from .display import dtype_of as fmt_dtype
@@ -21,7 +22,7 @@ from .display import num as fmt_num
 from .display import shape as _shape
 from .display import shape_of as fmt_shape
 from .cause import explain, words
-from .report import STATUSES, DiffReport, TensorDiff, merge_off_text
+from .report import STATUSES, DiffReport, Rows, TensorDiff, merge_off_text, rows_to_list
 from .textsafe import printable
 
 FORMATS = ("table", "json", "markdown", "github")
@@ -58,8 +59,7 @@ def ordered(report: DiffReport, show_all: bool = False) -> list[TensorDiff]:
     Identical tensors are hidden unless ``show_all``; a stale tensor is
     identical too, but it is a warning, so it is always shown.
     """
-    rows = [t for t in report.tensors if show_all or t.status != "identical" or t.stale]
-    return sorted(rows, key=sort_key)
+    return sorted(rows_to_list(report.tensors, show_all), key=sort_key)
 
 
 def _plural(n: int, word: str) -> str:
@@ -218,10 +218,10 @@ def describe(t: TensorDiff) -> str:
 # formats
 # ---------------------------------------------------------------------------
 
-def render_json(report: DiffReport) -> str:
-    """``report.to_json()`` plus a newline, byte for byte, through the fast writer below."""
+def render_json(report: DiffReport, show_all: bool = True) -> str:
+    """``report.to_json(identical=show_all)`` plus a newline, byte for byte, through the fast writer below."""
     buf = io.StringIO()
-    write_json(report, buf)
+    write_json(report, buf, show_all)
     return buf.getvalue()
 
 
@@ -230,8 +230,9 @@ def render_json(report: DiffReport) -> str:
 _JSON_BATCH = 4096
 
 
-def write_json(report: DiffReport, file: IO[str]) -> None:
-    """Write ``report.to_json()`` plus a newline to ``file``, byte for byte, streaming the tensor rows.
+def write_json(report: DiffReport, file: IO[str], show_all: bool = True) -> None:
+    """Write ``report.to_json(identical=show_all)`` plus a newline to ``file``, byte for byte, streaming
+    the tensor rows (``ckptdiff diff --format json`` lists identical ones only with ``--all``).
 
     The report's top level is small; its ``tensors`` list is what grows with
     the checkpoint. Rows are made one at a time (``TensorDiff.to_dict``, so
@@ -240,8 +241,11 @@ def write_json(report: DiffReport, file: IO[str]) -> None:
     batch of rows, not the whole document. Anything the fast writers cannot
     promise to encode as ``json.dumps`` does falls back to it.
     """
-    head = report.to_dict(tensors=False)
-    rows = report.tensors
+    show_all = show_all or report.lora is not None
+    head = report.to_dict(tensors=False, identical=show_all)
+    rows: Sequence[TensorDiff] = report.tensors if show_all else list(rows_to_list(report.tensors, False))
+    # Listing every row of a Rows builds the identical ones one batch at a time, without keeping them.
+    take = rows.peek if isinstance(rows, Rows) else rows.__getitem__
     # json.dumps(indent=2) puts "tensors" where to_dict() does: write the
     # members before it, the rows, then the members after it.
     keys = list(head)
@@ -249,11 +253,11 @@ def write_json(report: DiffReport, file: IO[str]) -> None:
     before = dumps_indent2({k: head[k] for k in keys[:at]})
     after = dumps_indent2({k: head[k] for k in keys[at + 1:]})
     if before is None or after is None:
-        file.write(json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n")
+        file.write(json.dumps(report.to_dict(identical=show_all), indent=2, allow_nan=False) + "\n")
         return
     file.write(before[:-2] + ',\n  "tensors": ' + ("[" if rows else "[]"))
     for i in range(0, len(rows), _JSON_BATCH):
-        batch = rows[i:i + _JSON_BATCH]
+        batch = [take(k) for k in range(i, min(i + _JSON_BATCH, len(rows)))]
         try:
             text = _rows(batch, first=i == 0)
         except _Unsupported:  # not from the engine; json.dumps decides, row by row, at the same depth
@@ -686,7 +690,7 @@ def render(report: DiffReport, fmt: str, file: IO[str], *, show_all: bool = Fals
     if fmt == "table":
         render_table(report, file, show_all=show_all, color=color)
     elif fmt == "json":
-        write_json(report, file)
+        write_json(report, file, show_all)
     elif fmt == "markdown":
         file.write(render_markdown(report, show_all=show_all))
     elif fmt == "github":

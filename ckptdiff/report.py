@@ -2,18 +2,20 @@
 
 The engine (``ckptdiff.diff``) fills it; nothing here reads files. The JSON
 form (:meth:`DiffReport.to_dict`) is a stable, documented schema,
-``ckptdiff.diff/1``: fields are only ever added, never renamed or removed.
+``ckptdiff.diff/2``: fields are only ever added, never renamed or removed
+(docs/json-schema.md says what changed from ``/1``).
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from operator import attrgetter
 from typing import Any
 
-SCHEMA = "ckptdiff.diff/1"
+SCHEMA = "ckptdiff.diff/2"
 
 #: Status values, in the order summaries list them.
 STATUSES = ("identical", "changed", "added", "removed", "shape_changed", "dtype_changed")
@@ -107,6 +109,77 @@ class TensorDiff:
         return d
 
 
+class Rows(Sequence[TensorDiff]):
+    """A report's rows in report order; rows of unremarkable identical tensors stay columns until asked for.
+
+    A 200,000-tensor diff of a fine-tune is mostly identical frozen tensors.
+    Holding a :class:`TensorDiff` for each would be most of the diff's time
+    and memory, and every renderer shows them as one count unless asked to
+    list them. So a slot is either a row or None: None stands for an
+    identical tensor that is not stale (nor anything else worth a row),
+    which ``make(i)`` builds, and caches, the first time anyone indexes or
+    iterates over it. Everything else (summaries, verdicts, the rows a
+    renderer lists) reads :meth:`listed` and :meth:`omitted`, which never
+    build them.
+    """
+
+    __slots__ = ("_slots", "_make", "_omitted")
+
+    def __init__(self, slots: list[TensorDiff | None], make: Callable[[int], TensorDiff]) -> None:
+        self._slots = slots
+        self._make = make
+        self._omitted = slots.count(None)
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def _row(self, i: int) -> TensorDiff:
+        td = self._slots[i]
+        if td is None:
+            td = self._slots[i] = self._make(i)
+            self._omitted -= 1
+        return td
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self._row(k) for k in range(*i.indices(len(self._slots)))]
+        n = len(self._slots)
+        if not -n <= i < n:
+            raise IndexError("row index out of range")
+        return self._row(i % n)
+
+    def __iter__(self) -> Iterator[TensorDiff]:
+        return map(self._row, range(len(self._slots)))
+
+    def peek(self, i: int) -> TensorDiff:
+        """Row ``i``, built afresh if it is a column (and not kept): for writers that list every row once."""
+        td = self._slots[i]
+        return td if td is not None else self._make(i)
+
+    def listed(self) -> list[TensorDiff]:
+        """The rows that are not columns: every tensor that differs or is stale, plus any row built on request."""
+        return [td for td in self._slots if td is not None]
+
+    def omitted(self) -> int:
+        """How many identical tensors are still columns (never drifted, never stale)."""
+        return self._omitted
+
+
+def rows_to_list(rows: Sequence[TensorDiff], show_all: bool) -> Iterator[TensorDiff]:
+    """The rows a report lists: every row with ``show_all``, else those of tensors that differ or are stale."""
+    if show_all:
+        if isinstance(rows, Rows):
+            return map(rows.peek, range(len(rows)))
+        return iter(rows)
+    pool = rows.listed() if isinstance(rows, Rows) else rows
+    return (t for t in pool if t.status != "identical" or t.stale)
+
+
+def _materialized(rows: Sequence[TensorDiff]) -> Sequence[TensorDiff]:
+    """Rows that can differ, drift or be stale: a Rows' columns are identical and unremarkable by construction."""
+    return rows.listed() if isinstance(rows, Rows) else rows
+
+
 _TENSOR_FIELDS = tuple(f.name for f in fields(TensorDiff))
 _TENSOR_VALUES = attrgetter(*_TENSOR_FIELDS)
 _MERGE_FIELDS = tuple(f.name for f in fields(MergeCheck))
@@ -135,7 +208,8 @@ class SideInfo:
 class DiffReport:
     old: SideInfo
     new: SideInfo
-    tensors: list[TensorDiff]
+    #: Every tensor's row, in order: a list, or :class:`Rows` (identical ones built on demand).
+    tensors: Sequence[TensorDiff]
     manifest_source: str | None = None   # None: no manifest, roles are 'unknown'
     atol: float = 0.0
     rtol: float = 0.0
@@ -147,19 +221,21 @@ class DiffReport:
 
     @property
     def drifted(self) -> list[TensorDiff]:
-        return [t for t in self.tensors if t.drift]
+        return [t for t in _materialized(self.tensors) if t.drift]
 
     @property
     def stale(self) -> list[TensorDiff]:
-        return [t for t in self.tensors if t.stale]
+        return [t for t in _materialized(self.tensors) if t.stale]
 
     @property
     def changed(self) -> list[TensorDiff]:
         """Every tensor that is not identical (changed, added, removed, reshaped, retyped)."""
-        return [t for t in self.tensors if t.status != "identical"]
+        return [t for t in _materialized(self.tensors) if t.status != "identical"]
 
     def summary(self) -> dict[str, int]:
-        counts = Counter(t.status for t in self.tensors)
+        counts = Counter(t.status for t in _materialized(self.tensors))
+        if isinstance(self.tensors, Rows):
+            counts["identical"] += self.tensors.omitted()
         out = {s: counts.get(s, 0) for s in STATUSES}
         out["total"] = len(self.tensors)
         out["drifted"] = len(self.drifted)
@@ -181,7 +257,7 @@ class DiffReport:
 
     def merge_summary(self) -> dict[str, int]:
         """How many tensors got each merge verdict (all zero without a LoRA merge check)."""
-        counts = Counter(t.merge.verdict for t in self.tensors if t.merge is not None)
+        counts = Counter(t.merge.verdict for t in _materialized(self.tensors) if t.merge is not None)
         return {v: counts.get(v, 0) for v in MERGE_VERDICTS}
 
     def _merge_verdict(self) -> tuple[bool, list[str]]:
@@ -189,7 +265,7 @@ class DiffReport:
         if self.fail_on == "never":
             return False, []
         reasons: list[str] = []
-        for t in self.tensors:
+        for t in _materialized(self.tensors):
             m = t.merge
             if m is not None and m.verdict == "merge-off":
                 reasons.append(f"tensor {t.name} {merge_off_text(m)}")
@@ -205,10 +281,20 @@ class DiffReport:
     def exit_code(self) -> int:
         return 1 if self.failed else 0
 
-    def to_dict(self, tensors: bool = True) -> dict[str, Any]:
-        """The ``ckptdiff.diff/1`` document; ``tensors=False`` leaves the rows out (its
-        ``"tensors"`` member is then None), for writers that stream them."""
+    def to_dict(self, tensors: bool = True, identical: bool = True) -> dict[str, Any]:
+        """The ``ckptdiff.diff/2`` document.
+
+        ``identical=False`` lists only the tensors that differ or are stale
+        (what ``ckptdiff diff --format json`` prints without ``--all``) and
+        counts the others in ``"omitted_identical"``; a LoRA merge check
+        lists every tensor whatever it says. ``tensors=False``
+        leaves the rows out (``"tensors"`` is then None), for writers that
+        stream them.
+        """
         failed, reasons = self.verdict()
+        summary = self.summary()
+        identical = identical or self.lora is not None  # a merge check's point is every tensor's verdict
+        rows = list(rows_to_list(self.tensors, identical)) if tensors else None
         return {
             "schema": SCHEMA,
             "old": asdict(self.old),
@@ -217,13 +303,19 @@ class DiffReport:
             "atol": self.atol,
             "rtol": self.rtol,
             "fail_on": self.fail_on,
-            "summary": self.summary(),
-            "tensors": [t.to_dict() for t in self.tensors] if tensors else None,
+            "summary": summary,
+            "omitted_identical": 0 if identical else self.omitted_identical(),
+            "tensors": [t.to_dict() for t in rows] if rows is not None else None,
             "verdict": {"failed": failed, "reasons": reasons},
         } | ({"lora": {**self.lora, "summary": self.merge_summary()}} if self.lora is not None else {})
 
-    def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+    def omitted_identical(self) -> int:
+        """How many rows a listing without ``--all`` leaves out: identical tensors that are not stale."""
+        return sum(1 for t in _materialized(self.tensors) if t.status == "identical" and not t.stale) + (
+            self.tensors.omitted() if isinstance(self.tensors, Rows) else 0)
+
+    def to_json(self, indent: int | None = 2, identical: bool = True) -> str:
+        return json.dumps(self.to_dict(identical=identical), indent=indent, allow_nan=False)
 
 
 #: What MERGED should equal, per MergeCheck.kind, in the words of messages.

@@ -48,7 +48,7 @@ def settle(rows, old, new, manifest, atol, rtol):
 
 
 def via_cli(capsys, a: str, b: str, man: str | None, atol: float, rtol: float) -> Verdicts:
-    args = ["diff", a, b, "--format", "json", "--atol", repr(atol), "--rtol", repr(rtol)]
+    args = ["diff", a, b, "--format", "json", "--all", "--atol", repr(atol), "--rtol", repr(rtol)]
     main(args + (["--manifest", man] if man else []))
     return json_verdicts(json.loads(capsys.readouterr().out)["tensors"])
 

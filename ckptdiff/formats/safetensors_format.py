@@ -27,9 +27,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import weakref
 from typing import Any
 
-from ..checkpoint import Checkpoint, SpanRef, TensorRef, check_shape
+from ..checkpoint import Checkpoint, SpanTable, check_shape
 from ..dtypes import _BY_SAFETENSORS, from_safetensors
 from ..errors import CkptError, FormatError
 from ._common import map_file, numel, open_binary, with_path
@@ -40,28 +41,26 @@ FORMAT = "safetensors"
 
 
 def open_safetensors(path: str | os.PathLike[str]) -> Checkpoint:
-    """Open a .safetensors file lazily: tensors are slices of one read-only mmap."""
+    """Open a .safetensors file lazily: its tensors are columns of one :class:`SpanTable` over a read-only map."""
     p = os.fspath(path)
     with open_binary(p) as f:
         mm = map_file(f, p)
         if mm is None:
             raise FormatError("file is empty (0 bytes)", p)
         try:
-            tensors, metadata = _parse(mm, p)
+            raw, data_start = _read_header(f.fileno(), len(mm), p)
+            names, dtypes, shapes, offsets, nbytes, metadata = _columns(raw, data_start, len(mm) - data_start, p)
+            del raw
         except BaseException:
             mm.close()
             raise
-        fd = os.dup(f.fileno())  # for read_into (pread); outlives the file object
+        fd = os.dup(f.fileno())  # for pread; outlives the file object
     whole = memoryview(mm)
-
-    base = os.path.basename(p)
-    at = SpanRef.at
-    # _parse checked the shape, the dtype and that end - begin is numel * itemsize.
-    refs: dict[str, TensorRef] = {
-        name: at(name, dtype, shape, end - begin, whole=whole, fd=fd, offset=begin, source=base)
-        for name, (dtype, shape, begin, end) in tensors.items()}
-
-    ckpt = Checkpoint(p, FORMAT, refs, metadata)
+    table = SpanTable(names, dtypes, shapes, offsets, nbytes, base=data_start, whole=whole, fd=fd,
+                      source=os.path.basename(p))
+    global _LAST
+    _LAST = weakref.ref(table)
+    ckpt = Checkpoint(p, FORMAT, table, metadata)
 
     def close() -> None:
         os.close(fd)
@@ -70,6 +69,70 @@ def open_safetensors(path: str | os.PathLike[str]) -> Checkpoint:
 
     ckpt.on_close(close)
     return ckpt
+
+
+#: The table opened last: the next file's names are matched against its
+#: names, so the second checkpoint of a pair shares the first one's name
+#: strings (half the memory of a many-tensor diff) and the engine sees at
+#: once that both list the same names in the same order.
+_LAST: weakref.ref[SpanTable] | None = None
+
+
+def _hint() -> list[str] | None:
+    table = _LAST() if _LAST is not None else None
+    return table.names if table is not None else None
+
+
+def _read_header(fd: int, size: int, path: str) -> tuple[bytes, int]:
+    """The header's JSON bytes (read with ``pread``: scanning the map would
+    leave its pages resident) and where the data section starts."""
+    if size < 8:
+        raise FormatError(f"truncated: {size} bytes, too short for the 8-byte safetensors header length", path)
+    n = int.from_bytes(os.pread(fd, 8, 0), "little")
+    if n > MAX_HEADER_BYTES:
+        raise FormatError(f"header claims {n} bytes, more than the {MAX_HEADER_BYTES:,}-byte limit", path)
+    if n > size - 8:
+        raise FormatError(f"truncated: header claims {n} bytes but the file has only {size - 8} after the length", path)
+    raw = os.pread(fd, n, 8)
+    if len(raw) != n:
+        raise FormatError(f"truncated: header claims {n} bytes but only {len(raw)} could be read", path)
+    return raw, 8 + n
+
+
+def _columns(raw: bytes, data_start: int, data_len: int, path: str) -> tuple[
+        list[str], list[str], list[tuple[int, ...]], Any, Any, dict[str, str]]:
+    """(names, dtypes, shapes, offsets in the data section, nbytes, metadata) of a validated header.
+
+    The common header takes the C scanner (``scan_columns``), which answers
+    only when it can promise what :func:`_parse_header` would; anything
+    else, and every error message, comes from ``_parse_header``.
+    """
+    hint = _hint()
+    fast = scan_columns(raw, data_len, hint)
+    if fast is not None:
+        names, dtypes, shapes, begins, sizes, meta_span, _same = fast
+        metadata: dict[str, str] = {}
+        if meta_span is not None:
+            metadata = _metadata(json.loads(raw[meta_span[0]:meta_span[1]]), path)
+        return names, dtypes, shapes, memoryview(begins).cast("q"), memoryview(sizes).cast("q"), metadata
+    tensors, metadata = _parse_header(raw, data_start, data_len, path)
+    names = list(tensors)
+    if hint is not None and names == hint:
+        names = hint
+    rows = tensors.values()
+    return (names, [r[0] for r in rows], [r[1] for r in rows], [r[2] - data_start for r in rows],
+            [r[3] - r[2] for r in rows], metadata)
+
+
+def _metadata(info: Any, path: str) -> dict[str, str]:
+    if not isinstance(info, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in info.items()):
+        raise FormatError("__metadata__ must map strings to strings", path)
+    return dict(info)
+
+
+def scan_columns(raw: bytes, data_len: int, hint: list[str] | None = None) -> tuple[Any, ...] | None:
+    """The C header scanner's columns, or None (no C module, or a header it leaves to the Python parser)."""
+    return None
 
 
 def _parse(buf: Any, path: str) -> tuple[dict[str, tuple[str, tuple[int, ...], int, int]], dict[str, str]]:
@@ -82,7 +145,12 @@ def _parse(buf: Any, path: str) -> tuple[dict[str, tuple[str, tuple[int, ...], i
         raise FormatError(f"header claims {n} bytes, more than the {MAX_HEADER_BYTES:,}-byte limit", path)
     if n > size - 8:
         raise FormatError(f"truncated: header claims {n} bytes but the file has only {size - 8} after the length", path)
-    raw = bytes(buf[8:8 + n])
+    return _parse_header(bytes(buf[8:8 + n]), 8 + n, size - 8 - n, path)
+
+
+def _parse_header(raw: bytes, data_start: int, data_len: int, path: str) -> tuple[
+        dict[str, tuple[str, tuple[int, ...], int, int]], dict[str, str]]:
+    """Validate the header's JSON against the data section; returns name -> (dtype, shape, abs begin, abs end)."""
     try:
         text = raw.decode("utf-8")
         header = _loads(text)
@@ -102,8 +170,6 @@ def _parse(buf: Any, path: str) -> tuple[dict[str, tuple[str, tuple[int, ...], i
     if _SURROGATE_ESCAPE.search(text) and not _valid_unicode(header):
         raise FormatError("header holds a string with a lone UTF-16 surrogate escape, which is not valid Unicode "
                           "(the safetensors library refuses it)", path)
-    data_start = 8 + n
-    data_len = size - data_start
     metadata: dict[str, str] = {}
     out: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
     spans: list[tuple[int, int, str]] = []
@@ -129,9 +195,7 @@ def _parse(buf: Any, path: str) -> tuple[dict[str, tuple[str, tuple[int, ...], i
                     spans.append((begin, end, name))
                     continue
         if name == "__metadata__":
-            if not isinstance(info, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in info.items()):
-                raise FormatError("__metadata__ must map strings to strings", path)
-            metadata = dict(info)
+            metadata = _metadata(info, path)
             continue
         if not isinstance(info, dict):
             raise FormatError(f"tensor {name!r}: header entry is not an object", path)

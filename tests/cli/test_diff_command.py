@@ -136,11 +136,13 @@ def test_bad_flags_exit_2(ckpts, capsys, flags):
 # ---------------------------------------------------------------------------
 
 def test_json_schema(ckpts, capsys):
-    rc, out, _ = run_cli(capsys, "diff", ckpts["base"], ckpts["drifted"], "-m", ckpts["manifest"], "-f", "json")
+    rc, out, _ = run_cli(capsys, "diff", ckpts["base"], ckpts["drifted"], "-m", ckpts["manifest"], "-f", "json",
+                         "--all")
     assert rc == 1
     data = json.loads(out)
-    assert set(data) == {"schema", "old", "new", "manifest", "atol", "rtol", "fail_on", "summary", "tensors", "verdict"}
-    assert data["schema"] == "ckptdiff.diff/1"
+    assert set(data) == {"schema", "old", "new", "manifest", "atol", "rtol", "fail_on", "summary",
+                         "omitted_identical", "tensors", "verdict"}
+    assert data["schema"] == "ckptdiff.diff/2" and data["omitted_identical"] == 0
     assert data["old"] == {"path": str(ckpts["base"]), "format": "safetensors", "tensors": 4,
                            "bytes": 4 * (128 + 16 + 64 + 4)}
     assert data["summary"] == {"identical": 1, "changed": 3, "added": 0, "removed": 0, "shape_changed": 0,
@@ -159,6 +161,15 @@ def test_json_schema(ckpts, capsys):
     assert b["status"] == "identical" and b["max_abs_delta"] is None and b["hash_old"] == b["hash_new"]
 
 
+def test_json_lists_identical_tensors_only_with_all(ckpts, capsys):
+    rc, out, _ = run_cli(capsys, "diff", ckpts["base"], ckpts["drifted"], "-m", ckpts["manifest"], "-f", "json")
+    data = json.loads(out)
+    assert rc == 1 and data["summary"]["identical"] == 1 and data["omitted_identical"] == 1
+    assert sorted(t["name"] for t in data["tensors"]) == sorted(
+        n for n in ("backbone.0.weight", "backbone.0.bias", "head.weight", "head.bias") if n != "backbone.0.bias")
+    assert all(t["status"] != "identical" for t in data["tensors"])
+
+
 def test_output_file(ckpts, capsys, tmp_path):
     target = tmp_path / "report.json"
     rc, out, err = run_cli(capsys, "diff", ckpts["base"], ckpts["clean"], "-f", "json", "-o", target)
@@ -172,7 +183,7 @@ def test_output_file(ckpts, capsys, tmp_path):
 
 def test_output_to_stdout_and_bad_output_paths(ckpts, capsys, tmp_path):
     rc, out, _ = run_cli(capsys, "diff", ckpts["base"], ckpts["clean"], "-f", "json", "-o", "-")
-    assert rc == 1 and json.loads(out)["schema"] == "ckptdiff.diff/1"
+    assert rc == 1 and json.loads(out)["schema"] == "ckptdiff.diff/2"
     cases = ((tmp_path / "no" / "r.json", "cannot write the report: its directory does not exist"),
              (tmp_path, "--output is a directory; name a file"))
     for target, msg in cases:
@@ -191,7 +202,8 @@ def test_markdown_and_github_formats(ckpts, capsys):
 
 
 def test_include_exclude_all_and_quiet(ckpts, capsys):
-    rc, out, _ = run_cli(capsys, "diff", ckpts["base"], ckpts["clean"], "--include", "backbone.*", "-f", "json")
+    rc, out, _ = run_cli(capsys, "diff", ckpts["base"], ckpts["clean"], "--include", "backbone.*", "-f", "json",
+                         "--all")
     assert rc == 0 and sorted(t["name"] for t in json.loads(out)["tensors"]) == ["backbone.0.bias", "backbone.0.weight"]
     rc, out, _ = run_cli(capsys, "diff", ckpts["base"], ckpts["clean"], "--exclude", "head.*", "--exclude", "*.bias")
     assert rc == 0 and "(1 identical tensor hidden" in out

@@ -29,7 +29,7 @@ def test_empty_disjoint_self_and_symlink(files, tmp_path, capsys):
     assert rc == 1 and {t["name"]: t["status"] for t in json.loads(out)["tensors"]} == {"x": "removed", "y": "added"}
     link = tmp_path / "link.safetensors"
     link.symlink_to(files["x"])
-    rc, out, _ = cli(capsys, "diff", files["x"], link, "-f", "json")
+    rc, out, _ = cli(capsys, "diff", files["x"], link, "-f", "json", "--all")
     rep = json.loads(out)
     assert rc == 0 and rep["summary"]["identical"] == 1 and rep["tensors"][0]["hash_old"] == rep["tensors"][0]["hash_new"]
 

@@ -24,7 +24,7 @@ from engine_helpers import write_pair
 _PROBE = """
 import sys
 from ckptdiff.cli import main
-code = main(["diff", sys.argv[1], sys.argv[2], "--format", "json", "-o", sys.argv[3]])
+code = main(["diff", sys.argv[1], sys.argv[2], "--format", "json", "--all", "-o", sys.argv[3]])
 print(code, "numpy" in sys.modules, "ml_dtypes" in sys.modules)
 """
 

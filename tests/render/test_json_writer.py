@@ -88,7 +88,8 @@ def test_json_cli_output_equals_to_json(many_small, tmp_path):
     pa, pb = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     save_file(a, str(pa))
     save_file(b, str(pb))
-    buf = io.StringIO()
     rep = diff(pa, pb)
-    render(rep, "json", buf)
-    assert buf.getvalue() == rep.to_json() + "\n"
+    for show_all in (True, False):
+        buf = io.StringIO()
+        render(rep, "json", buf, show_all=show_all)
+        assert buf.getvalue() == rep.to_json(identical=show_all) + "\n"

@@ -44,7 +44,7 @@ def test_cli_json_file_is_the_report_of_a_many_tensor_pair(tmp_path, capsys):
     save_file(b, str(tmp_path / "b.safetensors"))
     out = tmp_path / "r.json"
     assert main(["diff", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), "-f", "json",
-                 "-o", str(out), "--no-progress"]) == 1
+                 "--all", "-o", str(out), "--no-progress"]) == 1
     with Checkpoint.from_arrays(a) as ca, Checkpoint.from_arrays(b) as cb:
         want = json.loads(diff(ca, cb).to_json())
     got = json.loads(out.read_text())
