@@ -22,7 +22,7 @@ from .display import num as fmt_num
 from .display import shape as _shape
 from .display import shape_of as fmt_shape
 from .cause import explain, words
-from .report import STATUSES, DiffReport, Rows, TensorDiff, merge_off_text, rows_to_list
+from .report import ROW_FIELDS, STATUSES, DiffReport, Rows, TensorDiff, _json_float, merge_off_text, row_values, rows_to_list
 from .textsafe import printable
 
 FORMATS = ("table", "json", "markdown", "github")
@@ -402,7 +402,12 @@ def _rows(rows: list[TensorDiff], first: bool) -> str:
     sep = _ROW_NL if first else "," + _ROW_NL
     last_keys: tuple[str, ...] | None = None
     pre: list[str] = []
+    fast = _fast_row if _FAST_ROWS else None
     for t in rows:
+        if fast is not None and t.merge is None and type(t) is TensorDiff:
+            out.append(sep + fast(t))
+            sep = "," + _ROW_NL
+            continue
         d = t.to_dict()
         keys = tuple(d)
         if keys != last_keys:
@@ -418,6 +423,61 @@ def _rows(rows: list[TensorDiff], first: bool) -> str:
             raise _Unsupported from None
         sep = "," + _ROW_NL
     return "".join(out)
+
+
+# A row without a merge check, in one %-format: the bytes json.dumps(t.to_dict(), indent=2) gives at
+# row depth (tested), ~5x faster than a dict and a loop over it. It knows the fields by position, so
+# it is used only while TensorDiff has exactly these fields; a field added later turns it off until
+# it is taught the new one (the dict path above writes any field).
+_FAST_FIELDS = ("name", "status", "role", "drift", "stale", "dtype_old", "dtype_new", "shape_old", "shape_new",
+                "numel", "hash_old", "hash_new", "max_abs_delta", "mean_abs_delta", "rel_l2", "changed_elements",
+                "nan_new", "inf_new", "out_of_tolerance", "cause", "cause_detail", "merge")
+_FAST_ROWS = ROW_FIELDS == _FAST_FIELDS
+_ROW_TEMPLATE = "{" + ",".join(_ROW_IN + _esc(f) + ": %s" for f in _FAST_FIELDS[:-1]) + _ROW_NL + "}"
+
+
+def _sc(v: Any) -> str:
+    """A scalar as json writes it; anything else is left to the general path."""
+    if v is None:
+        return "null"
+    t = type(v)
+    if t is str:
+        return _esc(v)
+    if t is bool:
+        return "true" if v else "false"
+    if t is int:
+        return int.__repr__(v)
+    if t is float:
+        return _float(v)
+    raise _Unsupported
+
+
+def _stat(v: Any) -> str:
+    """max/mean |Δ| and rel L2: to_dict writes their Inf/NaN as strings."""
+    if type(v) is float and (v != v or v == _INF or v == -_INF):
+        return '"nan"' if v != v else '"inf"' if v > 0 else '"-inf"'
+    return _sc(v)
+
+
+def _shape_json(v: Any) -> str:
+    return "null" if v is None else _int_list(v)
+
+
+def _detail_json(d: Any) -> str:
+    if d is None:
+        return "null"
+    if type(d) is not dict:
+        raise _Unsupported
+    return _nested({k: _json_float(v) if isinstance(v, float) else v for k, v in d.items()})
+
+
+def _fast_row(t: TensorDiff) -> str:
+    (name, status, role, drift, stale, dto, dtn, so, sn, numel, ho, hn, mx, mean, rel, ch, nan, inf, oot, cause,
+     detail, _merge) = row_values(t)
+    return _ROW_TEMPLATE % (
+        _sc(name), _sc(status), _sc(role), _sc(drift), _sc(stale), _sc(dto), _sc(dtn), _shape_json(so),
+        _shape_json(sn), _sc(numel), _sc(ho), _sc(hn), _stat(mx), _stat(mean), _stat(rel), _sc(ch), _sc(nan),
+        _sc(inf), _sc(oot), _sc(cause), _detail_json(detail))
 
 
 def _md_escape(s: str) -> str:

@@ -182,6 +182,8 @@ def _materialized(rows: Sequence[TensorDiff]) -> Sequence[TensorDiff]:
 
 _TENSOR_FIELDS = tuple(f.name for f in fields(TensorDiff))
 _TENSOR_VALUES = attrgetter(*_TENSOR_FIELDS)
+#: A row's field names in schema order, and one call that reads them all from a TensorDiff (for writers).
+ROW_FIELDS, row_values = _TENSOR_FIELDS, _TENSOR_VALUES
 _MERGE_FIELDS = tuple(f.name for f in fields(MergeCheck))
 
 
