@@ -1,10 +1,12 @@
-"""Build hook for the two optional C modules; everything else is in pyproject.toml.
+"""Build hook for the three optional C modules; everything else is in pyproject.toml.
 
 ``ckptdiff._cstats`` measures changed tensors without importing numpy (see
-ckptdiff/_cstats.c); ``ckptdiff._watchdog`` ends the CLI with one line and
-exit 2 when the HDF5 library hangs on a corrupted file. Both are optional:
+ckptdiff/_cstats.c); ``ckptdiff._cheader`` reads the common safetensors
+header in one pass; ``ckptdiff._watchdog`` ends the CLI with one line and
+exit 2 when the HDF5 library hangs on a corrupted file. All are optional:
 without a C compiler the install still succeeds, ckptdiff computes the same
-statistics with numpy (more slowly) and reads HDF5 without the deadline.
+statistics with numpy (more slowly), parses safetensors headers in Python
+and reads HDF5 without the deadline.
 """
 
 import os
@@ -18,6 +20,8 @@ _FLAGS = [] if os.name == "nt" else ["-O3", "-fno-math-errno", "-fno-trapping-ma
 setup(
     ext_modules=[
         Extension("ckptdiff._cstats", ["ckptdiff/_cstats.c"], extra_compile_args=_FLAGS, optional=True),
+        # The common safetensors header read straight into columns (see ckptdiff/formats/safetensors_format.py).
+        Extension("ckptdiff._cheader", ["ckptdiff/_cheader.c"], extra_compile_args=_FLAGS, optional=True),
         # A C-level deadline for HDF5 calls that never return (see ckptdiff/watchdog.py).
         Extension("ckptdiff._watchdog", ["ckptdiff/_watchdog.c"], optional=True),
     ],
