@@ -1,12 +1,14 @@
-"""Build hook for the three optional C modules; everything else is in pyproject.toml.
+"""Build hook for the four optional C modules; everything else is in pyproject.toml.
 
 ``ckptdiff._cstats`` measures changed tensors without importing numpy (see
 ckptdiff/_cstats.c); ``ckptdiff._ckernel`` compares and hashes runs of small
-tensors in one call (see ckptdiff/_ckernel.c); ``ckptdiff._watchdog`` ends
-the CLI with one line and exit 2 when the HDF5 library hangs on a corrupted
+tensors in one call (see ckptdiff/_ckernel.c); ``ckptdiff._cheader`` reads
+the common safetensors header in one pass; ``ckptdiff._watchdog`` ends the
+CLI with one line and exit 2 when the HDF5 library hangs on a corrupted
 file. All are optional: without a C compiler the install still succeeds,
 ckptdiff computes the same statistics with numpy and the same hashes in
-Python (more slowly), and reads HDF5 without the deadline.
+Python (more slowly), parses safetensors headers in Python and reads HDF5
+without the deadline.
 """
 
 import os
@@ -21,6 +23,8 @@ setup(
     ext_modules=[
         Extension("ckptdiff._cstats", ["ckptdiff/_cstats.c"], extra_compile_args=_FLAGS, optional=True),
         Extension("ckptdiff._ckernel", ["ckptdiff/_ckernel.c"], extra_compile_args=_FLAGS, optional=True),
+        # The common safetensors header read straight into columns (see ckptdiff/formats/safetensors_format.py).
+        Extension("ckptdiff._cheader", ["ckptdiff/_cheader.c"], extra_compile_args=_FLAGS, optional=True),
         # A C-level deadline for HDF5 calls that never return (see ckptdiff/watchdog.py).
         Extension("ckptdiff._watchdog", ["ckptdiff/_watchdog.c"], optional=True),
     ],

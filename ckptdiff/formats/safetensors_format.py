@@ -130,11 +130,6 @@ def _metadata(info: Any, path: str) -> dict[str, str]:
     return dict(info)
 
 
-def scan_columns(raw: bytes, data_len: int, hint: list[str] | None = None) -> tuple[Any, ...] | None:
-    """The C header scanner's columns, or None (no C module, or a header it leaves to the Python parser)."""
-    return None
-
-
 def _parse(buf: Any, path: str) -> tuple[dict[str, tuple[str, tuple[int, ...], int, int]], dict[str, str]]:
     """Validate the header against the file; returns name -> (dtype, shape, abs begin, abs end)."""
     size = len(buf)
@@ -322,3 +317,33 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
                 raise _Duplicate(k)
             seen.add(k)
     return out
+
+
+try:
+    from .. import _cheader
+except ImportError:  # built without a C compiler: _parse reads every header
+    _cheader = None  # type: ignore[assignment]
+
+#: code -> (canonical name, itemsize), what _cheader.scan reads dtypes from (built on first use).
+_SCAN_DTYPES: dict[str, tuple[str, int]] | None = None
+
+
+def scan_columns(raw: bytes, data_len: int, hint: list[str] | None = None) -> tuple[Any, ...] | None:
+    """The header ``raw`` of a file with ``data_len`` data bytes, read by the C module into columns.
+
+    Returns ``(names, dtype_names, shapes, begins, nbytes, metadata_span,
+    same_as_hint)`` (see ckptdiff/_cheader.c: begins and nbytes are native
+    int64 bytes, relative to the data section; metadata_span is None or the
+    ``(start, end)`` of the ``__metadata__`` object in ``raw``), or None when
+    the header is not the plain common case or the module was not built:
+    then _parse decides, and names what is wrong. Whatever this accepts,
+    _parse accepts with the same tensors. With ``hint`` (the names of a
+    similar file), equal names are hint's own str objects.
+    """
+    global _SCAN_DTYPES
+    if _cheader is None:
+        return None
+    if _SCAN_DTYPES is None:
+        _SCAN_DTYPES = {code: (dt.name, dt.itemsize) for code, dt in _BY_SAFETENSORS.items()}
+    result: tuple[Any, ...] | None = _cheader.scan(raw, data_len, _SCAN_DTYPES, hint)
+    return result
