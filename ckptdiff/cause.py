@@ -27,6 +27,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .stats_types import ROUND_NAMES
+
 #: The vocabulary, in the order the classifier tries the causes.
 CAUSES = ("nan_inf", "running_stats", "precision_roundtrip", "weight_decay", "rescaled", "sparse_rows",
           "reinitialized", "low_rank", "optimizer_step", "dense_update")
@@ -89,8 +91,6 @@ class Sums:
 
 def sums_of(name: str, shape: list[int] | tuple[int, ...], stats: Any) -> Sums:
     """A :class:`Sums` from a :class:`ckptdiff.stats.DeltaStats` (read only)."""
-    from .stats_types import ROUND_NAMES
-
     numel = 1
     for d in shape:
         numel *= d
@@ -99,7 +99,7 @@ def sums_of(name: str, shape: list[int] | tuple[int, ...], stats: Any) -> Sums:
         nan_new=stats.nan_new, inf_new=stats.inf_new, sum_abs_delta=stats.sum_abs_delta,
         max_abs_delta=stats.max_abs_delta,
         delta_norm=_norm(stats.delta_norm), old_norm=_norm(stats.old_norm), sum_old_delta=stats.sum_old_delta,
-        round_formats=[f for i, f in enumerate(ROUND_NAMES) if stats.round_mask >> i & 1],
+        round_formats=[f for i, f in enumerate(ROUND_NAMES) if mask >> i & 1] if (mask := stats.round_mask) else [],
         rows=shape[0] if len(shape) >= 2 else None, changed_rows=stats.changed_rows,
         first_rows=list(stats.first_rows),
     )
@@ -111,7 +111,8 @@ def _norm(n: Any) -> float:
 
 def _cos(dot: float, a: float, b: float) -> float | None:
     """A cosine from a dot product and two norms; None where undefined (a zero vector, overflow)."""
-    if not (a > 0 and b > 0) or not all(math.isfinite(x) for x in (dot, a, b)):
+    isfinite = math.isfinite
+    if not (a > 0 and b > 0) or not (isfinite(dot) and isfinite(a) and isfinite(b)):
         return None
     return max(-1.0, min(1.0, dot / a / b))  # two divisions: a * b may underflow to 0
 

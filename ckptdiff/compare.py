@@ -201,9 +201,14 @@ def _io_buffers(chunk_bytes: int) -> _IOBuffers:
 
 
 def _new_stats(info: DType, atol: float, rtol: float, row_len: int) -> DeltaStats:
-    from .stats import DeltaStats
+    global _DeltaStats
+    if _DeltaStats is None:
+        from .stats import DeltaStats as _DeltaStats
+    return _DeltaStats(info, atol, rtol, row_len)
 
-    return DeltaStats(info, atol, rtol, row_len)
+
+#: ckptdiff.stats.DeltaStats, imported at the first changed tensor (identical bytes need no statistics).
+_DeltaStats: type[DeltaStats] | None = None
 
 
 def row_len(shape: Sequence[int]) -> int:

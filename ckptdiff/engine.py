@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from . import policy
 from .cause import classify, sums_of
 from .checkpoint import DEFAULT_CHUNK_BYTES, Checkpoint, SpanTable, TensorRef
+from .dtypes import DTYPES
 from .compare import DIFFERS, PairResult, changed_stats, compare_pair, compare_run, compare_spans, hash_ref, in_worker_thread
 from .errors import CkptError, NothingSelected
 from .manifest import Manifest
@@ -180,8 +181,10 @@ def _diff_tables(ta: SpanTable, tb: SpanTable, man: Manifest | None, atol: float
 
     # Which pairs can go into runs: same dtype and shape, at most RUN_TENSOR_MAX (and one chunk).
     small = min(RUN_TENSOR_MAX, chunk_bytes)
+    cand: Sequence[int]
     if pair_b is None and ta.dtypes == tb.dtypes and ta.shapes == tb.shapes:
-        cand = [i for i, n in enumerate(nb_a) if 0 < n <= small]
+        cand = [i for i, n in enumerate(nb_a) if not 0 < n <= small]
+        cand = range(n_a) if not cand else [i for i, n in enumerate(nb_a) if 0 < n <= small]
     else:
         da, db, sa, sb = ta.dtypes, tb.dtypes, ta.shapes, tb.shapes
         cand = [i for i in range(n_a)
@@ -194,21 +197,29 @@ def _diff_tables(ta: SpanTable, tb: SpanTable, man: Manifest | None, atol: float
     singles = [i for i in range(len(names)) if i >= n_a or not in_runs[i]]
 
     # Runs: candidates in old's file order, cut where new's layout stops mirroring old's, at a gap, or at a chunk.
-    order = sorted(cand, key=off_a.__getitem__)
-    rel, sizes = array("q", bytes(8 * len(order))), array("q", bytes(8 * len(order)))
+    # (Files whose header lists tensors in data order, as the safetensors library writes them, need no sort.)
+    starts = _ints(off_a) if type(cand) is range else [off_a[i] for i in cand]
+    order: Sequence[int] = cand
+    if starts != sorted(starts):
+        order = sorted(cand, key=off_a.__getitem__)
+        starts = [off_a[i] for i in order]
+    lengths = _ints(nb_a) if order is cand and type(cand) is range else [nb_a[i] for i in order]
+    ends_b = map(off_b.__getitem__, order) if pair_b is None else (off_b[pair_b[i]] for i in order)
+    rel, sizes = array("q", bytes(8 * len(order))), array("q", lengths)
     runs: list[tuple[int, int, int, int]] = []  # (first position, end position, old offset, new offset)
-    start = lo = end = key = 0
-    for p, i in enumerate(order):
-        oa, nb = off_a[i], nb_a[i]
-        ob = off_b[i if pair_b is None else pair_b[i]]
+    start = lo = key = 0
+    end = -(1 << 62)  # the first tensor starts a run
+    gap, window = RUN_MAX_GAP, chunk_bytes
+    for p, (oa, nb, ob) in enumerate(zip(starts, lengths, ends_b)):
         stop = oa + nb
-        if p == start or ob - oa != key or oa - end > RUN_MAX_GAP or max(stop, end) - lo > chunk_bytes:
-            if p > start:
+        if ob - oa != key or oa - end > gap or (stop if stop > end else end) - lo > window:
+            if p:
                 runs.append((start, p, lo, lo + key))
             start, lo, end, key = p, oa, stop, ob - oa
         elif stop > end:
             end = stop
-        rel[p], sizes[p] = oa - lo, nb
+        rel[p] = oa - lo
+    del starts, lengths
     if order:
         runs.append((start, len(order), lo, lo + key))
     flags = bytearray(len(order))
@@ -226,11 +237,10 @@ def _diff_tables(ta: SpanTable, tb: SpanTable, man: Manifest | None, atol: float
             for p in range(s, e):
                 if flags[p] & DIFFERS:
                     i = order[p]
-                    x, y = ta.ref(i), tb.ref(i if pair_b is None else pair_b[i])
                     at, n = rel[p], sizes[p]
-                    stats = changed_stats(x.dtype_info, va[at:at + n], vb[at:at + n], atol, rtol, x.shape)
-                    res = PairResult(digests[64 * p:64 * p + 32].hex(), digests[64 * p + 32:64 * p + 64].hex(), stats)
-                    slots[i] = _same_layout(names[i], x, y, res, man)
+                    slots[i] = _changed_row(names[i], ta.dtypes[i], ta.shapes[i], va[at:at + n], vb[at:at + n],
+                                            digests[64 * p:64 * p + 32].hex(), digests[64 * p + 32:64 * p + 64].hex(),
+                                            man, atol, rtol)
         if advance is not None:
             advance(2 * span)
 
@@ -254,7 +264,7 @@ def _diff_tables(ta: SpanTable, tb: SpanTable, man: Manifest | None, atol: float
     meter.finish()
 
     # Identical pairs: stale ones (trainable) get a row; the others stay columns.
-    position = {i: p for p, i in enumerate(order)} if order != cand or len(cand) != n_a else None
+    position = None if order is cand and type(cand) is range else {i: p for p, i in enumerate(order)}
     if man is not None:
         for i in cand:
             if slots[i] is None and policy.role(man, names[i]) == "trainable":
@@ -266,6 +276,25 @@ def _diff_tables(ta: SpanTable, tb: SpanTable, man: Manifest | None, atol: float
     return Rows(slots, make), ta, tb
 
 
+def _changed_row(name: str, dtype: str, shape: tuple[int, ...], va: memoryview, vb: memoryview, hash_old: str,
+                 hash_new: str, man: Manifest | None, atol: float, rtol: float) -> TensorDiff:
+    """The row of a same-layout pair whose bytes differ, both sides in memory (a tensor of a run)."""
+    stats = changed_stats(DTYPES[dtype], va, vb, atol, rtol, shape)
+    numel = 1
+    for d in shape:
+        numel *= d
+    td = TensorDiff(name=name, status=policy.same_layout_status(False), role=policy.role(man, name), dtype_old=dtype,
+                    dtype_new=dtype, shape_old=list(shape), shape_new=list(shape), numel=numel, hash_old=hash_old,
+                    hash_new=hash_new)
+    _with_stats(td, stats)
+    return policy.judge(td)
+
+
+def _ints(column: Any) -> list[int]:
+    """A column as a list (an int64 memoryview's ``tolist`` runs in C)."""
+    return column.tolist() if isinstance(column, memoryview) else list(column)
+
+
 def _identical_row(i: int, ta: SpanTable, tb: SpanTable, pair_b: list[int] | None, digests: bytearray, p: int,
                    man: Manifest | None) -> TensorDiff:
     """The row of a bitwise-identical same-layout pair, from the columns and its digest."""
@@ -275,7 +304,7 @@ def _identical_row(i: int, ta: SpanTable, tb: SpanTable, pair_b: list[int] | Non
     for d in shape:
         numel *= d
     dtype = ta.dtypes[i]
-    td = TensorDiff(name=ta.names[i], status="identical", role=policy.role(man, ta.names[i]), dtype_old=dtype,
+    td = TensorDiff(name=ta.names[i], status=policy.same_layout_status(True), role=policy.role(man, ta.names[i]), dtype_old=dtype,
                     dtype_new=dtype, shape_old=list(shape), shape_new=list(shape), numel=numel, hash_old=h,
                     hash_new=h)
     return policy.judge(td)

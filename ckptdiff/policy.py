@@ -104,6 +104,11 @@ def status(old: Layout | None, new: Layout | None, equal: bool | None) -> str:
     return "identical" if equal else "changed"
 
 
+def same_layout_status(equal: bool) -> str:
+    """The status of a pair already known to share dtype and shape, from bitwise equality."""
+    return "identical" if equal else "changed"
+
+
 def signature_status(old: str | None, new: str | None) -> str:
     """Status between two store signatures, ``"hash|dtype|shape"`` (``Store.signatures``).
 
@@ -220,5 +225,6 @@ def signature_verdicts(old: Mapping[str, str], new: Mapping[str, str],
     return drifted, stale
 
 
-__all__ = ["roles", "pair_manifest", "checkpoints_manifest", "role", "status", "signature_status", "drifts",
+__all__ = ["roles", "pair_manifest", "checkpoints_manifest", "role", "status", "same_layout_status",
+           "signature_status", "drifts",
            "is_stale", "judge", "hash_rows", "signature_verdicts"]

@@ -110,7 +110,9 @@ def _columns(raw: bytes, data_start: int, data_len: int, path: str) -> tuple[
     hint = _hint()
     fast = scan_columns(raw, data_len, hint)
     if fast is not None:
-        names, dtypes, shapes, begins, sizes, meta_span, _same = fast
+        names, dtypes, shapes, begins, sizes, meta_span, same = fast
+        if same:
+            names = hint  # the same strings in the same order: one list, and the engine sees it at once
         metadata: dict[str, str] = {}
         if meta_span is not None:
             metadata = _metadata(json.loads(raw[meta_span[0]:meta_span[1]]), path)
