@@ -104,13 +104,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--exclude", action="append", metavar="GLOB", default=None,
                    help="skip tensors whose name matches GLOB (repeatable)")
     p.add_argument("--format", "-f", choices=FORMATS, default="table",
-                   help="output format (default: table); json follows the schema ckptdiff.diff/1")
+                   help="output format (default: table); json follows the schema ckptdiff.diff/2 and, like the table, lists identical tensors only with --all")
     p.add_argument("--output", "-o", metavar="FILE",
                    help="write the report to FILE (replaced atomically) instead of stdout; - is stdout")
     p.add_argument("--fail-on", choices=FAIL_ON, default=None,
                    help="what makes the exit code 1 (default: drift with a manifest, else change)")
     p.add_argument("--all", "-a", action="store_true", dest="show_all",
-                   help="list identical tensors too (table and markdown)")
+                   help="list identical tensors too (table, markdown and json)")
     p.add_argument("--quiet", "-q", action="store_true",
                    help="print nothing on stdout; only the exit code (and --output) tell")
     p.add_argument("--no-progress", action="store_true", help="never show a progress bar")

@@ -145,3 +145,16 @@ def _write_in_order(path, tensors: dict[str, np.ndarray]) -> None:
         at += len(raw)
     text = json.dumps(header).encode()
     path.write_bytes(len(text).to_bytes(8, "little") + text + b"".join(blobs))
+
+
+def test_tables_from_the_python_header_parser_diff_the_same(pair, monkeypatch):
+    from ckptdiff.formats import safetensors_format
+
+    with_c, _ = _both(pair[0], pair[1], manifest=MANIFEST)
+    monkeypatch.setattr(safetensors_format, "_cheader", None)
+    monkeypatch.setattr(compare, "_ckernel", None)
+    with open_checkpoint(pair[0]) as a:
+        assert isinstance(a.tensors.offsets, list)  # columns built from the parsed JSON
+    without_c, slow = _both(pair[0], pair[1], manifest=MANIFEST)
+    assert [t.to_dict() for t in without_c.tensors] == [t.to_dict() for t in slow.tensors] == [
+        t.to_dict() for t in with_c.tensors]
