@@ -463,21 +463,54 @@ def _shape_json(v: Any) -> str:
     return "null" if v is None else _int_list(v)
 
 
+#: cause_detail key sets -> the %-template of their object at row depth (a handful of causes, each one set).
+_DETAIL_TEMPLATES: dict[tuple[str, ...], str] = {}
+
+
 def _detail_json(d: Any) -> str:
     if d is None:
         return "null"
     if type(d) is not dict:
         raise _Unsupported
-    return _nested({k: _json_float(v) if isinstance(v, float) else v for k, v in d.items()})
+    keys = tuple(d)
+    template = _DETAIL_TEMPLATES.get(keys)
+    if template is None:
+        if not keys or not all(type(k) is str for k in keys):
+            return _nested({k: _json_float(v) if isinstance(v, float) else v for k, v in d.items()})
+        template = "{" + ",".join(_ROW_IN2 + _esc(k).replace("%", "%%") + ": %s" for k in keys) + _ROW_IN + "}"
+        if len(_DETAIL_TEMPLATES) < 64:
+            _DETAIL_TEMPLATES[keys] = template
+    try:
+        return template % tuple(map(_stat, d.values()))
+    except _Unsupported:  # a list (sparse_rows' first rows) or another nested value
+        return _nested({k: _json_float(v) if isinstance(v, float) else v for k, v in d.items()})
+
+
+def _str_or_null(v: Any) -> str:
+    if v is None:
+        return "null"
+    if type(v) is not str:
+        raise _Unsupported
+    return _esc(v)
 
 
 def _fast_row(t: TensorDiff) -> str:
     (name, status, role, drift, stale, dto, dtn, so, sn, numel, ho, hn, mx, mean, rel, ch, nan, inf, oot, cause,
      detail, _merge) = row_values(t)
+    if type(name) is not str or type(status) is not str or type(role) is not str or type(drift) is not bool \
+            or type(stale) is not bool:
+        raise _Unsupported
+    if mx is None and mean is None and rel is None and ch is None and nan is None and inf is None and oot is None \
+            and cause is None and detail is None:  # no numbers: an identical, added, removed or reshaped tensor
+        return _ROW_TEMPLATE % (
+            _esc(name), _esc(status), _esc(role), "true" if drift else "false", "true" if stale else "false",
+            _str_or_null(dto), _str_or_null(dtn), _shape_json(so), _shape_json(sn), _sc(numel), _str_or_null(ho),
+            _str_or_null(hn), "null", "null", "null", "null", "null", "null", "null", "null", "null")
     return _ROW_TEMPLATE % (
-        _sc(name), _sc(status), _sc(role), _sc(drift), _sc(stale), _sc(dto), _sc(dtn), _shape_json(so),
-        _shape_json(sn), _sc(numel), _sc(ho), _sc(hn), _stat(mx), _stat(mean), _stat(rel), _sc(ch), _sc(nan),
-        _sc(inf), _sc(oot), _sc(cause), _detail_json(detail))
+        _esc(name), _esc(status), _esc(role), "true" if drift else "false", "true" if stale else "false",
+        _str_or_null(dto), _str_or_null(dtn), _shape_json(so), _shape_json(sn), _sc(numel), _str_or_null(ho),
+        _str_or_null(hn), _stat(mx), _stat(mean), _stat(rel), _sc(ch), _sc(nan), _sc(inf), _sc(oot),
+        _str_or_null(cause), _detail_json(detail))
 
 
 def _md_escape(s: str) -> str:

@@ -158,3 +158,16 @@ def test_tables_from_the_python_header_parser_diff_the_same(pair, monkeypatch):
     without_c, slow = _both(pair[0], pair[1], manifest=MANIFEST)
     assert [t.to_dict() for t in without_c.tensors] == [t.to_dict() for t in slow.tensors] == [
         t.to_dict() for t in with_c.tensors]
+
+
+@pytest.mark.parametrize("chunk_bytes", [64, 256, 4096, 2 << 20])
+def test_same_names_and_offsets_cut_into_runs_by_the_window(tmp_path, chunk_bytes):
+    rng = np.random.default_rng(5)
+    a = {f"layer.{i:04d}": rng.standard_normal(1 + i % 37).astype(np.float32) for i in range(600)}
+    b = {k: (v + np.float32(0.5) if i % 11 == 0 else v) for i, (k, v) in enumerate(a.items())}
+    pa, pb = str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")
+    save_file(a, pa)
+    save_file(b, pb)
+    fast, slow = _both(pa, pb, chunk_bytes=chunk_bytes, workers=2)
+    assert [t.to_dict() for t in fast.tensors] == [t.to_dict() for t in slow.tensors]
+    assert fast.summary()["changed"] == len(range(0, 600, 11))
