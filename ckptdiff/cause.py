@@ -121,7 +121,7 @@ def _round(x: float | None, digits: int = 6) -> float | None:
     """Evidence numbers to a few significant digits: enough to read, stable across CPUs' last bits."""
     if x is None or not math.isfinite(x) or x == 0:
         return x
-    return float(f"{x:.{digits}g}")
+    return float("%.*g" % (digits, x))
 
 
 def running_stat(name: str) -> str | None:
