@@ -203,19 +203,21 @@ def _diff_tables(ta: SpanTable, tb: SpanTable, man: Manifest | None, atol: float
 
     # Runs: candidates in old's file order (files whose header lists tensors in data order, as the
     # safetensors library writes them, need no sort), with new's offsets where they differ from old's.
-    starts = _ints(off_a) if type(cand) is range else [off_a[i] for i in cand]
     order: Sequence[int] = cand
-    if starts != sorted(starts):
-        order = sorted(cand, key=off_a.__getitem__)
-        starts = [off_a[i] for i in order]
-    lengths = _ints(nb_a) if order is cand and type(cand) is range else [nb_a[i] for i in order]
-    if pair_b is None and off_a == off_b:
-        starts_b = None  # new's tensors lie where old's do (two saves of one model)
+    if pair_b is None and type(cand) is range and off_a == off_b and _in_order(off_a, nb_a):
+        # Two saves of one model: only the window cuts, and no list per tensor is needed.
+        runs, rel = _window_runs(off_a, nb_a, chunk_bytes)
+        sizes = _int64s(nb_a)
     else:
+        starts = _ints(off_a) if type(cand) is range else [off_a[i] for i in cand]
+        if starts != sorted(starts):
+            order = sorted(cand, key=off_a.__getitem__)
+            starts = [off_a[i] for i in order]
+        lengths = _ints(nb_a) if order is cand and type(cand) is range else [nb_a[i] for i in order]
         starts_b = [off_b[i] for i in order] if pair_b is None else [off_b[pair_b[i]] for i in order]
-    runs, rel = _plan_runs(starts, lengths, starts_b, chunk_bytes)
-    sizes = array("q", lengths)
-    del starts, lengths, starts_b
+        runs, rel = _plan_runs(starts, lengths, starts_b, chunk_bytes)
+        sizes = array("q", lengths)
+        del starts, lengths, starts_b
     flags = bytearray(len(order))
     digests = bytearray(64 * len(order))
     rel_v, size_v, flag_v, dig_v = memoryview(rel), memoryview(sizes), memoryview(flags), memoryview(digests)
@@ -284,33 +286,51 @@ def _changed_row(name: str, dtype: str, shape: tuple[int, ...], va: memoryview, 
     return policy.judge(td)
 
 
-def _plan_runs(starts: list[int], lengths: list[int], starts_b: list[int] | None,
+def _in_order(offsets: Sequence[int], nbytes: Sequence[int]) -> bool:
+    """Whether tensors listed in this order lie in file order, each after the previous one's end, with
+    gaps of at most RUN_MAX_GAP (any file the safetensors library wrote)."""
+    if len(offsets) < 2:
+        return True
+    gaps = list(map(sub, offsets[1:], map(add, offsets, nbytes)))  # mostly 0: shared small ints
+    return min(gaps) >= 0 and max(gaps) <= RUN_MAX_GAP
+
+
+def _window_runs(offsets: Sequence[int], nbytes: Sequence[int], window: int) -> tuple[
+        list[tuple[int, int, int, int]], array[int]]:
+    """Runs of tensors in file order (see _in_order) at the same offsets on both sides, cut only by
+    the window: one bisection per run instead of a step per tensor."""
+    n = len(offsets)
+    rel = array("q", bytes(8 * n))
+    runs: list[tuple[int, int, int, int]] = []
+    s = 0
+    while s < n:
+        lo = offsets[s]
+        e = bisect_right(offsets, lo + window, s + 1)
+        if e > s + 1 and offsets[e - 1] + nbytes[e - 1] > lo + window:
+            e -= 1  # tensors do not overlap: only the last one found can end past the window
+        runs.append((s, e, lo, lo))
+        rel[s:e] = array("q", [x - lo for x in offsets[s:e]])
+        s = e
+    return runs, rel
+
+
+def _plan_runs(starts: list[int], lengths: list[int], starts_b: list[int],
                window: int) -> tuple[list[tuple[int, int, int, int]], array[int]]:
     """Cut tensors sorted by old offset into runs; returns the runs and each tensor's offset in its run.
 
     A run is ``(first, end, old offset, new offset)`` over positions
-    ``first..end-1``: neighbours whose new offsets keep the distances of the
-    old ones (``starts_b`` None: the same offsets on both sides), with gaps
-    of at most RUN_MAX_GAP, spanning at most ``window`` bytes.
+    ``first..end-1``: neighbours whose new offsets (``starts_b``) keep the
+    distances of the old ones, with gaps of at most RUN_MAX_GAP, spanning
+    at most ``window`` bytes.
     """
     n = len(starts)
     rel = array("q", bytes(8 * n))
     runs: list[tuple[int, int, int, int]] = []
-    ends = list(map(add, starts, lengths))
-    if starts_b is None and ends == sorted(ends) and max(map(sub, starts[1:], ends), default=0) <= RUN_MAX_GAP:
-        # Only the window cuts: one bisection per run instead of a step per tensor.
-        s = 0
-        while s < n:
-            lo = starts[s]
-            e = max(bisect_right(ends, lo + window, s), s + 1)
-            runs.append((s, e, lo, lo))
-            rel[s:e] = array("q", [x - lo for x in starts[s:e]])
-            s = e
-        return runs, rel
     start = lo = key = 0
     end = -(1 << 62)  # the first tensor starts a run
     gap = RUN_MAX_GAP
-    for p, (oa, stop, ob) in enumerate(zip(starts, ends, starts if starts_b is None else starts_b)):
+    for p, (oa, nb, ob) in enumerate(zip(starts, lengths, starts_b)):
+        stop = oa + nb
         if ob - oa != key or oa - end > gap or (stop if stop > end else end) - lo > window:
             if p:
                 runs.append((start, p, lo, lo + key))
@@ -321,6 +341,15 @@ def _plan_runs(starts: list[int], lengths: list[int], starts_b: list[int] | None
     if n:
         runs.append((start, n, lo, lo + key))
     return runs, rel
+
+
+def _int64s(column: Any) -> array[int]:
+    """A column as an int64 array."""
+    if isinstance(column, memoryview):
+        out = array("q")
+        out.frombytes(column.cast("B"))
+        return out
+    return array("q", column)
 
 
 def _ints(column: Any) -> list[int]:
