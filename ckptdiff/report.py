@@ -336,8 +336,12 @@ def merge_off_text(m: MergeCheck) -> str:
 
 def _what(t: TensorDiff) -> str:
     if t.status == "changed":
-        delta = "n/a" if t.max_abs_delta is None else f"{t.max_abs_delta:.3g}"
-        extra = "".join(f", {n} new {what}" for n, what in ((t.nan_new, "NaN"), (t.inf_new, "Inf")) if n)
+        delta = "n/a" if t.max_abs_delta is None else "%.3g" % t.max_abs_delta
+        extra = ""
+        if t.nan_new:
+            extra = f", {t.nan_new} new NaN"
+        if t.inf_new:
+            extra += f", {t.inf_new} new Inf"
         return f"changed (max |Δ| {delta}, {t.changed_elements} of {t.numel} elements{extra})"
     if t.status == "shape_changed":
         return f"changed shape {t.shape_old} -> {t.shape_new}"
