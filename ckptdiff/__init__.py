@@ -6,8 +6,6 @@ The public API is re-exported here lazily, so ``import ckptdiff`` stays cheap
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 from ._version import __version__
 
 _LAZY = {
@@ -26,7 +24,10 @@ _LAZY = {
     "FrozenDriftError": ("ckptdiff.hook", "FrozenDriftError"),
 }
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time (see docs/performance.md)
 if TYPE_CHECKING:  # pragma: no cover
+    from typing import Any
+
     from .checkpoint import Checkpoint, TensorRef
     from .api import diff
     from .errors import CkptError

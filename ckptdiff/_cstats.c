@@ -68,8 +68,11 @@ static const int ITEMSIZE[K_COUNT] = {8, 4, 2, 2, 1, 1, 8, 4, 2, 1, 8, 4, 2, 1, 
 /* Elements per block: two float64 blocks and the inequality mask stay in L1. */
 #define BLOCK 1024
 
-/* Decoding tables for the types without a C equivalent, built at import. */
+/* Decoding tables for the types without a C equivalent. The two fp8 tables are
+ * built at import; float16's (256 KiB) when a float16 tensor first needs it, so a
+ * run without one neither spends the time nor faults the pages in. */
 static float F16_TABLE[65536];
+static int f16_table_built;
 static float E4M3FN_TABLE[256];
 static float E5M2_TABLE[256];
 
@@ -91,10 +94,19 @@ static double minifloat(unsigned bits, int ebits, int mbits, int bias, int ieee_
     return sign ? -v : v;
 }
 
-static void build_tables(void)
+/* Call with the GIL held (every caller does, before releasing it): the table is
+ * complete before any thread reads it, and no two threads build it at once. */
+static void need_f16_table(void)
 {
+    if (f16_table_built)
+        return;
     for (unsigned i = 0; i < 65536; i++)
         F16_TABLE[i] = (float)minifloat(i, 5, 10, 15, 1);
+    f16_table_built = 1;
+}
+
+static void build_tables(void)
+{
     for (unsigned i = 0; i < 256; i++) {
         E4M3FN_TABLE[i] = (float)minifloat(i, 4, 3, 7, 0);
         E5M2_TABLE[i] = (float)minifloat(i, 5, 2, 15, 1);
@@ -563,6 +575,8 @@ static PyObject *measure(PyObject *self, PyObject *args)
     memset(&acc, 0, sizeof acc);
     acc.dn.scale = acc.on.scale = 1.0;
     round_mask &= round_candidates(kind);
+    if (kind == K_F16)
+        need_f16_table();
     Py_BEGIN_ALLOW_THREADS
     measure_all(kind, a.buf, has_b ? b.buf : NULL, a.len / ITEMSIZE[kind], atol, rtol, &acc, &round_mask, &rw);
     Py_END_ALLOW_THREADS
@@ -599,6 +613,8 @@ static PyObject *decode_py(PyObject *self, PyObject *args)
     }
     Py_ssize_t n = a.len / ITEMSIZE[kind];
     double out[BLOCK];
+    if (kind == K_F16)
+        need_f16_table();
     decode(kind, a.buf, n, out);
     PyBuffer_Release(&a);
     PyObject *list = PyList_New(n);

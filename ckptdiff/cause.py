@@ -24,8 +24,10 @@ thresholds below (documented in docs/causes.md). Nothing here reads a file.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time (see docs/performance.md)
+if TYPE_CHECKING:
+    from typing import Any
 
 from .stats_types import ROUND_NAMES
 
@@ -63,30 +65,49 @@ RUNNING_STAT_NAMES = ("running_mean", "running_var", "num_batches_tracked", "mov
                       "moving_var", "running_std", "batch_stats")
 
 
-@dataclass
 class Sums:
     """What the streaming pass knows about one changed tensor (all over the whole tensor).
 
     Norms are plain floats (``||x|| = sqrt(Σ x²)``); ``round_formats`` lists the
     narrower formats every new value is old's rounding to; ``rows`` is the first
     dimension's length for tensors of two dimensions or more, else None.
+
+    A plain class with a dataclass's constructor, ``repr`` and ``==``: the
+    ``dataclasses`` module (with ``inspect``) is a tenth of a small diff's start-up.
     """
 
-    name: str
-    is_float: bool
-    numel: int
-    changed: int
-    nan_new: int = 0
-    inf_new: int = 0
-    sum_abs_delta: float = 0.0
-    max_abs_delta: float = 0.0
-    delta_norm: float = 0.0
-    old_norm: float = 0.0
-    sum_old_delta: float = 0.0
-    round_formats: list[str] = field(default_factory=list)
-    rows: int | None = None
-    changed_rows: int = 0
-    first_rows: list[int] = field(default_factory=list)
+    _FIELDS = ("name", "is_float", "numel", "changed", "nan_new", "inf_new", "sum_abs_delta", "max_abs_delta",
+               "delta_norm", "old_norm", "sum_old_delta", "round_formats", "rows", "changed_rows", "first_rows")
+
+    def __init__(self, name: str, is_float: bool, numel: int, changed: int, nan_new: int = 0, inf_new: int = 0,
+                 sum_abs_delta: float = 0.0, max_abs_delta: float = 0.0, delta_norm: float = 0.0,
+                 old_norm: float = 0.0, sum_old_delta: float = 0.0, round_formats: list[str] | None = None,
+                 rows: int | None = None, changed_rows: int = 0, first_rows: list[int] | None = None) -> None:
+        self.name = name
+        self.is_float = is_float
+        self.numel = numel
+        self.changed = changed
+        self.nan_new = nan_new
+        self.inf_new = inf_new
+        self.sum_abs_delta = sum_abs_delta
+        self.max_abs_delta = max_abs_delta
+        self.delta_norm = delta_norm
+        self.old_norm = old_norm
+        self.sum_old_delta = sum_old_delta
+        self.round_formats: list[str] = [] if round_formats is None else round_formats
+        self.rows = rows
+        self.changed_rows = changed_rows
+        self.first_rows: list[int] = [] if first_rows is None else first_rows
+
+    def __repr__(self) -> str:
+        return f"Sums({', '.join(f'{k}={getattr(self, k)!r}' for k in self._FIELDS)})"
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return all(getattr(self, k) == getattr(other, k) for k in self._FIELDS)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as a dataclass with eq
 
 
 def sums_of(name: str, shape: list[int] | tuple[int, ...], stats: Any) -> Sums:

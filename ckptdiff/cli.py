@@ -26,13 +26,45 @@ from ._version import __version__
 from .errors import CkptError
 from .textsafe import one_line
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time (see docs/performance.md)
+if TYPE_CHECKING:
+    from typing import Any
+
 #: Subcommand modules, in the order ``--help`` lists them.
 COMMANDS = ("diff", "store_cmds", "tui_cmd", "report_cmd")
+#: The module that registers each command. A command line that names its
+#: command builds only that module's parsers: importing the other modules
+#: and adding their ~60 arguments would be a tenth of a small diff's
+#: start-up. (tests/cli check this table against what the modules register.)
+COMMAND_MODULES = {
+    "diff": "diff",
+    **dict.fromkeys(("init", "snapshot", "log", "show", "export", "verify", "rm", "gc"), "store_cmds"),
+    "tui": "tui_cmd",
+    "report": "report_cmd",
+}
 
 EXIT_OK, EXIT_FAIL, EXIT_TROUBLE = 0, 1, 2
 
 
 class _Parser(argparse.ArgumentParser):
+    _checking_argument = False
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        # argparse makes a help formatter for every argument added, only to check
+        # its metavar; a formatter asks shutil for the terminal's width, and
+        # importing shutil (zlib, bz2, lzma) costs a run that prints no help ~2 ms.
+        # The check does not depend on the width, so it gets a fixed one.
+        self._checking_argument = True
+        try:
+            return super().add_argument(*args, **kwargs)
+        finally:
+            self._checking_argument = False
+
+    def _get_formatter(self) -> argparse.HelpFormatter:
+        if self._checking_argument:
+            return self.formatter_class(prog=self.prog, width=80)
+        return super()._get_formatter()
+
     def error(self, message: str) -> None:  # type: ignore[override]
         # argparse's own usage errors follow the same one-line contract as every
         # other error (a CI log shows one line, not a usage block); the line says
@@ -43,7 +75,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_TROUBLE, f"ckptdiff: error: {one_line(where + message)} (see '{see}')\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``ckptdiff`` parser; with ``command`` (a name in COMMAND_MODULES), only that command's module registers."""
     parser = _Parser(
         prog="ckptdiff",
         description=(
@@ -66,8 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"ckptdiff {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the Python traceback on errors")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for mod_name in COMMANDS:
+    # prog: what argparse would work out with a help formatter (the parser's usage up to
+    # the command: no positionals come before it), without importing shutil for one.
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser, prog=parser.prog)
+    for mod_name in (COMMAND_MODULES[command],) if command in COMMAND_MODULES else COMMANDS:
         importlib.import_module(f".commands.{mod_name}", __package__).register(sub)
     for cmd_parser in sub.choices.values():
         # `ckptdiff diff a b --debug` should work as well as `ckptdiff --debug diff a b`;
@@ -78,20 +113,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # A one-shot diff makes almost no reference cycles, but the cyclic
+    # collector still walks every object the imports create, several times
+    # (~3% of a 1 GB diff's CPU, measured with perf; ~1 ms of start-up).
+    # Off from here on for `diff`; other commands get it back after parsing.
+    collecting = gc.isenabled()
+    gc.disable()
     try:
+        parser = build_parser(_named_command(argv))
         args = parser.parse_args(argv)
-    except SystemExit as e:  # --help, --version, or a usage error already printed as one line
-        return e.code if isinstance(e.code, int) else EXIT_TROUBLE
+    except BaseException as e:
+        if collecting:
+            gc.enable()
+        if isinstance(e, SystemExit):  # --help, --version, or a usage error already printed as one line
+            return e.code if isinstance(e.code, int) else EXIT_TROUBLE
+        raise
+    if collecting and args.command != "diff":
+        gc.enable()
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return EXIT_TROUBLE
     debug = args.debug or bool(os.environ.get("CKPTDIFF_DEBUG"))
-    if args.command == "diff":
-        # A one-shot diff makes almost no reference cycles, but the cyclic
-        # collector still walks every object the imports created, several
-        # times (~3% of a 1 GB diff's CPU, measured with perf).
-        gc.disable()
     if "numpy" not in sys.modules:
         # ckptdiff's own threads keep every core busy; multithreaded BLAS on
         # top only spins (see stats_numpy._DOT_OK; numpy measures only where the
@@ -131,6 +174,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         _error(f"internal error: {type(e).__name__}: {e} (run with --debug for the traceback)")
         return EXIT_TROUBLE
+
+
+def _named_command(argv: Sequence[str]) -> str | None:
+    """The command ``argv`` names, if nothing before it but ``--debug`` (so no top-level
+    ``--help``, which lists every command) and it is one of COMMAND_MODULES; else None."""
+    for arg in argv:
+        if arg != "--debug":
+            return arg if arg in COMMAND_MODULES else None
+    return None
 
 
 def _error(msg: str) -> None:

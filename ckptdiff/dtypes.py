@@ -8,11 +8,12 @@ represented in numpy through ml_dtypes; nothing here imports torch.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 from .errors import FormatError
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time (see docs/performance.md)
 if TYPE_CHECKING:
+    from typing import Any
+
     import numpy as np
 
 

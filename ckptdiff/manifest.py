@@ -25,18 +25,21 @@ import json
 import os
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
 
 from .errors import CkptError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time (see docs/performance.md)
+if TYPE_CHECKING:
+    from typing import Any
 
 ROLES = ("trainable", "frozen", "buffer", "unknown")
 _KEYS = ("trainable", "frozen", "buffers")
 _ROLE_OF_KEY = {"trainable": "trainable", "frozen": "frozen", "buffers": "buffer"}
 # On equal specificity the earlier key wins: frozen first (conservative).
 _TIE_ORDER = {"frozen": 0, "buffers": 1, "trainable": 2}
-_WILDCARDS = re.compile(r"\[[^\]]*\]|[*?]")
+#: A glob's wildcards: ``[...]`` sets, ``*`` and ``?``.
+_WILDCARDS = r"\[[^\]]*\]|[*?]"
 
 
 def _is_glob(p: str) -> bool:
@@ -44,21 +47,50 @@ def _is_glob(p: str) -> bool:
 
 
 def _specificity(p: str) -> int:
-    return len(_WILDCARDS.sub("", p))
+    return len(re.sub(_WILDCARDS, "", p))  # compiled on first use (re caches it), not at every start-up
 
 
-@dataclass(frozen=True)
 class Manifest:
-    trainable: tuple[str, ...] = ()
-    frozen: tuple[str, ...] = ()
-    buffers: tuple[str, ...] = ()
-    #: Where it came from, for messages ("manifest.json", "embedded trainable_keys", "hook").
-    source: str = ""
-    _cache: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+    """Immutable and hashable, compared by its patterns and ``source`` (a frozen dataclass's
+    contract, written out: the ``dataclasses`` module is a tenth of a small diff's start-up)."""
 
-    def __post_init__(self) -> None:
-        for key in _KEYS:
-            object.__setattr__(self, key, tuple(getattr(self, key)))
+    trainable: tuple[str, ...]
+    frozen: tuple[str, ...]
+    buffers: tuple[str, ...]
+    #: Where it came from, for messages ("manifest.json", "embedded trainable_keys", "hook").
+    source: str
+    #: name -> role, filled as names are asked for (not compared, hashed or shown).
+    _cache: dict[str, str]
+
+    def __init__(self, trainable: Iterable[str] = (), frozen: Iterable[str] = (), buffers: Iterable[str] = (),
+                 source: str = "", _cache: dict[str, str] | None = None) -> None:
+        init = object.__setattr__
+        init(self, "trainable", tuple(trainable))
+        init(self, "frozen", tuple(frozen))
+        init(self, "buffers", tuple(buffers))
+        init(self, "source", source)
+        init(self, "_cache", {} if _cache is None else _cache)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r}")
+
+    def _key(self) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...], str]:
+        return (self.trainable, self.frozen, self.buffers, self.source)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._key() == other._key()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return (f"Manifest(trainable={self.trainable!r}, frozen={self.frozen!r}, buffers={self.buffers!r}, "
+                f"source={self.source!r})")
 
     def role(self, name: str) -> str:
         """``trainable``, ``frozen`` or ``buffer`` for this tensor name."""

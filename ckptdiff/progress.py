@@ -14,7 +14,10 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time (see docs/performance.md)
+if TYPE_CHECKING:
+    from typing import Any
 
 #: ``progress(done_bytes, total_bytes)``; called often, keep it cheap.
 ProgressFn = Callable[[int, int], None]

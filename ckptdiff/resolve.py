@@ -14,15 +14,18 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
-from typing import Any
 
 from .checkpoint import Checkpoint
 from .errors import CkptError
 from .localpath import refuse_url
 from .manifest import Manifest
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time (see docs/performance.md)
+if TYPE_CHECKING:
+    from typing import Any
+
 CheckpointLike = Checkpoint | str | os.PathLike[str]
-ManifestLike = Manifest | str | os.PathLike[str] | Mapping[str, Any] | None
+ManifestLike = Manifest | str | os.PathLike[str] | Mapping[str, "Any"] | None
 
 _NOTHING_AFTER_AT = "nothing after '@': name a snapshot, e.g. DIR@latest, DIR@step:500 or DIR@<tag>"
 

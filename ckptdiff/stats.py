@@ -25,10 +25,10 @@ from __future__ import annotations
 import os
 import sys
 from types import ModuleType
-from typing import TYPE_CHECKING
 
 from .stats_types import FIRST_ROWS, _Norm
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time (see docs/performance.md)
 if TYPE_CHECKING:
     from .dtypes import DType
 

@@ -8,7 +8,12 @@ the shapes they share live here, so neither imports the other back.
 from __future__ import annotations
 
 import math
-from typing import Any, Protocol
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time (see docs/performance.md)
+if TYPE_CHECKING:
+    from typing import Any, Protocol
+else:
+    Protocol = object  # DeltaSums only describes DeltaStats to type checkers
 
 
 class _Norm:

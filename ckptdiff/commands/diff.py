@@ -10,12 +10,15 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from typing import Any
 
 from ..errors import CkptError, NothingSelected
 from ..render import FORMATS
 from ..report import FAIL_ON
 from .output import is_special, check_output, write_output
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time (see docs/performance.md)
+if TYPE_CHECKING:
+    from typing import Any
 
 DESCRIPTION = """\
 Compare two checkpoints tensor by tensor and say, for each tensor, whether it

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import IO
 
 from ..errors import CkptError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time (see docs/performance.md)
+if TYPE_CHECKING:
+    from typing import IO
 
 
 def write_output(path: str, write: Callable[[IO[str]], None]) -> None:
@@ -42,14 +45,27 @@ def is_special(path: str) -> bool:
         return False  # does not exist yet: a regular file will be created
 
 
+#: A store's database file (``ckptdiff.store.db.DB_NAME``): a store is a directory holding one.
+STORE_DB_NAME = "ckptdiff.db"
+
+
+def _near_a_store(path: str) -> bool:
+    """Whether ``path``'s folder or the one above holds a store's database: the only places
+    :func:`~ckptdiff.store.store.owning_store` looks, checked without importing the store
+    (sqlite3 and the store's modules are ~10 ms of a diff's start-up)."""
+    parent = os.path.dirname(os.path.realpath(path))
+    return any(os.path.isfile(os.path.join(d, STORE_DB_NAME)) for d in (parent, os.path.dirname(parent)))
+
+
 def _refuse_to_clobber_a_checkpoint(path: str, inputs: tuple[str, ...]) -> None:
     """``-o model.safetensors`` (a slip for ``-o diff.json``) must not replace weights with a report."""
-    from ..store.store import owning_store
+    if _near_a_store(path):
+        from ..store.store import owning_store
 
-    store = owning_store(path)
-    if store is not None:
-        raise CkptError(f"--output is inside the store {store} (its database, blobs/, packs/ or tmp/); "
-                        "refusing to write the report there", path)
+        store = owning_store(path)
+        if store is not None:
+            raise CkptError(f"--output is inside the store {store} (its database, blobs/, packs/ or tmp/); "
+                            "refusing to write the report there", path)
     if not os.path.isfile(path):
         return
     for spec in inputs:

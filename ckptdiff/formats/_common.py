@@ -12,11 +12,13 @@ import mmap
 import os
 from collections.abc import Callable, Iterator
 import sys
-from typing import TYPE_CHECKING, Any
 
 from ..errors import CkptError
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time (see docs/performance.md)
 if TYPE_CHECKING:
+    from typing import Any
+
     import numpy as np
 
 #: Target size of one slab when a reader has to copy (HDF5, byte-swapped or

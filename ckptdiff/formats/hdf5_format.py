@@ -30,8 +30,9 @@ quadratic in the nesting depth).
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -46,6 +47,7 @@ FORMAT = "hdf5"
 #: Attribute that names the real dtype of a dataset stored as raw unsigned ints.
 DTYPE_ATTR = "dtype"
 _REINTERPRETABLE = ("bfloat16", "float8_e4m3fn", "float8_e5m2")
+_T = TypeVar("_T")
 
 
 def open_hdf5(path: str | os.PathLike[str]) -> Checkpoint:
@@ -72,7 +74,13 @@ def open_hdf5(path: str | os.PathLike[str]) -> Checkpoint:
             raw.close()
             f.close()
             raise
-    ckpt.on_close(f.close)
+    if all(isinstance(t, SpanRef) for t in ckpt.tensors.values()):
+        # Every tensor is read from the file's own bytes: HDF5's per-file state
+        # (metadata cache, open objects) is not needed for the diff, so it goes now.
+        f.close()
+        _trim_heap()
+    else:
+        ckpt.on_close(f.close)
     ckpt.on_close(raw.close)
     return ckpt
 
@@ -110,14 +118,44 @@ class _RawFile:
             self.whole = self._mm = None
 
 
+def _trim_heap() -> None:
+    """Give the heap pages HDF5 has just freed back to the system (glibc's ``malloc_trim``).
+
+    A closed file's state (its metadata cache alone is ~0.5 MB) goes back to
+    malloc, which keeps it for reuse; nothing the diff does next reuses it (its
+    buffers are maps of their own), so it would stay resident through the
+    diff's peak. Elsewhere than glibc this does nothing.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # musl and other libcs without it
+        return
+    trim.argtypes = [ctypes.c_size_t]
+    trim(0)
+
+
 def _h5msg(e: BaseException) -> str:
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return msg[:300]
 
 
 def _build(h5py: Any, f: Any, p: str, raw: _RawFile) -> Checkpoint:
+    def ref_of(hpath: str, ds: Any) -> tuple[str, str, tuple[TensorRef | None, str] | None, Exception | None]:
+        # Each dataset becomes its ref as the walk meets it, so h5py's handle on it
+        # (and HDF5's memory for it) goes at once unless the ref reads through h5py;
+        # an error waits for the walk to finish, which may refuse the file first.
+        name = hpath.lstrip("/").replace("/", ".")
+        try:
+            return hpath, name, _dataset_ref(h5py, ds, name, p, raw), None
+        except Exception as e:  # raised below, in walk order, as if met there
+            return hpath, name, None, e
+
     try:
-        datasets = _datasets(h5py, f, p)
+        datasets = _datasets(h5py, f, p, ref_of)
     except CkptError:
         raise
     except (OSError, RuntimeError, ValueError, KeyError, SystemError) as e:
@@ -125,10 +163,12 @@ def _build(h5py: Any, f: Any, p: str, raw: _RawFile) -> Checkpoint:
 
     tensors: dict[str, TensorRef] = {}
     skipped: list[str] = []
-    for hpath, ds in datasets:
-        name = hpath.lstrip("/").replace("/", ".")
+    for hpath, name, made, error in datasets:
         try:
-            ref, why = _dataset_ref(h5py, ds, name, p, raw)
+            if error is not None:
+                raise error
+            assert made is not None
+            ref, why = made
         except CkptError as e:
             raise with_path(e, p) from None
         except (OSError, RuntimeError, ValueError, TypeError) as e:
@@ -151,8 +191,9 @@ def _build(h5py: Any, f: Any, p: str, raw: _RawFile) -> Checkpoint:
     return Checkpoint(p, FORMAT, tensors, metadata)
 
 
-def _datasets(h5py: Any, f: Any, p: str) -> list[tuple[str, Any]]:
-    """Every dataset reachable by hard links, once, named by the first path found, in h5py's visit order.
+def _datasets(h5py: Any, f: Any, p: str, visit: Callable[[str, Any], _T]) -> list[_T]:
+    """``visit(path, dataset)`` for every dataset reachable by hard links, once, named by
+    the first path found, in h5py's visit order; the list of what it returned.
 
     A walk of our own, group by group: h5py's ``visititems`` looks every
     object up again by its full path from the root, which is quadratic in the
@@ -162,8 +203,8 @@ def _datasets(h5py: Any, f: Any, p: str) -> list[tuple[str, Any]]:
     link is refused even if nothing under it is read; soft links are not
     followed (the object they name is reached by its hard link, if any).
     """
-    datasets: list[tuple[str, Any]] = []
-    seen = {f.id}
+    out: list[_T] = []
+    seen = {_identity(h5py, f)}
     stack: list[tuple[Any, str, Iterator[Any]]] = [(f, "", _names(f))]
     while stack:
         group, prefix, names = stack[-1]
@@ -181,14 +222,24 @@ def _datasets(h5py: Any, f: Any, p: str) -> list[tuple[str, Any]]:
         if isinstance(link, h5py.SoftLink):
             continue
         obj = group.get(name)
-        if obj is None or obj.id in seen:
+        if obj is None:
             continue
-        seen.add(obj.id)
+        key = _identity(h5py, obj)
+        if key in seen:
+            continue
+        seen.add(key)
         if isinstance(obj, h5py.Group):
             stack.append((obj, path + "/", _names(obj)))
         elif isinstance(obj, h5py.Dataset):
-            datasets.append((path, obj))
-    return datasets
+            out.append(visit(path, obj))
+    return out
+
+
+def _identity(h5py: Any, obj: Any) -> tuple[Any, Any]:
+    """What makes two handles the same HDF5 object: h5py's own test (file and object numbers),
+    kept instead of the handle, which would keep every object open until the walk ends."""
+    info = h5py.h5g.get_objinfo(obj.id, b".", 0)
+    return info.fileno, info.objno
 
 
 def _names(group: Any) -> Iterator[Any]:

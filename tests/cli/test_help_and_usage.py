@@ -3,13 +3,14 @@ and exit 2 for trouble, whatever the arguments or their order."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
 
 import pytest
 
-from ckptdiff.cli import main
+from ckptdiff.cli import COMMAND_MODULES, build_parser, main
 from ckptdiff.errors import CkptError
 from cli_helpers import ESC, cli, one_error
 
@@ -28,6 +29,33 @@ def test_every_command_help_teaches_examples_and_exit_codes(capsys, cmd):
     positional = out.split("positional arguments:", 1)[1].split("options:", 1)[0]
     assert all(len(line.split()) > 1 for line in positional.strip().splitlines() if line.startswith("  ")
                and not line.startswith("    ")), positional
+
+
+def _commands(parser):
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+
+def test_the_command_table_names_what_each_module_registers():
+    """main() builds only the named command's module; the table that picks it must be complete and right."""
+    assert set(_commands(build_parser()).choices) == set(COMMAND_MODULES)
+    for name, module in COMMAND_MODULES.items():
+        built = _commands(build_parser(name)).choices
+        assert name in built
+        assert {COMMAND_MODULES[n] for n in built} == {module}, name
+
+
+@pytest.mark.parametrize("cmd", sorted(COMMAND_MODULES))
+def test_a_command_built_alone_has_the_full_parsers_help(cmd):
+    full, alone = _commands(build_parser()).choices[cmd], _commands(build_parser(cmd)).choices[cmd]
+    assert alone.format_help() == full.format_help()
+    assert alone.format_usage() == full.format_usage()
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--debug", "-h"], ["-h", "diff"], ["--deb", "-h"]])
+def test_help_before_the_command_lists_every_command(capsys, argv):
+    rc, out, _ = cli(capsys, *argv)
+    assert rc == 0
+    assert all(name in out for name in COMMAND_MODULES) and "Exit codes" in out
 
 
 def test_no_arguments_prints_the_command_list_and_exits_2(capsys):

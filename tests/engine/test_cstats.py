@@ -8,6 +8,7 @@ from unaligned addresses, and its argument checks.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from unittest import mock
@@ -167,6 +168,39 @@ def test_unaligned_buffers(dt):
     s = stats.DeltaStats(dtypes.from_numpy(a.dtype))
     s.add_changed(memoryview(raw_a)[1:], memoryview(raw_b)[3:])
     same_numbers(s, measured("numpy", a, b))
+
+
+@needs_c
+def test_float16_measures_right_as_the_first_call_of_a_process():
+    """The float16 table is built when first needed, not at import: a fresh process whose
+    first call measures two float16 chunks gets numpy's numbers, and so does a later decode."""
+    import subprocess
+    import sys
+
+    code = """
+import json, numpy as np
+from ckptdiff import _cstats as c
+k = c.KINDS.index("float16")
+a = (np.arange(-2048, 2048, dtype=np.float32) / 7).astype(np.float16)
+b = a.copy()
+b[::3] *= np.float16(1.5)
+b[5], b[7] = np.inf, np.nan
+r = c.measure(k, a.tobytes(), b.tobytes(), 0.0, 0.0)
+print(json.dumps([r[0], r[3], r[4], r[5], r[6], c.decode(k, a[:1024].tobytes())]))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    changed, max_abs, sum_abs, nan_new, inf_new, decoded = json.loads(out)
+    a = (np.arange(-2048, 2048, dtype=np.float32) / 7).astype(np.float16)
+    b = a.copy()
+    b[::3] *= np.float16(1.5)
+    b[5], b[7] = np.inf, np.nan
+    assert changed == int((a.view(np.uint16) != b.view(np.uint16)).sum())
+    assert (nan_new, inf_new) == (1, 1)
+    finite = np.isfinite(b)
+    delta = np.abs(b[finite].astype(np.float64) - a[finite].astype(np.float64))
+    assert max_abs == delta.max()
+    assert math.isclose(sum_abs, float(delta.sum()), rel_tol=1e-12)
+    assert decoded == a[:1024].astype(np.float64).tolist()
 
 
 @needs_c
