@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, ItemsView, Iterable, Iterator, Mapping, ValuesView
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import dtypes
@@ -43,7 +42,6 @@ def _numel(shape: tuple[int, ...]) -> int:
     return math.prod(shape) if shape else 1
 
 
-@dataclass(eq=False)
 class TensorRef:
     """A tensor inside a checkpoint, not yet read.
 
@@ -62,35 +60,35 @@ class TensorRef:
     it through ``chunks(into=...)``.
     """
 
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    view: Callable[[], memoryview] | None = None
-    pieces: Callable[[], Iterable[Buffer]] | None = None
-    #: BLAKE3 hex digest of the bytes when the source already knows it (the store).
-    hash: str | None = None
-    #: Where the bytes live, for messages only (e.g. a shard's file name).
-    source: str | None = None
-    #: Optional: ``read_into(offset, buf)`` copies bytes from ``offset`` of the
-    #: tensor into ``buf`` and returns how many (fewer only at the end of the
-    #: data; 0 means the source ended). See the class docstring.
-    read_into: Callable[[int, memoryview], int] | None = None
-    #: Optional: ``(fd, offset)`` when the bytes lie contiguously at ``offset``
-    #: of an open file descriptor (valid while the checkpoint is open). Lets
-    #: the engine read a run of neighbouring small tensors with one ``pread``
-    #: instead of one per tensor. Set together with ``read_into``.
-    file_span: tuple[int, int] | None = None
+    #: BLAKE3 hex digest of the bytes when the source already knows it (the store): ``hash``.
+    #: Where the bytes live, for messages only (e.g. a shard's file name): ``source``.
+    #: Optional ``read_into(offset, buf)``: copies bytes from ``offset`` of the tensor into ``buf``
+    #: and returns how many (fewer only at the end of the data; 0 means the source ended).
+    #: Optional ``file_span``: ``(fd, offset)`` when the bytes lie contiguously at ``offset`` of an
+    #: open file descriptor (valid while the checkpoint is open); lets the engine read a run of
+    #: neighbouring small tensors with one ``pread`` instead of one per tensor. Set with ``read_into``.
+
     #: ``numel * itemsize``, fixed at construction: the engine asks for it
     #: several times per tensor, and a 2,000-tensor model makes that add up.
-    _nbytes: int = field(init=False, repr=False, default=0)
+    _nbytes = 0
 
-    def __post_init__(self) -> None:
-        self.shape = tuple(int(s) for s in self.shape)
+    def __init__(self, name: str, dtype: str, shape: tuple[int, ...],
+                 view: Callable[[], memoryview] | None = None,
+                 pieces: Callable[[], Iterable[Buffer]] | None = None, hash: str | None = None,  # noqa: A002
+                 source: str | None = None, read_into: Callable[[int, memoryview], int] | None = None,
+                 file_span: tuple[int, int] | None = None) -> None:
+        self.name, self.dtype, self.view, self.pieces, self.hash = name, dtype, view, pieces, hash
+        self.source, self.read_into, self.file_span = source, read_into, file_span
+        self.shape = tuple(int(s) for s in shape)
         if any(s < 0 for s in self.shape):
             raise FormatError(f"tensor {self.name!r} has a negative dimension {self.shape}")
         self._nbytes = _numel(self.shape) * dtypes.get(self.dtype).itemsize  # also validates the name
         if (self.view is None) == (self.pieces is None):
             raise ValueError("TensorRef needs exactly one of view= or pieces=")
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(name={self.name!r}, dtype={self.dtype!r}, shape={self.shape!r}, "
+                f"hash={self.hash!r}, source={self.source!r})")
 
     @classmethod
     def checked(cls, name: str, dtype: str, shape: tuple[int, ...], nbytes: int, *,
@@ -98,7 +96,7 @@ class TensorRef:
                 read_into: Callable[[int, memoryview], int] | None, file_span: tuple[int, int] | None) -> TensorRef:
         """Build a ref whose fields the reader has already validated (a tuple of
         non-negative ints, a dtype from the table, ``nbytes`` computed from
-        them): skips ``__post_init__``, which is a third of opening a
+        them): skips the checks of ``__init__``, which are a third of opening a
         2,000-tensor safetensors file."""
         ref = cls.__new__(cls)
         ref.name, ref.dtype, ref.shape, ref.view, ref.pieces, ref.hash = name, dtype, shape, view, None, None
@@ -329,7 +327,6 @@ def _rechunk(pieces: Iterable[Buffer], step: int, expected: int, name: str) -> I
         yield memoryview(bytes(pending))
 
 
-@dataclass(eq=False)
 class Checkpoint(Mapping[str, TensorRef]):
     """A read-only mapping of tensor name -> TensorRef, plus what the file says about itself.
 
@@ -339,18 +336,23 @@ class Checkpoint(Mapping[str, TensorRef]):
     Close it (or use ``with``) to release mmaps and file handles.
     """
 
-    path: str
-    format: str
-    #: name -> ref: a dict, or a :class:`SpanTable` (columns, refs made on demand).
-    tensors: Mapping[str, TensorRef]
-    metadata: dict[str, Any] = field(default_factory=dict)
-    manifest: Manifest | None = None
-    #: Top-level names of training state that is not model weights (a .pt
-    #: checkpoint's ``optimizer``, ``scheduler``, ``ema``...): tensors under
-    #: them are expected to change, so the engine treats them as buffers
-    #: unless the manifest itself names them.
-    auxiliary: tuple[str, ...] = ()
-    _closers: list[Callable[[], None]] = field(default_factory=list, repr=False)
+    def __init__(self, path: str, format: str, tensors: Mapping[str, TensorRef],  # noqa: A002
+                 metadata: dict[str, Any] | None = None, manifest: Manifest | None = None,
+                 auxiliary: tuple[str, ...] = ()) -> None:
+        self.path, self.format = path, format
+        #: name -> ref: a dict, or a :class:`SpanTable` (columns, refs made on demand).
+        self.tensors = tensors
+        self.metadata: dict[str, Any] = {} if metadata is None else metadata
+        self.manifest = manifest
+        #: Top-level names of training state that is not model weights (a .pt
+        #: checkpoint's ``optimizer``, ``scheduler``, ``ema``...): tensors under
+        #: them are expected to change, so the engine treats them as buffers
+        #: unless the manifest itself names them.
+        self.auxiliary = auxiliary
+        self._closers: list[Callable[[], None]] = []
+
+    def __repr__(self) -> str:
+        return f"Checkpoint(path={self.path!r}, format={self.format!r}, tensors={len(self.tensors)})"
 
     def __getitem__(self, name: str) -> TensorRef:
         return self.tensors[name]

@@ -31,7 +31,6 @@ import os
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import blake3
@@ -221,11 +220,14 @@ def row_len(shape: Sequence[int]) -> int:
     return n
 
 
-@dataclass
 class PairResult:
-    hash_old: str
-    hash_new: str
-    stats: DeltaStats | None     # None: bitwise identical
+    """The kernel's answer for one pair: both hashes, and statistics unless the bytes are identical."""
+
+    __slots__ = ("hash_old", "hash_new", "stats")
+
+    def __init__(self, hash_old: str, hash_new: str, stats: DeltaStats | None) -> None:
+        self.hash_old, self.hash_new = hash_old, hash_new
+        self.stats = stats  # None: bitwise identical
 
     @property
     def identical(self) -> bool:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
 from operator import attrgetter
 from typing import Any
 
@@ -24,8 +23,25 @@ FAIL_ON = ("drift", "change", "never")
 MERGE_VERDICTS = ("merge-exact", "merge-off", "changed-outside", "identical")
 
 
-@dataclass
-class MergeCheck:
+class _Record:
+    """Repr and field-wise equality over ``FIELDS``: what ``@dataclass`` gave these value classes,
+    without importing ``dataclasses`` (which imports ``inspect``: a fifth of ckptdiff's start-up)."""
+
+    __slots__ = ()
+    FIELDS: tuple[str, ...] = ()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={getattr(self, k)!r}' for k in self.FIELDS)})"
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return all(getattr(self, k) == getattr(other, k) for k in self.FIELDS)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like a dataclass with eq
+
+
+class MergeCheck(_Record):
     """How one tensor of a merged model relates to BASE and the adapter (see ``ckptdiff.lora``).
 
     ``kind`` says what the adapter holds for the tensor: ``lora`` (MERGED must
@@ -34,15 +50,21 @@ class MergeCheck:
     bitwise), or None (not in the adapter: MERGED must equal BASE bitwise).
     """
 
-    verdict: str                        # one of MERGE_VERDICTS
-    kind: str | None = None             # lora | lora-bias | copy | None
-    adapter_key: str | None = None      # the adapter tensor it was checked against (lora_A's for a pair)
-    rank: int | None = None
-    scaling: float | None = None
-    max_error: float | None = None      # max |MERGED - expected| over the elements
-    tolerance_ratio: float | None = None  # max of |MERGED - expected| / tolerance; <= 1 is merge-exact
-    elements_off: int | None = None     # elements beyond their tolerance
-    note: str | None = None             # why, when numbers cannot say it (missing, shape or dtype differs)
+    FIELDS = ("verdict", "kind", "adapter_key", "rank", "scaling", "max_error", "tolerance_ratio", "elements_off",
+              "note")
+
+    def __init__(self, verdict: str, kind: str | None = None, adapter_key: str | None = None, rank: int | None = None,
+                 scaling: float | None = None, max_error: float | None = None, tolerance_ratio: float | None = None,
+                 elements_off: int | None = None, note: str | None = None) -> None:
+        self.verdict = verdict                  # one of MERGE_VERDICTS
+        self.kind = kind                        # lora | lora-bias | copy | None
+        self.adapter_key = adapter_key          # the adapter tensor it was checked against (lora_A's for a pair)
+        self.rank = rank
+        self.scaling = scaling
+        self.max_error = max_error              # max |MERGED - expected| over the elements
+        self.tolerance_ratio = tolerance_ratio  # max of |MERGED - expected| / tolerance; <= 1 is merge-exact
+        self.elements_off = elements_off        # elements beyond their tolerance
+        self.note = note                        # why, when numbers cannot say it (missing, shape or dtype differs)
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in _MERGE_FIELDS}
@@ -51,41 +73,49 @@ class MergeCheck:
         return d
 
 
-@dataclass(slots=True)
-class TensorDiff:
+class TensorDiff(_Record):
     """One tensor name from the union of both sides.
 
     Slotted: a report holds one per tensor, and 200,000 of them with a
     ``__dict__`` each would be most of a many-tensor diff's memory.
+
+    * ``status``: one of STATUSES; ``role``: trainable | frozen | buffer | unknown.
+    * ``drift``: frozen and moved beyond tolerance / removed / reshaped; ``stale``: trainable but bitwise identical.
+    * ``numel``: elements compared (the new side's count when shapes differ).
+    * ``hash_old``/``hash_new``: BLAKE3 hex of the raw little-endian bytes.
+    * ``max_abs_delta``, ``mean_abs_delta``, ``rel_l2`` (``||new-old|| / ||old||``; inf when old is all
+      zeros and new is not), ``changed_elements``, ``nan_new``/``inf_new`` (NaNs/Infs in new at positions
+      where old had none): only for 'changed'.
+    * ``out_of_tolerance``: elements beyond ``atol + rtol*|old|`` (or that became NaN/Inf), what decides
+      drift; equals ``changed_elements`` at zero tolerance.
+    * ``cause``: why a 'changed' tensor moved, one of ckptdiff.cause.CAUSES; ``cause_detail`` holds the
+      numbers behind it (docs/causes.md).
+    * ``merge``: only with a LoRA merge check, this tensor's merge verdict, else None.
     """
 
-    name: str
-    status: str                       # one of STATUSES
-    role: str = "unknown"             # trainable | frozen | buffer | unknown
-    drift: bool = False               # frozen and moved beyond tolerance / removed / reshaped
-    stale: bool = False               # trainable but bitwise identical
-    dtype_old: str | None = None
-    dtype_new: str | None = None
-    shape_old: list[int] | None = None
-    shape_new: list[int] | None = None
-    numel: int | None = None          # elements compared (the new side's count when shapes differ)
-    hash_old: str | None = None       # BLAKE3 hex of the raw little-endian bytes
-    hash_new: str | None = None
-    max_abs_delta: float | None = None  # only for 'changed'
-    mean_abs_delta: float | None = None
-    rel_l2: float | None = None       # ||new-old|| / ||old||; inf when old is all zeros and new is not
-    changed_elements: int | None = None
-    nan_new: int | None = None        # NaNs in new at positions where old had none
-    inf_new: int | None = None        # likewise for +-Inf
-    #: Elements beyond ``atol + rtol*|old|`` (or that became NaN/Inf): what decides drift.
-    #: Equals ``changed_elements`` at zero tolerance.
-    out_of_tolerance: int | None = None
-    #: Why a 'changed' tensor moved: one of ckptdiff.cause.CAUSES; cause_detail holds the
-    #: numbers behind it (docs/causes.md). Added in ckptdiff 0.x without a schema change.
-    cause: str | None = None
-    cause_detail: dict[str, Any] | None = None
-    #: Only with a LoRA merge check: this tensor's merge verdict, else None.
-    merge: MergeCheck | None = None
+    FIELDS = ("name", "status", "role", "drift", "stale", "dtype_old", "dtype_new", "shape_old", "shape_new",
+              "numel", "hash_old", "hash_new", "max_abs_delta", "mean_abs_delta", "rel_l2", "changed_elements",
+              "nan_new", "inf_new", "out_of_tolerance", "cause", "cause_detail", "merge")
+    __slots__ = FIELDS
+
+    def __init__(self, name: str, status: str, role: str = "unknown", drift: bool = False, stale: bool = False,
+                 dtype_old: str | None = None, dtype_new: str | None = None, shape_old: list[int] | None = None,
+                 shape_new: list[int] | None = None, numel: int | None = None, hash_old: str | None = None,
+                 hash_new: str | None = None, max_abs_delta: float | None = None,
+                 mean_abs_delta: float | None = None, rel_l2: float | None = None,
+                 changed_elements: int | None = None, nan_new: int | None = None, inf_new: int | None = None,
+                 out_of_tolerance: int | None = None, cause: str | None = None,
+                 cause_detail: dict[str, Any] | None = None, merge: MergeCheck | None = None) -> None:
+        self.name, self.status, self.role, self.drift, self.stale = name, status, role, drift, stale
+        self.dtype_old, self.dtype_new, self.shape_old, self.shape_new = dtype_old, dtype_new, shape_old, shape_new
+        self.numel, self.hash_old, self.hash_new = numel, hash_old, hash_new
+        self.max_abs_delta, self.mean_abs_delta, self.rel_l2 = max_abs_delta, mean_abs_delta, rel_l2
+        self.changed_elements, self.nan_new, self.inf_new = changed_elements, nan_new, inf_new
+        self.out_of_tolerance, self.cause, self.cause_detail, self.merge = out_of_tolerance, cause, cause_detail, merge
+
+    def copy(self) -> TensorDiff:
+        """A shallow copy (its lists and dicts shared)."""
+        return TensorDiff(*(getattr(self, k) for k in self.FIELDS))
 
     def to_dict(self) -> dict[str, Any]:
         # Not dataclasses.asdict: its recursive deep copy took 15 us a tensor,
@@ -180,11 +210,11 @@ def _materialized(rows: Sequence[TensorDiff]) -> Sequence[TensorDiff]:
     return rows.listed() if isinstance(rows, Rows) else rows
 
 
-_TENSOR_FIELDS = tuple(f.name for f in fields(TensorDiff))
+_TENSOR_FIELDS = TensorDiff.FIELDS
 _TENSOR_VALUES = attrgetter(*_TENSOR_FIELDS)
 #: A row's field names in schema order, and one call that reads them all from a TensorDiff (for writers).
 ROW_FIELDS, row_values = _TENSOR_FIELDS, _TENSOR_VALUES
-_MERGE_FIELDS = tuple(f.name for f in fields(MergeCheck))
+_MERGE_FIELDS = MergeCheck.FIELDS
 
 
 def _json_float(x: float | None) -> float | str | None:
@@ -198,28 +228,35 @@ def _json_float(x: float | None) -> float | str | None:
     return x
 
 
-@dataclass
-class SideInfo:
-    path: str
-    format: str
-    tensors: int
-    bytes: int
+class SideInfo(_Record):
+    FIELDS = ("path", "format", "tensors", "bytes")
+
+    def __init__(self, path: str, format: str, tensors: int, bytes: int) -> None:  # noqa: A002 - schema names
+        self.path, self.format, self.tensors, self.bytes = path, format, tensors, bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "format": self.format, "tensors": self.tensors, "bytes": self.bytes}
 
 
-@dataclass
-class DiffReport:
-    old: SideInfo
-    new: SideInfo
-    #: Every tensor's row, in order: a list, or :class:`Rows` (identical ones built on demand).
-    tensors: Sequence[TensorDiff]
-    manifest_source: str | None = None   # None: no manifest, roles are 'unknown'
-    atol: float = 0.0
-    rtol: float = 0.0
-    fail_on: str = "change"              # drift | change | never
-    elapsed_s: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
-    #: Only with a LoRA merge check: the adapter and its settings (JSON-ready), else None.
-    lora: dict[str, Any] | None = None
+class DiffReport(_Record):
+    """The diff of two checkpoints: both sides, every tensor's row, the policy it was judged by."""
+
+    FIELDS = ("old", "new", "tensors", "manifest_source", "atol", "rtol", "fail_on", "elapsed_s", "extra", "lora")
+
+    def __init__(self, old: SideInfo, new: SideInfo, tensors: Sequence[TensorDiff],
+                 manifest_source: str | None = None, atol: float = 0.0, rtol: float = 0.0, fail_on: str = "change",
+                 elapsed_s: float = 0.0, extra: dict[str, Any] | None = None,
+                 lora: dict[str, Any] | None = None) -> None:
+        self.old, self.new = old, new
+        #: Every tensor's row, in order: a list, or :class:`Rows` (identical ones built on demand).
+        self.tensors = tensors
+        self.manifest_source = manifest_source  # None: no manifest, roles are 'unknown'
+        self.atol, self.rtol = atol, rtol
+        self.fail_on = fail_on                  # drift | change | never
+        self.elapsed_s = elapsed_s
+        self.extra: dict[str, Any] = {} if extra is None else extra
+        #: Only with a LoRA merge check: the adapter and its settings (JSON-ready), else None.
+        self.lora = lora
 
     @property
     def drifted(self) -> list[TensorDiff]:
@@ -299,8 +336,8 @@ class DiffReport:
         rows = list(rows_to_list(self.tensors, identical)) if tensors else None
         return {
             "schema": SCHEMA,
-            "old": asdict(self.old),
-            "new": asdict(self.new),
+            "old": self.old.to_dict(),
+            "new": self.new.to_dict(),
             "manifest": self.manifest_source,
             "atol": self.atol,
             "rtol": self.rtol,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from ckptdiff.report import STATUSES, TensorDiff
@@ -28,7 +28,9 @@ SORT_KEYS = ("name", "role", "status", "shape", "dtype", "max", "rel", "cause", 
 
 def merge_measured(row: TensorDiff, measured: TensorDiff) -> TensorDiff:
     """The engine's verdict wins, but keep the store's hashes when the engine did not hash."""
-    return replace(measured, hash_old=measured.hash_old or row.hash_old, hash_new=measured.hash_new or row.hash_new)
+    out = measured.copy()
+    out.hash_old, out.hash_new = measured.hash_old or row.hash_old, measured.hash_new or row.hash_new
+    return out
 
 
 class FilterError(ValueError):
