@@ -31,9 +31,10 @@ if TYPE_CHECKING:
 #: per-call overhead, small enough that a worker's two chunks stay in cache
 #: between the read, the memcmp and BLAKE3. Measured in-process on the 1 GB
 #: benchmark pair (best of 8, two threads): 1 MiB 0.144 s, 2 MiB 0.144 s,
-#: 4 MiB 0.154 s, 8 MiB 0.186 s; 2 MiB also ties or wins on the 2,000-tensor
-#: pairs, whose runs of neighbours are capped at this size.
-DEFAULT_CHUNK_BYTES = 2 << 20
+#: 4 MiB 0.154 s, 8 MiB 0.186 s; 1 MiB and 2 MiB also tie on the 2,000-tensor
+#: pairs (runs of neighbours are capped at this size) and on HDF5, and 1 MiB
+#: holds 4 MiB less for two workers' buffers.
+DEFAULT_CHUNK_BYTES = 1 << 20
 
 Buffer = bytes | bytearray | memoryview
 

@@ -177,7 +177,7 @@ class _IOBuffers:
 
     def __init__(self, size: int) -> None:
         # Anonymous maps, not bytearrays: a bytearray is zero-filled, which
-        # faults in all 2 x 2 MiB per thread up front even when the largest
+        # faults in all 2 x 1 MiB per thread up front even when the largest
         # tensor is a few KiB, and untouched pages of a map cost nothing.
         # ctypes gives their addresses without numpy. They live as long as
         # the thread (ctypes keeps them exported, so they are never closed).

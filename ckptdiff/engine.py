@@ -504,7 +504,7 @@ PARALLEL_MIN_BYTES = 8 << 20
 #: 96 KiB 0.070 vs 0.071 (break-even), 128 KiB 0.089 vs 0.076, 256 KiB 0.075
 #: vs 0.053 (measured before runs existed). Counted per work item: a run of
 #: small neighbours (see _plan) is one item, so a model of many small
-#: tensors in runs of up to a chunk (2 MiB) gets every core.
+#: tensors in runs of up to a chunk (1 MiB) gets every core.
 PARALLEL_MIN_AVG_BYTES = 192 << 10
 #: More threads than this stop paying off: two streams per tensor saturate memory bandwidth.
 MAX_WORKERS = 4
