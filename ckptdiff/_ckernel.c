@@ -12,25 +12,31 @@
  *
  *   blake3(buffer) -> bytes                  the 32-byte BLAKE3 digest
  *   compare_run(fd_a, pos_a, fd_b, pos_b, span, buf_a, buf_b,
- *               offsets, sizes, hash_max, flags, digests) -> int
+ *               offsets, sizes, hash_max, flags, digests, new_digests) -> int
  *   compare_buffers(buf_a, buf_b, offsets, sizes, hash_max,
- *                   flags, digests) -> int
+ *                   flags, digests, new_digests) -> int
+ *   SIMD_LEVELS, _set_simd(level) -> int     the BLAKE3 code levels this CPU
+ *                                            has; the test hook choosing one
  *
  * compare_run reads span bytes of each file (fd_a from pos_a into buf_a, fd_b
  * from pos_b into buf_b) and then works like compare_buffers. Tensor i is
  * buf[offsets[i] : offsets[i] + sizes[i]] on both sides (offsets and sizes:
  * native int64 arrays of one length n). For each tensor, flags[i] gets
  * FLAG_DIFFERS when its bytes differ and FLAG_HASHED when its size is at most
- * hash_max; a hashed tensor's old-side digest goes to digests[64 i : 64 i + 32]
- * and, when it differs, its new-side digest to digests[64 i + 32 : 64 i + 64].
- * Both return how many tensors differ; compare_run returns -1 instead when
- * a file ends before span bytes were read.
+ * hash_max; a hashed tensor's old-side digest goes to digests[32 i : 32 i + 32]
+ * and, when it differs, its new-side digest to new_digests[32 i : 32 i + 32]
+ * (both buffers hold DIGEST_SIZE = 32 bytes per tensor; other bytes are left
+ * alone). Both return how many tensors differ; compare_run returns -1
+ * instead when a file ends before span bytes were read.
  *
- * BLAKE3 here is a plain one-block-at-a-time implementation written from the
- * specification (default hash mode, 32-byte output). It beats the blake3
- * package for inputs of a few KiB only because it is called without Python
- * in between; the package's SIMD code, hashing several chunks at once, is far
- * faster on large inputs, which the caller keeps hashing with the package.
+ * BLAKE3 here is written from the specification (default hash mode, 32-byte
+ * output), in two forms. The portable one compresses one block at a time.
+ * On x86 with GCC or clang, vector code compresses 4 (SSE4.1) or 8 (AVX2)
+ * blocks at once: the chunks of one long input side by side, and, in a run,
+ * tensors of equal size side by side, so that even tensors of one chunk or
+ * less fill the lanes. The widest code the CPU has is picked when the module
+ * loads; SIMD_LEVELS lists the levels it may use ("portable" first) and
+ * _set_simd(level) switches between them, for tests and benchmarks.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -212,7 +218,7 @@ static void parent_node(const uint32_t left[8], const uint32_t right[8], node_t 
  * 64-bit length). The last chunk is held back so that its merges happen at
  * the end, where the topmost one is the root.
  */
-static void blake3_hash(const uint8_t *p, size_t len, uint8_t digest[OUT_LEN])
+static void blake3_portable(const uint8_t *p, size_t len, uint8_t digest[OUT_LEN])
 {
     uint32_t stack[64][8];
     int depth = 0;
@@ -244,11 +250,679 @@ static void blake3_hash(const uint8_t *p, size_t len, uint8_t digest[OUT_LEN])
 }
 
 /* ------------------------------------------------------------------------
+ * BLAKE3 on vectors (x86, GCC or clang)
+ *
+ * The compression function runs on 4 (SSE4.1) or 8 (AVX2) independent
+ * blocks at once: each of the 16 state words becomes a vector whose lane k
+ * belongs to block k. Each width provides three primitives on "lane
+ * arrays", x[j * W + k] being word j of lane k:
+ *
+ *   gather(in, off, m)   the 64-byte blocks at in[k] + off, as 16 words of
+ *                        W lanes (loaded and transposed)
+ *   compress(h, m, ctr, block_len, flags)
+ *                        h = the first 8 output words of the compression of
+ *                        block m with chaining value h and per-lane counters
+ *                        ctr (W low words, then W high words)
+ *   blocks(h, in, off, n, ctr, flags, flags_start, flags_end)
+ *                        the same for n whole blocks of each input from
+ *                        in[k] + off, the state kept in registers; the
+ *                        first block adds flags_start, the last flags_end
+ *
+ * and the algorithms below work for either width:
+ *
+ * - hash_chunks: one long input, its chunks side by side (lane k hashes
+ *   chunk k of a group, carrying its chaining value from block to block).
+ *   The tree over the chunks' chaining values is then built level by level:
+ *   adjacent pairs become parents, W parents at a time, and an odd last one
+ *   moves up unchanged. That is the specification's tree (every left subtree
+ *   holds the largest power of two of chunks that leaves something to its
+ *   right), because at every level the pairs start at even positions. Long
+ *   inputs go in batches of BATCH_CHUNKS chunks, each a whole subtree,
+ *   merged on a stack as in blake3_portable.
+ *
+ * - hash_same_len: up to W inputs of one length, lane k hashing input k.
+ *   Every compression of the W trees has the same counter, length and flags,
+ *   so all of them, root included, run side by side; this is what makes
+ *   short inputs fast, which one at a time have no parallel chunks. The
+ *   chaining values stay lane arrays, so a level's pair i is the 16 words
+ *   that follow one another at position 2i, a parent block as it is.
+ *
+ * The width-specific functions are compiled with target attributes, so the
+ * module builds with plain x86-64 flags; the widest the CPU has is picked
+ * when the module loads.
+ */
+enum { SIMD_PORTABLE = 0, SIMD_SSE41 = 1, SIMD_AVX2 = 2 };
+#define MAX_W 8  /* the most lanes */
+/* Longest input for hash_same_len (its chaining values stay on the stack);
+ * longer ones have enough chunks of their own to fill the lanes. */
+#define SAME_MAX_CHUNKS 64
+
+/* CKPTDIFF_NO_SIMD builds the portable code only (to test such builds). */
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__)) \
+    && !defined(CKPTDIFF_NO_SIMD)
+#define HAVE_SIMD 1
+#include <immintrin.h>
+
+static const char *const SIMD_NAMES[] = {"portable", "sse4.1", "avx2"};
+
+typedef struct {
+    int width;
+    void (*gather)(const uint8_t *const in[], size_t off, uint32_t *m);
+    void (*compress)(uint32_t *h, const uint32_t *m, const uint32_t *ctr, uint32_t block_len, uint32_t flags);
+    void (*blocks)(uint32_t *h, const uint8_t *const in[], size_t off, size_t blocks, const uint32_t *ctr,
+                   uint32_t flags, uint32_t flags_start, uint32_t flags_end);
+} lanes_t;
+
+/* One round on state vectors v[16], message vector j being MSG(j), in the
+ * operations ADD, XOR, R16, R12, R8 and R7 (rotations right) that the
+ * including function defines for its width. */
+#define VG(a, b, c, d, x, y) \
+    do { \
+        a = ADD(ADD(a, b), x); d = R16(XOR(d, a)); c = ADD(c, d); b = R12(XOR(b, c)); \
+        a = ADD(ADD(a, b), y); d = R8(XOR(d, a)); c = ADD(c, d); b = R7(XOR(b, c)); \
+    } while (0)
+#define VROUND(r) \
+    do { \
+        const uint8_t *s = SCHEDULE[r]; \
+        VG(v[0], v[4], v[8], v[12], MSG(s[0]), MSG(s[1])); \
+        VG(v[1], v[5], v[9], v[13], MSG(s[2]), MSG(s[3])); \
+        VG(v[2], v[6], v[10], v[14], MSG(s[4]), MSG(s[5])); \
+        VG(v[3], v[7], v[11], v[15], MSG(s[6]), MSG(s[7])); \
+        VG(v[0], v[5], v[10], v[15], MSG(s[8]), MSG(s[9])); \
+        VG(v[1], v[6], v[11], v[12], MSG(s[10]), MSG(s[11])); \
+        VG(v[2], v[7], v[8], v[13], MSG(s[12]), MSG(s[13])); \
+        VG(v[3], v[4], v[9], v[14], MSG(s[14]), MSG(s[15])); \
+    } while (0)
+#define VROUNDS() \
+    do { \
+        VROUND(0); VROUND(1); VROUND(2); VROUND(3); VROUND(4); VROUND(5); VROUND(6); \
+    } while (0)
+
+/* --- 4 lanes, SSE4.1 (pshufb is SSSE3) --- */
+
+#define SSE41_FN static inline __attribute__((always_inline, target("sse4.1")))
+
+/* The byte shuffles of the rotations by 16 and 8 (twice, for 32 bytes),
+ * loaded at each use: as memory operands they leave every register to the
+ * state, which saves a tenth of the time. */
+static const uint8_t ROT16_BYTES[32] __attribute__((aligned(32))) = {
+    2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13};
+static const uint8_t ROT8_BYTES[32] __attribute__((aligned(32))) = {
+    1, 2, 3, 0, 5, 6, 7, 4, 9, 10, 11, 8, 13, 14, 15, 12, 1, 2, 3, 0, 5, 6, 7, 4, 9, 10, 11, 8, 13, 14, 15, 12};
+
+/* The pointer passes through an empty asm, so the compiler cannot know the
+ * bytes and keep them in a register. */
+INLINE const void *opaque(const void *p)
+{
+    __asm__("" : "+r"(p));
+    return p;
+}
+
+SSE41_FN __m128i sse_rot16(__m128i x)
+{
+    return _mm_shuffle_epi8(x, _mm_load_si128((const __m128i *)opaque(ROT16_BYTES)));
+}
+
+SSE41_FN __m128i sse_rot8(__m128i x)
+{
+    return _mm_shuffle_epi8(x, _mm_load_si128((const __m128i *)opaque(ROT8_BYTES)));
+}
+
+SSE41_FN __m128i sse_rot12(__m128i x)
+{
+    return _mm_or_si128(_mm_srli_epi32(x, 12), _mm_slli_epi32(x, 20));
+}
+
+SSE41_FN __m128i sse_rot7(__m128i x)
+{
+    return _mm_or_si128(_mm_srli_epi32(x, 7), _mm_slli_epi32(x, 25));
+}
+
+/* rows r[0..3] (4 words each) become columns: r[j] holds word j of each row */
+SSE41_FN void sse_transpose(__m128i r[4])
+{
+    __m128i t0 = _mm_unpacklo_epi32(r[0], r[1]), t1 = _mm_unpackhi_epi32(r[0], r[1]);
+    __m128i t2 = _mm_unpacklo_epi32(r[2], r[3]), t3 = _mm_unpackhi_epi32(r[2], r[3]);
+    r[0] = _mm_unpacklo_epi64(t0, t2);
+    r[1] = _mm_unpackhi_epi64(t0, t2);
+    r[2] = _mm_unpacklo_epi64(t1, t3);
+    r[3] = _mm_unpackhi_epi64(t1, t3);
+}
+
+SSE41_FN void sse_gather(const uint8_t *const in[], size_t off, uint32_t *m)
+{
+    for (int q = 0; q < 4; q++) {  /* words 4q .. 4q+3 */
+        __m128i r[4];
+        for (int k = 0; k < 4; k++)
+            r[k] = _mm_loadu_si128((const __m128i *)(in[k] + off + 16 * q));
+        sse_transpose(r);
+        for (int j = 0; j < 4; j++)
+            _mm_storeu_si128((__m128i *)(m + 4 * (4 * q + j)), r[j]);
+    }
+}
+
+/* h = the compression of block m (a lane array) with chaining values h */
+SSE41_FN void sse_block(__m128i h[8], const uint32_t *m, const uint32_t *ctr, uint32_t block_len, uint32_t flags)
+{
+#define ADD _mm_add_epi32
+#define XOR _mm_xor_si128
+#define R16 sse_rot16
+#define R12 sse_rot12
+#define R8 sse_rot8
+#define R7 sse_rot7
+#define MSG(j) _mm_loadu_si128((const __m128i *)(m + 4 * (j)))
+    __m128i v[16];
+    for (int i = 0; i < 8; i++)
+        v[i] = h[i];
+    for (int i = 0; i < 4; i++)
+        v[8 + i] = _mm_set1_epi32((int)IV[i]);
+    v[12] = _mm_loadu_si128((const __m128i *)ctr);
+    v[13] = _mm_loadu_si128((const __m128i *)(ctr + 4));
+    v[14] = _mm_set1_epi32((int)block_len);
+    v[15] = _mm_set1_epi32((int)flags);
+    VROUNDS();
+    for (int i = 0; i < 8; i++)
+        h[i] = XOR(v[i], v[i + 8]);
+#undef ADD
+#undef XOR
+#undef R16
+#undef R12
+#undef R8
+#undef R7
+#undef MSG
+}
+
+__attribute__((target("sse4.1")))
+static void gather4(const uint8_t *const in[], size_t off, uint32_t *m)
+{
+    sse_gather(in, off, m);
+}
+
+__attribute__((target("sse4.1")))
+static void compress4(uint32_t *h, const uint32_t *m, const uint32_t *ctr, uint32_t block_len, uint32_t flags)
+{
+    __m128i v[8];
+    for (int i = 0; i < 8; i++)
+        v[i] = _mm_loadu_si128((const __m128i *)(h + 4 * i));
+    sse_block(v, m, ctr, block_len, flags);
+    for (int i = 0; i < 8; i++)
+        _mm_storeu_si128((__m128i *)(h + 4 * i), v[i]);
+}
+
+__attribute__((target("sse4.1")))
+static void blocks4(uint32_t *h, const uint8_t *const in[], size_t off, size_t blocks, const uint32_t *ctr,
+                    uint32_t flags, uint32_t flags_start, uint32_t flags_end)
+{
+    __m128i v[8];
+    uint32_t m[16 * 4];
+    for (int i = 0; i < 8; i++)
+        v[i] = _mm_loadu_si128((const __m128i *)(h + 4 * i));
+    uint32_t f = flags | flags_start;
+    for (size_t b = 0; b < blocks; b++) {
+        if (b + 1 == blocks)
+            f |= flags_end;
+        sse_gather(in, off + BLOCK_LEN * b, m);
+        sse_block(v, m, ctr, BLOCK_LEN, f);
+        f = flags;
+    }
+    for (int i = 0; i < 8; i++)
+        _mm_storeu_si128((__m128i *)(h + 4 * i), v[i]);
+}
+
+/* --- 8 lanes, AVX2 --- */
+
+#define AVX2_FN static inline __attribute__((always_inline, target("avx2")))
+
+AVX2_FN __m256i avx_rot16(__m256i x)
+{
+    return _mm256_shuffle_epi8(x, _mm256_load_si256((const __m256i *)opaque(ROT16_BYTES)));
+}
+
+AVX2_FN __m256i avx_rot8(__m256i x)
+{
+    return _mm256_shuffle_epi8(x, _mm256_load_si256((const __m256i *)opaque(ROT8_BYTES)));
+}
+
+AVX2_FN __m256i avx_rot12(__m256i x)
+{
+    return _mm256_or_si256(_mm256_srli_epi32(x, 12), _mm256_slli_epi32(x, 20));
+}
+
+AVX2_FN __m256i avx_rot7(__m256i x)
+{
+    return _mm256_or_si256(_mm256_srli_epi32(x, 7), _mm256_slli_epi32(x, 25));
+}
+
+/* rows r[0..7] (8 words each) become columns: r[j] holds word j of each row */
+AVX2_FN void avx_transpose(__m256i r[8])
+{
+    __m256i t[8], u[8];
+    for (int i = 0; i < 4; i++) {  /* rows 2i, 2i+1 interleaved: words 0 1 | 4 5, then 2 3 | 6 7 */
+        t[2 * i] = _mm256_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 2; i++) {  /* rows 4i .. 4i+3: word j | word j + 4 */
+        u[4 * i] = _mm256_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 1] = _mm256_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 2] = _mm256_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        u[4 * i + 3] = _mm256_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for (int j = 0; j < 4; j++) {
+        r[j] = _mm256_permute2x128_si256(u[j], u[4 + j], 0x20);
+        r[4 + j] = _mm256_permute2x128_si256(u[j], u[4 + j], 0x31);
+    }
+}
+
+AVX2_FN void avx_gather(const uint8_t *const in[], size_t off, uint32_t *m)
+{
+    for (int q = 0; q < 2; q++) {  /* words 8q .. 8q+7 */
+        __m256i r[8];
+        for (int k = 0; k < 8; k++)
+            r[k] = _mm256_loadu_si256((const __m256i *)(in[k] + off + 32 * q));
+        avx_transpose(r);
+        for (int j = 0; j < 8; j++)
+            _mm256_storeu_si256((__m256i *)(m + 8 * (8 * q + j)), r[j]);
+    }
+}
+
+/* h = the compression of block m (a lane array) with chaining values h */
+AVX2_FN void avx_block(__m256i h[8], const uint32_t *m, const uint32_t *ctr, uint32_t block_len, uint32_t flags)
+{
+#define ADD _mm256_add_epi32
+#define XOR _mm256_xor_si256
+#define R16 avx_rot16
+#define R12 avx_rot12
+#define R8 avx_rot8
+#define R7 avx_rot7
+#define MSG(j) _mm256_loadu_si256((const __m256i *)(m + 8 * (j)))
+    __m256i v[16];
+    for (int i = 0; i < 8; i++)
+        v[i] = h[i];
+    for (int i = 0; i < 4; i++)
+        v[8 + i] = _mm256_set1_epi32((int)IV[i]);
+    v[12] = _mm256_loadu_si256((const __m256i *)ctr);
+    v[13] = _mm256_loadu_si256((const __m256i *)(ctr + 8));
+    v[14] = _mm256_set1_epi32((int)block_len);
+    v[15] = _mm256_set1_epi32((int)flags);
+    VROUNDS();
+    for (int i = 0; i < 8; i++)
+        h[i] = XOR(v[i], v[i + 8]);
+#undef ADD
+#undef XOR
+#undef R16
+#undef R12
+#undef R8
+#undef R7
+#undef MSG
+}
+
+__attribute__((target("avx2")))
+static void gather8(const uint8_t *const in[], size_t off, uint32_t *m)
+{
+    avx_gather(in, off, m);
+}
+
+__attribute__((target("avx2")))
+static void compress8(uint32_t *h, const uint32_t *m, const uint32_t *ctr, uint32_t block_len, uint32_t flags)
+{
+    __m256i v[8];
+    for (int i = 0; i < 8; i++)
+        v[i] = _mm256_loadu_si256((const __m256i *)(h + 8 * i));
+    avx_block(v, m, ctr, block_len, flags);
+    for (int i = 0; i < 8; i++)
+        _mm256_storeu_si256((__m256i *)(h + 8 * i), v[i]);
+}
+
+__attribute__((target("avx2")))
+static void blocks8(uint32_t *h, const uint8_t *const in[], size_t off, size_t blocks, const uint32_t *ctr,
+                    uint32_t flags, uint32_t flags_start, uint32_t flags_end)
+{
+    __m256i v[8];
+    uint32_t m[16 * 8];
+    for (int i = 0; i < 8; i++)
+        v[i] = _mm256_loadu_si256((const __m256i *)(h + 8 * i));
+    uint32_t f = flags | flags_start;
+    for (size_t b = 0; b < blocks; b++) {
+        if (b + 1 == blocks)
+            f |= flags_end;
+        avx_gather(in, off + BLOCK_LEN * b, m);
+        avx_block(v, m, ctr, BLOCK_LEN, f);
+        f = flags;
+    }
+    for (int i = 0; i < 8; i++)
+        _mm256_storeu_si256((__m256i *)(h + 8 * i), v[i]);
+}
+
+static const lanes_t LANES4 = {4, gather4, compress4, blocks4};
+static const lanes_t LANES8 = {8, gather8, compress8, blocks8};
+
+/* The lanes for n inputs at a level: 8 only where more than 4 would be used. */
+INLINE const lanes_t *lanes_for(int level, size_t n)
+{
+    return level >= SIMD_AVX2 && n > 4 ? &LANES8 : &LANES4;
+}
+
+/* --- the algorithms, for either width --- */
+
+static void lanes_iv(int w, uint32_t *h)
+{
+    for (int j = 0; j < 8; j++)
+        for (int k = 0; k < w; k++)
+            h[j * w + k] = IV[j];
+}
+
+/* Per-lane counters: counter + k when step is 1 (chunks of one input),
+ * counter itself when step is 0. */
+static void lanes_counter(int w, uint64_t counter, int step, uint32_t *ctr)
+{
+    for (int k = 0; k < w; k++) {
+        uint64_t c = counter + (uint64_t)(step ? k : 0);
+        ctr[k] = (uint32_t)c;
+        ctr[w + k] = (uint32_t)(c >> 32);
+    }
+}
+
+/* The chaining values of the first `count` of the inputs in[0 .. width),
+ * each `blocks` whole blocks, to out[0 .. count); the first block adds
+ * flags_start to flags and the last flags_end. Every input is read before out
+ * is written, so out may overlap them (the parent levels work in place). */
+static void lanes_cvs(const lanes_t *L, const uint8_t *const in[], size_t blocks, uint64_t counter, int step,
+                      uint32_t flags, uint32_t flags_start, uint32_t flags_end, size_t count, uint32_t (*out)[8])
+{
+    const int w = L->width;
+    uint32_t h[8 * MAX_W], ctr[2 * MAX_W];
+    lanes_iv(w, h);
+    lanes_counter(w, counter, step, ctr);
+    L->blocks(h, in, 0, blocks, ctr, flags, flags_start, flags_end);
+    for (size_t k = 0; k < count; k++)
+        for (int j = 0; j < 8; j++)
+            out[k][j] = h[j * w + (int)k];
+}
+
+/* One input on the portable compression function, as lanes_cvs. */
+static void one_cv(const uint8_t *p, size_t blocks, uint64_t counter, uint32_t flags, uint32_t flags_start,
+                   uint32_t flags_end, uint32_t out[8])
+{
+    uint32_t cv[8], m[16];
+    memcpy(cv, IV, sizeof cv);
+    uint32_t f = flags | flags_start;
+    for (size_t b = 0; b < blocks; b++) {
+        if (b + 1 == blocks)
+            f |= flags_end;
+        load_block(p + BLOCK_LEN * b, m);
+        compress(cv, m, counter, BLOCK_LEN, f, cv);
+        f = flags;
+    }
+    memcpy(out, cv, sizeof cv);
+}
+
+/* The chaining values of n inputs of `blocks` whole blocks each, input i at
+ * p + i * stride, to out[0 .. n): in groups of the widest lanes that fill
+ * more than half (a part-filled group repeats its last input); a single
+ * input on the portable code, cheaper than 4 lanes for one. */
+static void cvs_many(int level, const uint8_t *p, size_t stride, size_t n, size_t blocks, uint64_t counter,
+                     int step, uint32_t flags, uint32_t flags_start, uint32_t flags_end, uint32_t (*out)[8])
+{
+    while (n > 0) {
+        if (n == 1) {
+            one_cv(p, blocks, counter, flags, flags_start, flags_end, out[0]);
+            return;
+        }
+        const lanes_t *L = lanes_for(level, n);
+        size_t w = (size_t)L->width, k = n < w ? n : w;
+        const uint8_t *in[MAX_W];
+        for (size_t i = 0; i < w; i++)
+            in[i] = p + (i < k ? i : k - 1) * stride;
+        lanes_cvs(L, in, blocks, counter, step, flags, flags_start, flags_end, k, out);
+        p += k * stride;
+        n -= k;
+        out += k;
+        if (step)
+            counter += k;
+    }
+}
+
+/* Merges n chaining values level by level, in place, until `until` (1 or 2)
+ * are left. */
+static void reduce_levels(int level, uint32_t (*cv)[8], size_t n, size_t until)
+{
+    while (n > until) {
+        size_t pairs = n / 2;
+        /* Pair i is the 64 bytes of cv[2i] and cv[2i+1] (little-endian words on x86). */
+        cvs_many(level, (const uint8_t *)cv, 2 * sizeof cv[0], pairs, 1, 0, 0, PARENT, 0, 0, cv);
+        if (n & 1)
+            memcpy(cv[pairs], cv[n - 1], sizeof cv[0]);
+        n = pairs + (n & 1);
+    }
+}
+
+#define BATCH_CHUNKS 256
+
+/* BLAKE3 of one input of more than one chunk, its chunks side by side. */
+static void hash_chunks(int level, const uint8_t *p, size_t len, uint8_t digest[OUT_LEN])
+{
+    uint32_t stack[64][8], cv[BATCH_CHUNKS][8];
+    int depth = 0;
+    uint64_t chunk = 0;
+    node_t node;
+    /* Whole batches, each a subtree, while something follows them. */
+    while (len > (size_t)BATCH_CHUNKS * CHUNK_LEN) {
+        cvs_many(level, p, CHUNK_LEN, BATCH_CHUNKS, CHUNK_LEN / BLOCK_LEN, chunk, 1, 0, CHUNK_START, CHUNK_END, cv);
+        reduce_levels(level, cv, BATCH_CHUNKS, 1);
+        chunk += BATCH_CHUNKS;
+        for (uint64_t t = chunk / BATCH_CHUNKS; (t & 1) == 0; t >>= 1) {
+            parent_node(stack[--depth], cv[0], &node);
+            node_cv(&node, cv[0]);
+        }
+        memcpy(stack[depth++], cv[0], sizeof cv[0]);
+        p += (size_t)BATCH_CHUNKS * CHUNK_LEN;
+        len -= (size_t)BATCH_CHUNKS * CHUNK_LEN;
+    }
+    /* The last batch: 1 to BATCH_CHUNKS chunks, the last one possibly partial;
+     * its top node is held back for the merges with the stack. */
+    size_t whole = len / CHUNK_LEN, rest = len % CHUNK_LEN;
+    if (whole + (rest > 0) == 1) {
+        chunk_node(p, len, chunk, &node);
+    } else {
+        cvs_many(level, p, CHUNK_LEN, whole, CHUNK_LEN / BLOCK_LEN, chunk, 1, 0, CHUNK_START, CHUNK_END, cv);
+        size_t n = whole;
+        if (rest) {
+            chunk_node(p + whole * CHUNK_LEN, rest, chunk + whole, &node);
+            node_cv(&node, cv[n++]);
+        }
+        reduce_levels(level, cv, n, 2);
+        parent_node(cv[0], cv[1], &node);
+    }
+    uint32_t top[8];
+    while (depth > 0) {
+        node_cv(&node, top);
+        parent_node(stack[--depth], top, &node);
+    }
+    compress(node.cv, node.m, 0, node.block_len, node.flags | ROOT, top);
+    for (int i = 0; i < 8; i++)
+        store_le32(digest + 4 * i, top[i]);
+}
+
+/*
+ * BLAKE3 of the inputs p[0 .. width), all len bytes (at most
+ * SAME_MAX_CHUNKS chunks), side by side; the digests of the first count go
+ * to out[0 .. count).
+ */
+static void hash_same_len(const lanes_t *L, const uint8_t *const p[], size_t len, uint8_t *const out[], size_t count)
+{
+    const int w = L->width;
+    const size_t cv_words = 8 * (size_t)w;  /* one chaining value per lane */
+    uint32_t cvs[SAME_MAX_CHUNKS * 8 * MAX_W], h[8 * MAX_W], m[16 * MAX_W], ctr[2 * MAX_W];
+    uint8_t pad[MAX_W][BLOCK_LEN];
+    const uint8_t *in[MAX_W];
+    size_t chunks = len ? (len + CHUNK_LEN - 1) / CHUNK_LEN : 1;
+    for (size_t c = 0; c < chunks; c++) {
+        size_t start = c * CHUNK_LEN, chunk_len = len - start < CHUNK_LEN ? len - start : CHUNK_LEN;
+        size_t blocks = chunk_len ? (chunk_len + BLOCK_LEN - 1) / BLOCK_LEN : 1;
+        size_t last_len = chunk_len - BLOCK_LEN * (blocks - 1);  /* 0 to 64 */
+        uint32_t end = CHUNK_END | (chunks == 1 ? ROOT : 0);
+        lanes_iv(w, h);
+        lanes_counter(w, c, 0, ctr);
+        if (last_len == BLOCK_LEN) {
+            L->blocks(h, p, start, blocks, ctr, 0, CHUNK_START, end);
+        } else {  /* the whole blocks, then the last one padded with zeros */
+            if (blocks > 1)
+                L->blocks(h, p, start, blocks - 1, ctr, 0, CHUNK_START, 0);
+            size_t off = start + BLOCK_LEN * (blocks - 1);
+            for (int k = 0; k < w; k++) {
+                memset(pad[k], 0, BLOCK_LEN);
+                if (last_len)
+                    memcpy(pad[k], p[k] + off, last_len);
+                in[k] = pad[k];
+            }
+            L->gather(in, 0, m);
+            L->compress(h, m, ctr, (uint32_t)last_len, end | (blocks == 1 ? CHUNK_START : 0));
+        }
+        memcpy(cvs + c * cv_words, h, cv_words * sizeof h[0]);
+    }
+    /* Levels of parents; the one parent of the last level is the root. */
+    lanes_counter(w, 0, 0, ctr);
+    for (size_t n = chunks; n > 1;) {
+        size_t pairs = n / 2;
+        for (size_t i = 0; i < pairs; i++) {
+            lanes_iv(w, h);
+            L->compress(h, cvs + 2 * i * cv_words, ctr, BLOCK_LEN, PARENT | (n == 2 ? ROOT : 0));
+            memcpy(cvs + i * cv_words, h, cv_words * sizeof h[0]);
+        }
+        if (n & 1)
+            memcpy(cvs + pairs * cv_words, cvs + (n - 1) * cv_words, cv_words * sizeof h[0]);
+        n = pairs + (n & 1);
+    }
+    for (size_t k = 0; k < count; k++)
+        for (int j = 0; j < 8; j++)
+            store_le32(out[k] + 4 * j, h[j * w + (int)k]);
+}
+
+static int simd_best = SIMD_PORTABLE, simd_level = SIMD_PORTABLE;
+
+static void simd_detect(void)
+{
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2"))
+        simd_best = SIMD_AVX2;
+    else if (__builtin_cpu_supports("sse4.1"))
+        simd_best = SIMD_SSE41;
+    simd_level = simd_best;
+}
+#else
+static const char *const SIMD_NAMES[] = {"portable"};
+static int simd_best = 0, simd_level = 0;
+
+static void simd_detect(void)
+{
+}
+#endif
+
+/* BLAKE3 of one input with the code of the given level: one chunk or less
+ * gains nothing from the lanes (its blocks depend on each other). */
+static void blake3_at(int level, const uint8_t *p, size_t len, uint8_t digest[OUT_LEN])
+{
+#ifdef HAVE_SIMD
+    if (level != SIMD_PORTABLE && len > CHUNK_LEN) {
+        hash_chunks(level, p, len, digest);
+        return;
+    }
+#endif
+    (void)level;
+    blake3_portable(p, len, digest);
+}
+
+/*
+ * Inputs waiting to be hashed side by side: groups of one length, hashed by
+ * hash_same_len when a group fills the lanes, when a group of a new length
+ * needs its place, or at the end. Inputs of more than SAME_MAX_CHUNKS chunks,
+ * or any when the level is portable, are hashed at once.
+ */
+#define OPEN_GROUPS 8
+
+typedef struct {
+    size_t len, n;
+    const uint8_t *p[MAX_W];
+    uint8_t *out[MAX_W];
+} group_t;
+
+typedef struct {
+    int level, width;
+    int open;
+    group_t g[OPEN_GROUPS];
+} batch_t;
+
+static void batch_init(batch_t *bt)
+{
+    bt->level = simd_level;
+    bt->width = bt->level >= SIMD_AVX2 ? 8 : bt->level == SIMD_SSE41 ? 4 : 1;
+    bt->open = 0;
+}
+
+static void hash_group(const batch_t *bt, group_t *g)
+{
+#ifdef HAVE_SIMD
+    if (g->n > 1) {
+        const lanes_t *L = lanes_for(bt->level, g->n);
+        const uint8_t *in[MAX_W];
+        for (size_t k = 0; k < (size_t)L->width; k++)
+            in[k] = g->p[k < g->n ? k : 0];
+        hash_same_len(L, in, g->len, g->out, g->n);
+        return;
+    }
+#endif
+    blake3_at(bt->level, g->p[0], g->len, g->out[0]);
+}
+
+/* Closes open group i: hashes it and moves the later ones down. */
+static void batch_close(batch_t *bt, int i)
+{
+    hash_group(bt, &bt->g[i]);
+    bt->open--;
+    memmove(&bt->g[i], &bt->g[i + 1], (size_t)(bt->open - i) * sizeof bt->g[0]);
+}
+
+static void batch_add(batch_t *bt, const uint8_t *p, size_t len, uint8_t *out)
+{
+    if (bt->width == 1 || len > (size_t)SAME_MAX_CHUNKS * CHUNK_LEN) {
+        blake3_at(bt->level, p, len, out);
+        return;
+    }
+    int i = 0;
+    while (i < bt->open && bt->g[i].len != len)
+        i++;
+    if (i == bt->open) {
+        if (bt->open == OPEN_GROUPS) {
+            batch_close(bt, 0);
+            i--;
+        }
+        bt->g[i].len = len;
+        bt->g[i].n = 0;
+        bt->open++;
+    }
+    group_t *g = &bt->g[i];
+    g->p[g->n] = p;
+    g->out[g->n] = out;
+    if (++g->n == (size_t)bt->width)
+        batch_close(bt, i);
+}
+
+static void batch_finish(batch_t *bt)
+{
+    while (bt->open > 0)
+        batch_close(bt, bt->open - 1);
+}
+
+static void blake3_hash(const uint8_t *p, size_t len, uint8_t digest[OUT_LEN])
+{
+    blake3_at(simd_level, p, len, digest);
+}
+
+/* ------------------------------------------------------------------------
  * The run kernel
  */
 
 enum { FLAG_DIFFERS = 1, FLAG_HASHED = 2 };
-#define DIGEST_STRIDE 64
 
 /* native int64 without alignment: offsets may come from any bytes-like object */
 INLINE int64_t load_i64(const uint8_t *p, Py_ssize_t i)
@@ -259,14 +933,14 @@ INLINE int64_t load_i64(const uint8_t *p, Py_ssize_t i)
 }
 
 typedef struct {
-    Py_buffer a, b, offsets, sizes, flags, digests;
+    Py_buffer a, b, offsets, sizes, flags, digests, new_digests;
     int held;  /* how many of the above are held, in that order */
     Py_ssize_t n;
 } args_t;
 
 static void release_args(args_t *x)
 {
-    Py_buffer *all[6] = {&x->a, &x->b, &x->offsets, &x->sizes, &x->flags, &x->digests};
+    Py_buffer *all[7] = {&x->a, &x->b, &x->offsets, &x->sizes, &x->flags, &x->digests, &x->new_digests};
     for (int i = 0; i < x->held; i++)
         PyBuffer_Release(all[i]);
     x->held = 0;
@@ -286,15 +960,16 @@ static int get_buffer(PyObject *obj, Py_buffer *view, int writable, const char *
     return 0;
 }
 
-/* Takes the six buffers and checks their sizes; on failure sets an exception
- * and releases what it took. */
+/* Takes the seven buffers and checks their sizes; on failure sets an
+ * exception and releases what it took. */
 static int take_args(args_t *x, PyObject *a, PyObject *b, int writable_ab, PyObject *offsets, PyObject *sizes,
-                     PyObject *flags, PyObject *digests)
+                     PyObject *flags, PyObject *digests, PyObject *new_digests)
 {
     x->held = 0;
     if (get_buffer(a, &x->a, writable_ab, "buf_a", x) < 0 || get_buffer(b, &x->b, writable_ab, "buf_b", x) < 0
         || get_buffer(offsets, &x->offsets, 0, "offsets", x) < 0 || get_buffer(sizes, &x->sizes, 0, "sizes", x) < 0
-        || get_buffer(flags, &x->flags, 1, "flags", x) < 0 || get_buffer(digests, &x->digests, 1, "digests", x) < 0)
+        || get_buffer(flags, &x->flags, 1, "flags", x) < 0 || get_buffer(digests, &x->digests, 1, "digests", x) < 0
+        || get_buffer(new_digests, &x->new_digests, 1, "new_digests", x) < 0)
         goto fail;
     if (x->offsets.len % 8 || x->sizes.len != x->offsets.len) {
         PyErr_Format(PyExc_ValueError, "offsets and sizes must be int64 arrays of one length (%zd and %zd bytes)",
@@ -302,10 +977,11 @@ static int take_args(args_t *x, PyObject *a, PyObject *b, int writable_ab, PyObj
         goto fail;
     }
     x->n = x->offsets.len / 8;
-    /* n <= len / 8, so n * DIGEST_STRIDE could overflow: divide instead */
-    if (x->flags.len < x->n || x->digests.len / DIGEST_STRIDE < x->n) {
-        PyErr_Format(PyExc_ValueError, "%zd tensors need %zd bytes of flags and %d per tensor of digests "
-                     "(got %zd and %zd)", x->n, x->n, DIGEST_STRIDE, x->flags.len, x->digests.len);
+    /* n <= len / 8, so n * OUT_LEN could overflow: divide instead */
+    if (x->flags.len < x->n || x->digests.len / OUT_LEN < x->n || x->new_digests.len / OUT_LEN < x->n) {
+        PyErr_Format(PyExc_ValueError, "%zd tensors need %zd bytes of flags and %d per tensor of digests and of "
+                     "new_digests (got %zd, %zd and %zd)", x->n, x->n, OUT_LEN, x->flags.len, x->digests.len,
+                     x->new_digests.len);
         goto fail;
     }
     return 0;
@@ -346,25 +1022,27 @@ static Py_ssize_t run_tensors(const uint8_t *a, const uint8_t *b, Py_ssize_t spa
                               Py_ssize_t hash_max)
 {
     const uint8_t *po = x->offsets.buf, *ps = x->sizes.buf;
-    uint8_t *flags = x->flags.buf, *digests = x->digests.buf;
+    uint8_t *flags = x->flags.buf, *digests = x->digests.buf, *new_digests = x->new_digests.buf;
     /* Runs of frozen tensors are the usual case: one memcmp settles them all. */
     int whole_same = span == 0 || memcmp(a, b, (size_t)span) == 0;
     Py_ssize_t differ = 0;
+    batch_t bt;
+    batch_init(&bt);
     for (Py_ssize_t i = 0; i < x->n; i++) {
         int64_t off = load_i64(po, i), size = load_i64(ps, i);
         if (!tensor_ok(off, size, span))
             return -2;
         int f = !whole_same && size > 0 && memcmp(a + off, b + off, (size_t)size) != 0;
         if (size <= hash_max) {
-            uint8_t *d = digests + (size_t)i * DIGEST_STRIDE;
-            blake3_hash(a + off, (size_t)size, d);
+            batch_add(&bt, a + off, (size_t)size, digests + (size_t)i * OUT_LEN);
             if (f)
-                blake3_hash(b + off, (size_t)size, d + OUT_LEN);
+                batch_add(&bt, b + off, (size_t)size, new_digests + (size_t)i * OUT_LEN);
             f |= FLAG_HASHED;
         }
         flags[i] = (uint8_t)f;
         differ += f & FLAG_DIFFERS;
     }
+    batch_finish(&bt);
     return differ;
 }
 
@@ -405,16 +1083,16 @@ static PyObject *compare_run(PyObject *self, PyObject *args)
     int fd_a, fd_b;
     long long pos_a, pos_b;
     Py_ssize_t span, hash_max;
-    PyObject *oa, *ob, *ooff, *osz, *ofl, *odg;
+    PyObject *oa, *ob, *ooff, *osz, *ofl, *odg, *onew;
     args_t x;
     (void)self;
-    if (!PyArg_ParseTuple(args, "iLiLnOOOOnOO:compare_run", &fd_a, &pos_a, &fd_b, &pos_b, &span, &oa, &ob, &ooff,
-                          &osz, &hash_max, &ofl, &odg))
+    if (!PyArg_ParseTuple(args, "iLiLnOOOOnOOO:compare_run", &fd_a, &pos_a, &fd_b, &pos_b, &span, &oa, &ob, &ooff,
+                          &osz, &hash_max, &ofl, &odg, &onew))
         return NULL;
     if (span < 0 || pos_a < 0 || pos_b < 0 || pos_a > LLONG_MAX - span || pos_b > LLONG_MAX - span
         || (sizeof(off_t) < 8 && (pos_a > LONG_MAX - span || pos_b > LONG_MAX - span)))
         return PyErr_Format(PyExc_ValueError, "bad positions or span (%lld, %lld, %zd)", pos_a, pos_b, span);
-    if (take_args(&x, oa, ob, 1, ooff, osz, ofl, odg) < 0)
+    if (take_args(&x, oa, ob, 1, ooff, osz, ofl, odg, onew) < 0)
         return NULL;
     if (x.a.len < span || x.b.len < span) {
         PyErr_Format(PyExc_ValueError, "buffers of %zd and %zd bytes cannot hold %zd", x.a.len, x.b.len, span);
@@ -445,12 +1123,12 @@ static PyObject *compare_run(PyObject *self, PyObject *args)
 static PyObject *compare_buffers(PyObject *self, PyObject *args)
 {
     Py_ssize_t hash_max;
-    PyObject *oa, *ob, *ooff, *osz, *ofl, *odg;
+    PyObject *oa, *ob, *ooff, *osz, *ofl, *odg, *onew;
     args_t x;
     (void)self;
-    if (!PyArg_ParseTuple(args, "OOOOnOO:compare_buffers", &oa, &ob, &ooff, &osz, &hash_max, &ofl, &odg))
+    if (!PyArg_ParseTuple(args, "OOOOnOOO:compare_buffers", &oa, &ob, &ooff, &osz, &hash_max, &ofl, &odg, &onew))
         return NULL;
-    if (take_args(&x, oa, ob, 0, ooff, osz, ofl, odg) < 0)
+    if (take_args(&x, oa, ob, 0, ooff, osz, ofl, odg, onew) < 0)
         return NULL;
     Py_ssize_t span = x.a.len < x.b.len ? x.a.len : x.b.len;
     if (check_tensors(&x, span) < 0) {
@@ -486,18 +1164,35 @@ static PyObject *blake3_py(PyObject *self, PyObject *arg)
     return PyBytes_FromStringAndSize((const char *)digest, OUT_LEN);
 }
 
+static PyObject *set_simd(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    long level = PyLong_AsLong(arg);
+    if (level == -1 && PyErr_Occurred())
+        return NULL;
+    if (level < 0 || level > simd_best)
+        return PyErr_Format(PyExc_ValueError, "level %ld is not in SIMD_LEVELS (0 to %d)", level, simd_best);
+    int previous = simd_level;
+    simd_level = (int)level;
+    return PyLong_FromLong(previous);
+}
+
 static PyMethodDef methods[] = {
     {"blake3", blake3_py, METH_O, "blake3(buffer) -> bytes: the 32-byte BLAKE3 digest"},
 #ifdef HAVE_PREAD
     {"compare_run", compare_run, METH_VARARGS,
-     "compare_run(fd_a, pos_a, fd_b, pos_b, span, buf_a, buf_b, offsets, sizes, hash_max, flags, digests) -> int: "
-     "read span bytes of each file into buf_a/buf_b, then compare_buffers; -1 when a file ends first"},
+     "compare_run(fd_a, pos_a, fd_b, pos_b, span, buf_a, buf_b, offsets, sizes, hash_max, flags, digests, "
+     "new_digests) -> int: read span bytes of each file into buf_a/buf_b, then compare_buffers; -1 when a file "
+     "ends first"},
 #endif
     {"compare_buffers", compare_buffers, METH_VARARGS,
-     "compare_buffers(buf_a, buf_b, offsets, sizes, hash_max, flags, digests) -> int: for each tensor i "
-     "(int64 offsets[i], sizes[i]), flags[i] |= FLAG_DIFFERS if its bytes differ and FLAG_HASHED if "
-     "sizes[i] <= hash_max, whose BLAKE3 digests go to digests[64i:64i+32] (old) and, if it differs, "
-     "digests[64i+32:64i+64] (new); returns how many differ"},
+     "compare_buffers(buf_a, buf_b, offsets, sizes, hash_max, flags, digests, new_digests) -> int: for each "
+     "tensor i (int64 offsets[i], sizes[i]), flags[i] = FLAG_DIFFERS if its bytes differ, | FLAG_HASHED if "
+     "sizes[i] <= hash_max, whose BLAKE3 digests go to digests[32i:32i+32] (old) and, if it differs, "
+     "new_digests[32i:32i+32] (new); returns how many differ"},
+    {"_set_simd", set_simd, METH_O,
+     "_set_simd(level) -> int: for tests and benchmarks, hash with SIMD_LEVELS[level] (0: the portable code) "
+     "from now on; returns the previous level"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -508,14 +1203,31 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__ckernel(void)
 {
+    simd_detect();
     PyObject *m = PyModule_Create(&module);
     if (!m)
         return NULL;
+    PyObject *levels = PyTuple_New(simd_best + 1);
+    if (!levels)
+        goto fail;
+    for (int i = 0; i <= simd_best; i++) {
+        PyObject *name = PyUnicode_FromString(SIMD_NAMES[i]);
+        if (!name) {
+            Py_DECREF(levels);
+            goto fail;
+        }
+        PyTuple_SET_ITEM(levels, i, name);
+    }
+    if (PyModule_AddObject(m, "SIMD_LEVELS", levels) < 0) {
+        Py_DECREF(levels);
+        goto fail;
+    }
     if (PyModule_AddIntConstant(m, "FLAG_DIFFERS", FLAG_DIFFERS) < 0
         || PyModule_AddIntConstant(m, "FLAG_HASHED", FLAG_HASHED) < 0
-        || PyModule_AddIntConstant(m, "DIGEST_STRIDE", DIGEST_STRIDE) < 0) {
-        Py_DECREF(m);
-        return NULL;
-    }
+        || PyModule_AddIntConstant(m, "DIGEST_SIZE", OUT_LEN) < 0)
+        goto fail;
     return m;
+fail:
+    Py_DECREF(m);
+    return NULL;
 }

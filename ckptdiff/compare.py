@@ -404,36 +404,46 @@ def compare_pair(
     return PairResult(hash_old, hash_new, stats)
 
 
-#: Tensors up to this many bytes are hashed by the C kernel's own BLAKE3
-#: (portable code, no per-call overhead); bigger ones by the blake3 package
-#: (SIMD), which is faster once a call carries a few KiB.
-C_HASH_MAX = 1536
+#: Tensors up to this many bytes are hashed by the C kernel's own BLAKE3,
+#: without the GIL: SIMD code (AVX2 or SSE4.1, several chunks or several
+#: equal-sized tensors side by side) where the CPU has it, portable code
+#: elsewhere. Bigger ones are hashed by the blake3 package, one call each.
+#: The package hashes a single large input up to a fifth faster, but then
+#: every tensor costs a Python call under the GIL; with whole runs hashed in
+#: C the benchmark pairs' diffs measured faster end to end, so the kernel
+#: hashes everything a run holds.
+C_HASH_MAX = 1 << 62
 
 #: Bits of compare_spans' per-tensor flags.
 DIFFERS, HASHED = 1, 2
 
+#: Bytes of one digest in compare_spans' digest buffers.
+DIGEST_SIZE = 32
+
 
 def compare_spans(fd_a: int, pos_a: int, fd_b: int, pos_b: int, span: int, offsets: memoryview,
-                  sizes: memoryview, flags: memoryview, digests: memoryview, chunk_bytes: int,
-                  what: str) -> tuple[memoryview, memoryview, int]:
+                  sizes: memoryview, flags: memoryview, digests: memoryview, new_digests: memoryview,
+                  chunk_bytes: int, what: str) -> tuple[memoryview, memoryview, int]:
     """Compare a run of tensors that lie side by side in two files, tensor by tensor, with no object per tensor.
 
     Reads ``span`` bytes at ``pos_a`` of ``fd_a`` and at ``pos_b`` of
     ``fd_b`` into this thread's buffers; tensor ``k`` is bytes
     ``offsets[k] .. offsets[k] + sizes[k]`` of both (int64 views). Fills
-    ``flags[k]`` (DIFFERS when the bytes differ) and ``digests[64k:64k+64]``
-    (BLAKE3 of the old side, then of the new side when they differ).
-    Returns the two buffers' views of the run (valid until this thread's
-    next comparison, for the caller to measure changed tensors) and how
-    many tensors differ.
+    ``flags[k]`` (DIFFERS when the bytes differ), ``digests[32k:32k+32]``
+    (BLAKE3 of the old side) and, only for tensors that differ,
+    ``new_digests[32k:32k+32]`` (BLAKE3 of the new side). Returns the two
+    buffers' views of the run (valid until this thread's next comparison,
+    for the caller to measure changed tensors) and how many tensors differ.
     """
     io = _io_buffers(chunk_bytes)
     va, vb = io.mva[:span], io.mvb[:span]
     if _ckernel is not None:
         got = _ckernel.compare_run(fd_a, pos_a, fd_b, pos_b, span, io.a, io.b, offsets, sizes, C_HASH_MAX,
-                                   flags, digests)
+                                   flags, digests, new_digests)
         if got < 0:
             raise FormatError(f"{what}: a file ended before the bytes its header promises")
+        if span <= C_HASH_MAX:  # every tensor lies in the span, so the kernel hashed them all
+            return va, vb, got
         differ = got
     else:
         fill_exact(lambda off, b: os.preadv(fd_a, [b], pos_a + off), va, 0, span, f"OLD: {what}")
@@ -448,10 +458,10 @@ def compare_spans(fd_a: int, pos_a: int, fd_b: int, pos_b: int, span: int, offse
     for k, (start, n) in enumerate(zip(offsets, sizes)):
         f = flags[k]
         if not f & HASHED:
-            at = 64 * k
-            digests[at:at + 32] = digest(va[start:start + n]).digest()
+            at = DIGEST_SIZE * k
+            digests[at:at + DIGEST_SIZE] = digest(va[start:start + n]).digest()
             if f & DIFFERS:
-                digests[at + 32:at + 64] = digest(vb[start:start + n]).digest()
+                new_digests[at:at + DIGEST_SIZE] = digest(vb[start:start + n]).digest()
     return va, vb, differ
 
 

@@ -219,7 +219,7 @@ def _diff_tables(ta: SpanTable, tb: SpanTable, man: Manifest | None, atol: float
         sizes = array("q", lengths)
         del starts, lengths, starts_b
     flags = bytearray(len(order))
-    digests = bytearray(64 * len(order))
+    digests = bytearray(32 * len(order))  # the old side's, kept for the identical rows
     rel_v, size_v, flag_v, dig_v = memoryview(rel), memoryview(sizes), memoryview(flags), memoryview(digests)
     fd_a, fd_b, base_a, base_b = ta.fd, tb.fd, ta.base, tb.base
 
@@ -227,15 +227,17 @@ def _diff_tables(ta: SpanTable, tb: SpanTable, man: Manifest | None, atol: float
         s, e, oa, ob = r
         span = rel[e - 1] + sizes[e - 1]
         what = f"the {e - s} tensors from {names[order[s]]!r} on"
+        new_digests = bytearray(32 * (e - s))  # the new side's, of the changed tensors of this run only
         va, vb, differ = compare_spans(fd_a, base_a + oa, fd_b, base_b + ob, span, rel_v[s:e], size_v[s:e],
-                                       flag_v[s:e], dig_v[64 * s:64 * e], chunk_bytes, what)
+                                       flag_v[s:e], dig_v[32 * s:32 * e], memoryview(new_digests), chunk_bytes,
+                                       what)
         if differ:
             for p in range(s, e):
                 if flags[p] & DIFFERS:
                     i = order[p]
-                    at, n = rel[p], sizes[p]
+                    at, n, q = rel[p], sizes[p], 32 * (p - s)
                     slots[i] = _changed_row(names[i], ta.dtypes[i], ta.shapes[i], va[at:at + n], vb[at:at + n],
-                                            digests[64 * p:64 * p + 32].hex(), digests[64 * p + 32:64 * p + 64].hex(),
+                                            digests[32 * p:32 * p + 32].hex(), new_digests[q:q + 32].hex(),
                                             man, atol, rtol)
         if advance is not None:
             advance(2 * span)
@@ -360,7 +362,7 @@ def _ints(column: Any) -> list[int]:
 def _identical_row(i: int, ta: SpanTable, tb: SpanTable, pair_b: list[int] | None, digests: bytearray, p: int,
                    man: Manifest | None) -> TensorDiff:
     """The row of a bitwise-identical same-layout pair, from the columns and its digest."""
-    h = digests[64 * p:64 * p + 32].hex()
+    h = digests[32 * p:32 * p + 32].hex()
     shape = ta.shapes[i]
     numel = 1
     for d in shape:

@@ -76,7 +76,7 @@ def _both(pa: str, pb: str, **kw):
 MANIFEST = Manifest(trainable=["experts.1*", "scalar"], frozen=["*"])
 
 
-@pytest.mark.parametrize("kernel", [True, False], ids=["c-kernel", "python"])
+@pytest.mark.parametrize("kernel", ["c", "c-portable", "c-and-package", "python"])
 @pytest.mark.parametrize("kw", [
     {},
     {"workers": 2},
@@ -84,11 +84,22 @@ MANIFEST = Manifest(trainable=["experts.1*", "scalar"], frozen=["*"])
     {"chunk_bytes": 256, "workers": 2, "manifest": MANIFEST},
 ], ids=["default", "two-workers", "manifest-tolerance", "small-chunks"])
 def test_table_path_gives_the_ref_paths_report(pair, monkeypatch, kernel, kw):
-    if not kernel:
+    """c: the C kernel hashes every tensor of a run (SIMD code where the CPU has it); c-portable: with its
+    portable BLAKE3; c-and-package: tensors above 48 bytes left to the blake3 package; python: no C kernel."""
+    if kernel == "python":
         monkeypatch.setattr(compare, "_ckernel", None)
     elif compare._ckernel is None:
         pytest.skip("the C kernel is not built")
-    fast, slow = _both(pair[0], pair[1], **kw)
+    elif kernel == "c-and-package":
+        monkeypatch.setattr(compare, "C_HASH_MAX", 48)
+    if kernel == "c-portable":
+        previous = compare._ckernel._set_simd(0)
+        try:
+            fast, slow = _both(pair[0], pair[1], **kw)
+        finally:
+            compare._ckernel._set_simd(previous)
+    else:
+        fast, slow = _both(pair[0], pair[1], **kw)
     assert isinstance(fast.tensors, Rows) and not isinstance(slow.tensors, Rows)
     assert fast.summary() == slow.summary()
     assert fast.verdict() == slow.verdict()
