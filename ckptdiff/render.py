@@ -700,13 +700,28 @@ def _row_style(t: TensorDiff) -> str | None:
             else None)
 
 
+def _cell_len(text: str) -> int:
+    """Terminal cells ``text`` takes: its length for printable ASCII (every generated cell and most
+    names), else what rich measures (wide and zero-width characters)."""
+    if text.isascii() and text.isprintable():
+        return len(text)
+    from rich.cells import cell_len
+
+    return cell_len(text)
+
+
+def _column_width(head: str, column: list[str]) -> int:
+    whole = "".join(column)
+    if whole.isascii() and whole.isprintable():
+        return max(len(head), max(map(len, column), default=0))
+    return max([_cell_len(head)] + [_cell_len(c) for c in column])
+
+
 def _table(rows: list[TensorDiff], width: int) -> tuple[list[tuple[str, str, bool]], list[dict[str, str]],
                                                          dict[str, int], list[str]]:
     """Columns that fit ``width``, each row's cells, column widths, and the headers dropped."""
-    from rich.cells import cell_len
-
     cells = [_cells(t) for t in rows]
-    need = {key: max([cell_len(head)] + [cell_len(c[key]) for c in cells]) for key, head, _ in _COLUMNS}
+    need = {key: _column_width(head, [c[key] for c in cells]) for key, head, _ in _COLUMNS}
     columns = [c for c in _COLUMNS if c[0] != "merge" or any(t.merge is not None for t in rows)]
     keys = [key for key, _, _ in columns]
 
@@ -732,7 +747,7 @@ def _print_table(console: Any, rows: list[TensorDiff], width: int) -> list[str]:
     still decides the colours (terminal, NO_COLOR) and renders each style
     once. Returns the headers of the columns that did not fit.
     """
-    from rich.cells import cell_len, chop_cells
+    from rich.cells import chop_cells
     from rich.style import Style
 
     shown, cells, need, dropped = _table(rows, width)
@@ -749,7 +764,7 @@ def _print_table(console: Any, rows: list[TensorDiff], width: int) -> list[str]:
         return start, end
 
     def pad(text: str, key: str, right: bool) -> str:
-        gap = need[key] - cell_len(text)
+        gap = need[key] - _cell_len(text)
         return (" " * gap + text if right else text + " " * gap) if gap > 0 else text
 
     painted: dict[str | None, tuple[str, str]] = {}
@@ -764,11 +779,24 @@ def _print_table(console: Any, rows: list[TensorDiff], width: int) -> list[str]:
 
     out = ["  ".join(styled(pad(head, key, right), "bold") for key, head, right in shown).rstrip(" ") + "\n"]
     name_width = need["name"]
+    if system is None:  # no colours: one format string per line, the cells padded by str methods
+        plain = [(key, need[key], right) for key, _head, right in shown]
+        for c in cells:
+            name = c["name"]
+            if _cell_len(name) > name_width:
+                break  # a name to fold: the general loop below
+            out.append("  ".join(
+                [(c[key].rjust(w) if right else c[key].ljust(w)) if c[key].isascii() else pad(c[key], key, right)
+                 for key, w, right in plain]).rstrip(" ") + "\n")
+        else:
+            console.file.write("".join(out))
+            return dropped
+        out = out[:1]
     for t, c in zip(rows, cells):
         style = _row_style(t)
         bold = "bold" if style is None else f"bold {style}"
         name = c["name"]
-        parts = chop_cells(name, name_width) if cell_len(name) > name_width else [name]
+        parts = chop_cells(name, name_width) if _cell_len(name) > name_width else [name]
         for n, piece in enumerate(parts):
             line = [styled(pad(piece if key == "name" else c[key] if n == 0 else "", key, right),
                            bold if key == "flag" else style) for key, _head, right in shown]
