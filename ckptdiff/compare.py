@@ -468,6 +468,7 @@ def compare_spans(fd_a: int, pos_a: int, fd_b: int, pos_b: int, span: int, offse
 def changed_stats(info: DType, va: memoryview, vb: memoryview, atol: float, rtol: float,
                   shape: Sequence[int]) -> DeltaStats:
     """Statistics of one changed tensor whose two sides are in memory."""
-    stats = _new_stats(info, atol, rtol, row_len(shape))
-    stats.add_changed(va, vb)
-    return stats
+    global _DeltaStats
+    if _DeltaStats is None:
+        from .stats import DeltaStats as _DeltaStats
+    return _DeltaStats.of_pair(info, va, vb, atol, rtol, row_len(shape))
