@@ -1120,6 +1120,39 @@ static PyObject *compare_run(PyObject *self, PyObject *args)
 }
 #endif
 
+/* Bytes start..start+n of two buffers are equal: memcmp, without the GIL for big ranges. */
+static PyObject *equal(PyObject *self, PyObject *args)
+{
+    PyObject *oa, *ob;
+    Py_ssize_t start, n;
+    Py_buffer a, b;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OOnn:equal", &oa, &ob, &start, &n))
+        return NULL;
+    if (PyObject_GetBuffer(oa, &a, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(ob, &b, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&a);
+        return NULL;
+    }
+    int same = -1;
+    if (start < 0 || n < 0 || start > a.len || n > a.len - start || start > b.len || n > b.len - start) {
+        PyErr_Format(PyExc_ValueError, "bytes %zd..%zd are not inside buffers of %zd and %zd bytes", start,
+                     start + (n > 0 ? n : 0), a.len, b.len);
+    } else if (n >= (1 << 16)) {
+        Py_BEGIN_ALLOW_THREADS
+        same = memcmp((const char *)a.buf + start, (const char *)b.buf + start, (size_t)n) == 0;
+        Py_END_ALLOW_THREADS
+    } else {
+        same = n == 0 || memcmp((const char *)a.buf + start, (const char *)b.buf + start, (size_t)n) == 0;
+    }
+    PyBuffer_Release(&a);
+    PyBuffer_Release(&b);
+    if (same < 0)
+        return NULL;
+    return PyBool_FromLong(same);
+}
+
 static PyObject *compare_buffers(PyObject *self, PyObject *args)
 {
     Py_ssize_t hash_max;
@@ -1179,6 +1212,8 @@ static PyObject *set_simd(PyObject *self, PyObject *arg)
 
 static PyMethodDef methods[] = {
     {"blake3", blake3_py, METH_O, "blake3(buffer) -> bytes: the 32-byte BLAKE3 digest"},
+    {"equal", equal, METH_VARARGS,
+     "equal(buf_a, buf_b, start, n) -> bool: bytes start..start+n of the two buffers are equal (memcmp)"},
 #ifdef HAVE_PREAD
     {"compare_run", compare_run, METH_VARARGS,
      "compare_run(fd_a, pos_a, fd_b, pos_b, span, buf_a, buf_b, offsets, sizes, hash_max, flags, digests, "

@@ -17,12 +17,13 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, ItemsView, Iterable, Iterator, Mapping, ValuesView
-from typing import TYPE_CHECKING, Any
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time (see docs/performance.md)
 
 from . import dtypes
 from .errors import CkptError, FormatError
 
 if TYPE_CHECKING:
+    from typing import Any
     import numpy as np
 
     from .manifest import Manifest

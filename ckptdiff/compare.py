@@ -25,13 +25,12 @@ common dtypes pays numpy's ~50 ms import.
 
 from __future__ import annotations
 
-import ctypes
 import mmap
 import os
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time (see docs/performance.md)
 
 import blake3
 
@@ -58,6 +57,9 @@ Progress = Callable[[int], None]
 # ---------------------------------------------------------------------------
 
 def _load_memcmp() -> Callable[[int, int, int], int] | None:
+    """libc ``memcmp`` through ctypes, for installs without the C kernel."""
+    import ctypes
+
     try:
         libc = ctypes.cdll.msvcrt if sys.platform == "win32" else ctypes.CDLL(None)
         fn = libc.memcmp
@@ -68,24 +70,28 @@ def _load_memcmp() -> Callable[[int, int, int], int] | None:
     return fn
 
 
-_MEMCMP = _load_memcmp()
+#: ``equal(a, b, start, n)``: memcmp of two buffers' ranges, from the C kernel (the GIL released for
+#: big ranges); without it, libc's memcmp through ctypes on raw addresses.
+_EQUAL = _ckernel.equal if _ckernel is not None else None
+_MEMCMP = _load_memcmp() if _EQUAL is None else None
 
 
 def bytes_equal(a: memoryview, b: memoryview) -> bool:
     """Bitwise equality of two byte buffers.
 
-    libc ``memcmp`` through ctypes runs at memory speed (~20 GB/s here) and
-    releases the GIL; ``memoryview.__eq__`` walks items one by one (~1 GB/s).
-    The engine's own buffers skip this (their addresses are known, see
-    _IOBuffers); this is for views of mmaps and arrays, whose addresses
-    only numpy can tell without copying.
+    ``memcmp`` runs at memory speed (~20 GB/s here) and releases the GIL;
+    ``memoryview.__eq__`` walks items one by one (~1 GB/s). The engine's
+    own buffers skip this (see _IOBuffers); this is for views of mmaps and
+    arrays.
     """
     n = a.nbytes
     if n != b.nbytes:
         return False
     if n == 0:
         return True
-    import numpy as np
+    if _EQUAL is not None:
+        return _EQUAL(a.cast("B") if a.format != "B" else a, b.cast("B") if b.format != "B" else b, 0, n)
+    import numpy as np  # only numpy tells these views' addresses without a copy
 
     x = np.frombuffer(a, dtype=np.uint8)
     y = np.frombuffer(b, dtype=np.uint8)
@@ -168,9 +174,9 @@ class _IOBuffers:
     """This thread's two landing buffers for ``read_into`` sources, reused across tensors.
 
     Fresh chunk-sized buffers would page-fault on every tensor; two per
-    thread stay mapped (and warm in cache) for the whole diff. Their
-    addresses are taken once, so comparing a small pair costs one memcmp
-    call rather than four numpy/ctypes wrappers.
+    thread stay mapped (and warm in cache) for the whole diff. Without the
+    C kernel their addresses are taken once (ctypes), so comparing a small
+    pair costs one memcmp call rather than four numpy/ctypes wrappers.
     """
 
     __slots__ = ("a", "b", "mva", "mvb", "addr_a", "addr_b", "size")
@@ -179,13 +185,17 @@ class _IOBuffers:
         # Anonymous maps, not bytearrays: a bytearray is zero-filled, which
         # faults in all 2 x 1 MiB per thread up front even when the largest
         # tensor is a few KiB, and untouched pages of a map cost nothing.
-        # ctypes gives their addresses without numpy. They live as long as
-        # the thread (ctypes keeps them exported, so they are never closed).
+        # They live as long as the thread (exported to the views below, and
+        # to ctypes without the C kernel, so they are never closed).
         self.size = size
         self.a, self.b = mmap.mmap(-1, max(size, 1)), mmap.mmap(-1, max(size, 1))
         self.mva, self.mvb = memoryview(self.a)[:size], memoryview(self.b)[:size]
-        self.addr_a = ctypes.addressof(ctypes.c_char.from_buffer(self.a))
-        self.addr_b = ctypes.addressof(ctypes.c_char.from_buffer(self.b))
+        self.addr_a = self.addr_b = 0
+        if _MEMCMP is not None:
+            import ctypes
+
+            self.addr_a = ctypes.addressof(ctypes.c_char.from_buffer(self.a))
+            self.addr_b = ctypes.addressof(ctypes.c_char.from_buffer(self.b))
 
     def holds(self, ca: memoryview, cb: memoryview) -> bool:
         """True when two chunks are this thread's buffers (both start at offset 0)."""
@@ -237,7 +247,9 @@ class PairResult:
 def _buffers_equal(io: _IOBuffers, start: int, n: int) -> bool:
     if n == 0:
         return True
-    if _MEMCMP is not None:
+    if _EQUAL is not None:
+        return _EQUAL(io.a, io.b, start, n)
+    if _MEMCMP is not None and io.addr_a:
         return _MEMCMP(io.addr_a + start, io.addr_b + start, n) == 0
     return io.mva[start:start + n] == io.mvb[start:start + n]  # pragma: no cover - no libc
 

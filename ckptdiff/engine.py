@@ -20,7 +20,7 @@ from array import array
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from bisect import bisect_right
 from operator import add, attrgetter, sub
-from typing import TYPE_CHECKING, Any
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time (see docs/performance.md)
 
 from . import policy
 from .cause import classify, sums_of
@@ -33,6 +33,7 @@ from .progress import Meter, ProgressFn
 from .report import FAIL_ON, DiffReport, Rows, SideInfo, TensorDiff
 
 if TYPE_CHECKING:
+    from typing import Any
     from .stats import DeltaStats
 
 

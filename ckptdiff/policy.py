@@ -25,7 +25,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, Protocol
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time (see docs/performance.md)
+if TYPE_CHECKING:
+    from typing import Any, Protocol
+else:
+    Protocol = object  # Layout and Hashed only describe shapes to type checkers
 
 from .manifest import Manifest
 from .report import TensorDiff

@@ -15,7 +15,9 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Sequence
-from typing import IO, Any
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time (see docs/performance.md)
+if TYPE_CHECKING:
+    from typing import IO, Any
 
 from .display import dtype_of as fmt_dtype
 from .display import num as fmt_num

@@ -29,7 +29,9 @@ import mmap
 import os
 import re
 import weakref
-from typing import Any
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time (see docs/performance.md)
+if TYPE_CHECKING:
+    from typing import Any
 
 from ..checkpoint import Checkpoint, SpanTable, check_shape
 from ..dtypes import _BY_SAFETENSORS, from_safetensors

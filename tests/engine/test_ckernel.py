@@ -579,3 +579,18 @@ def test_levels_agree_in_threads(write_file):
         finally:
             ck._set_simd(previous)
     assert not failures
+
+
+def test_equal_compares_ranges_of_two_buffers_and_refuses_ranges_outside_them():
+    a = bytearray(b"abcdefgh" * 20000)
+    b = bytearray(a)
+    b[100_000] ^= 1
+    assert ck.equal(a, b, 0, 100_000) is True
+    assert ck.equal(a, b, 0, 100_001) is False
+    assert ck.equal(a, b, 100_001, len(a) - 100_001) is True
+    assert ck.equal(memoryview(a)[8:], memoryview(b)[8:], 0, 0) is True
+    for start, n in ((-1, 1), (0, -1), (len(a), 1), (1, len(a)), (2**62, 2**62)):
+        with pytest.raises(ValueError):
+            ck.equal(a, b, start, n)
+    with pytest.raises(TypeError):
+        ck.equal(a, 12, 0, 1)

@@ -98,12 +98,13 @@ def test_pt_diff_imports_neither_numpy_nor_torch(tmp_path):
 def test_a_safetensors_diff_loads_only_the_code_it_runs(tmp_path):
     """Start-up is most of a small diff's time: a JSON diff of two safetensors files, written
     with -o, loads no other command's code, no store (sqlite3), no zip reader, no rich, no shutil,
-    no dataclasses (it imports inspect)."""
+    no dataclasses (it imports inspect), no typing, no ctypes."""
     a = {"w": np.arange(16, dtype=np.float32), "b": np.ones(4, dtype=np.float32)}
     b = {"w": a["w"] + 1, "b": a["b"]}
     pa, pb = write_pair(tmp_path, a, b)
     unwanted = ["ckptdiff.commands.store_cmds", "ckptdiff.commands.tui_cmd", "ckptdiff.commands.report_cmd",
-                "ckptdiff.store", "sqlite3", "zipfile", "rich", "shutil", "numpy", "dataclasses", "inspect"]
+                "ckptdiff.store", "sqlite3", "zipfile", "rich", "shutil", "numpy", "dataclasses", "inspect",
+                "typing", "ctypes"]
     probe = ("import sys\nfrom ckptdiff.cli import main\n"
              "code = main(['diff', sys.argv[1], sys.argv[2], '--format', 'json', '-o', sys.argv[3]])\n"
              "print(code, *[m for m in sys.argv[4].split(',') if m in sys.modules])")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import ml_dtypes
 import numpy as np
@@ -60,6 +61,14 @@ def pair(tmp_path_factory):
     return pa, pb, same
 
 
+def _without_kernel(monkeypatch) -> None:
+    """The install without the C kernel: runs compared and hashed in Python, memcmp through ctypes."""
+    monkeypatch.setattr(compare, "_ckernel", None)
+    monkeypatch.setattr(compare, "_EQUAL", None)
+    monkeypatch.setattr(compare, "_MEMCMP", compare._load_memcmp())
+    monkeypatch.setattr(compare, "_LOCAL", threading.local())  # buffers whose addresses ctypes knows
+
+
 def _by_refs(ck: Checkpoint) -> Checkpoint:
     """The same checkpoint as a plain dict of refs: the engine's general path."""
     return Checkpoint(ck.path, ck.format, dict(ck.tensors.items()), dict(ck.metadata), ck.manifest)
@@ -87,7 +96,7 @@ def test_table_path_gives_the_ref_paths_report(pair, monkeypatch, kernel, kw):
     """c: the C kernel hashes every tensor of a run (SIMD code where the CPU has it); c-portable: with its
     portable BLAKE3; c-and-package: tensors above 48 bytes left to the blake3 package; python: no C kernel."""
     if kernel == "python":
-        monkeypatch.setattr(compare, "_ckernel", None)
+        _without_kernel(monkeypatch)
     elif compare._ckernel is None:
         pytest.skip("the C kernel is not built")
     elif kernel == "c-and-package":
@@ -163,7 +172,7 @@ def test_tables_from_the_python_header_parser_diff_the_same(pair, monkeypatch):
 
     with_c, _ = _both(pair[0], pair[1], manifest=MANIFEST)
     monkeypatch.setattr(safetensors_format, "_cheader", None)
-    monkeypatch.setattr(compare, "_ckernel", None)
+    _without_kernel(monkeypatch)
     with open_checkpoint(pair[0]) as a:
         assert isinstance(a.tensors.offsets, list)  # columns built from the parsed JSON
     without_c, slow = _both(pair[0], pair[1], manifest=MANIFEST)
