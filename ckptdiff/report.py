@@ -316,7 +316,15 @@ class DiffReport(_Record):
 
     @property
     def failed(self) -> bool:
-        return self.verdict()[0]
+        """``verdict()[0]``, without wording a reason per tensor."""
+        if self.lora is not None:
+            return self._merge_verdict()[0]
+        rows = _materialized(self.tensors)
+        if self.fail_on == "drift":
+            return any(t.drift for t in rows)
+        if self.fail_on == "change":
+            return any(t.status != "identical" for t in rows)
+        return False
 
     @property
     def exit_code(self) -> int:
