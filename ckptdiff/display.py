@@ -34,7 +34,7 @@ def num(x: float | None) -> str:
 
 def shape(s: Sequence[int] | None) -> str:
     """``(2, 3)``, ``(8,)`` for one dimension, ``()`` for a scalar, ``-`` when absent."""
-    return "-" if s is None else "(" + ", ".join(str(d) for d in s) + ("," if len(s) == 1 else "") + ")"
+    return "-" if s is None else "(" + ", ".join(map(str, s)) + ("," if len(s) == 1 else "") + ")"
 
 
 def change(old: str | None, new: str | None) -> str:

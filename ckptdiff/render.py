@@ -84,8 +84,7 @@ def _merge_failed(t: TensorDiff) -> bool:
 def _merge_verdict_line(report: DiffReport) -> str:
     """PASS/FAIL of a LoRA merge check (``--lora``)."""
     m = report.merge_summary()
-    failed, _ = report.verdict()
-    if failed:
+    if report.failed:
         parts = [_plural(m["merge-off"], "target") + " merge-off" if m["merge-off"] else "",
                  (_plural(m["changed-outside"], "tensor") + " changed outside the adapter") if m["changed-outside"]
                  else ""]
@@ -116,8 +115,7 @@ def verdict_line(report: DiffReport) -> str:
         return _merge_verdict_line(report)
     s = report.summary()
     differ = s["total"] - s["identical"]
-    failed, reasons = report.verdict()
-    if failed:
+    if report.failed:
         if report.fail_on == "drift":
             return f"FAIL: {_plural(s['drifted'], 'frozen tensor')} drifted"
         return f"FAIL: {_differ(differ)} (--fail-on change)"
@@ -550,9 +548,8 @@ def _md_code(s: str, in_table: bool = True) -> str:
 
 
 def render_markdown(report: DiffReport, show_all: bool = False, max_rows: int = MARKDOWN_MAX_ROWS) -> str:
-    failed, _ = report.verdict()
     s = report.summary()
-    icon = "❌" if failed else "⚠️" if s["stale"] else "✅"
+    icon = "❌" if report.failed else "⚠️" if s["stale"] else "✅"
     out = [f"### ckptdiff {icon} {_md_escape(verdict_line(report))}", ""]
     why = cause_groups(report)
     if why:
@@ -684,8 +681,7 @@ def render_table(report: DiffReport, file: IO[str], *, show_all: bool = False,
     console.print(summary_line(report), highlight=False, markup=False, soft_wrap=True)
     for line in cause_lines(report):  # why, just above the verdict (which stays the last line)
         console.print(Text(printable(line), style="red"), soft_wrap=True)
-    failed, _ = report.verdict()
-    style = "bold red" if failed else "bold yellow" if report.stale else "bold green"
+    style = "bold red" if report.failed else "bold yellow" if report.stale else "bold green"
     console.print(Text(verdict_line(report), style=style), soft_wrap=True)
 
 
@@ -701,11 +697,14 @@ _DROP_ORDER = ("mean", "dtype", "shape", "cause", "role", "changed", "rel", "sta
 _NAME_MIN = 24
 
 
-def _cells(t: TensorDiff) -> dict[str, str]:
-    return {"flag": flag(t), "name": printable(t.name), "status": _STATUS_LABEL[t.status], "merge": fmt_merge(t),
-            "role": t.role, "dtype": fmt_dtype(t), "shape": fmt_shape(t), "max": fmt_num(t.max_abs_delta),
-            "mean": fmt_num(t.mean_abs_delta), "rel": fmt_num(t.rel_l2), "changed": fmt_changed(t),
-            "cause": t.cause or ""}
+def _cell_columns(rows: list[TensorDiff]) -> dict[str, list[str]]:
+    """Every table cell, a list per column (one pass of cheap reads per column, not a dict per row)."""
+    return {"flag": [flag(t) for t in rows], "name": [printable(t.name) for t in rows],
+            "status": [_STATUS_LABEL[t.status] for t in rows], "merge": [fmt_merge(t) for t in rows],
+            "role": [t.role for t in rows], "dtype": [fmt_dtype(t) for t in rows],
+            "shape": [fmt_shape(t) for t in rows], "max": [fmt_num(t.max_abs_delta) for t in rows],
+            "mean": [fmt_num(t.mean_abs_delta) for t in rows], "rel": [fmt_num(t.rel_l2) for t in rows],
+            "changed": [fmt_changed(t) for t in rows], "cause": [t.cause or "" for t in rows]}
 
 
 def _row_style(t: TensorDiff) -> str | None:
@@ -730,11 +729,11 @@ def _column_width(head: str, column: list[str]) -> int:
     return max([_cell_len(head)] + [_cell_len(c) for c in column])
 
 
-def _table(rows: list[TensorDiff], width: int) -> tuple[list[tuple[str, str, bool]], list[dict[str, str]],
+def _table(rows: list[TensorDiff], width: int) -> tuple[list[tuple[str, str, bool]], dict[str, list[str]],
                                                          dict[str, int], list[str]]:
-    """Columns that fit ``width``, each row's cells, column widths, and the headers dropped."""
-    cells = [_cells(t) for t in rows]
-    need = {key: _column_width(head, [c[key] for c in cells]) for key, head, _ in _COLUMNS}
+    """Columns that fit ``width``, each column's cells, column widths, and the headers dropped."""
+    cells = _cell_columns(rows)
+    need = {key: _column_width(head, cells[key]) for key, head, _ in _COLUMNS}
     columns = [c for c in _COLUMNS if c[0] != "merge" or any(t.merge is not None for t in rows)]
     keys = [key for key, _, _ in columns]
 
@@ -792,26 +791,26 @@ def _print_table(console: Any, rows: list[TensorDiff], width: int) -> list[str]:
 
     out = ["  ".join(styled(pad(head, key, right), "bold") for key, head, right in shown).rstrip(" ") + "\n"]
     name_width = need["name"]
-    if system is None:  # no colours: one format string per line, the cells padded by str methods
-        plain = [(key, need[key], right) for key, _head, right in shown]
-        for c in cells:
-            name = c["name"]
-            if _cell_len(name) > name_width:
-                break  # a name to fold: the general loop below
-            out.append("  ".join(
-                [(c[key].rjust(w) if right else c[key].ljust(w)) if c[key].isascii() else pad(c[key], key, right)
-                 for key, w, right in plain]).rstrip(" ") + "\n")
-        else:
-            console.file.write("".join(out))
-            return dropped
-        out = out[:1]
-    for t, c in zip(rows, cells):
+    names = cells["name"]
+    if system is None and _column_width("", names) <= name_width:
+        # No colours and no name to fold: whole columns padded by str methods, joined line by line.
+        padded = []
+        for key, _head, right in shown:
+            column, w = cells[key], need[key]
+            if "".join(column).isascii():
+                padded.append([c.rjust(w) for c in column] if right else [c.ljust(w) for c in column])
+            else:
+                padded.append([pad(c, key, right) for c in column])
+        out.extend("  ".join(parts).rstrip(" ") + "\n" for parts in zip(*padded))
+        console.file.write("".join(out))
+        return dropped
+    for i, t in enumerate(rows):
         style = _row_style(t)
         bold = "bold" if style is None else f"bold {style}"
-        name = c["name"]
+        name = names[i]
         parts = chop_cells(name, name_width) if _cell_len(name) > name_width else [name]
         for n, piece in enumerate(parts):
-            line = [styled(pad(piece if key == "name" else c[key] if n == 0 else "", key, right),
+            line = [styled(pad(piece if key == "name" else cells[key][i] if n == 0 else "", key, right),
                            bold if key == "flag" else style) for key, _head, right in shown]
             out.append("  ".join(line).rstrip(" ") + "\n")
     console.file.write("".join(out))

@@ -155,12 +155,13 @@ class Rows(Sequence[TensorDiff]):
     build them.
     """
 
-    __slots__ = ("_slots", "_make", "_omitted")
+    __slots__ = ("_slots", "_make", "_omitted", "_listed")
 
     def __init__(self, slots: list[TensorDiff | None], make: Callable[[int], TensorDiff]) -> None:
         self._slots = slots
         self._make = make
         self._omitted = slots.count(None)
+        self._listed: list[TensorDiff] | None = None  # listed(), until a row is built
 
     def __len__(self) -> int:
         return len(self._slots)
@@ -170,6 +171,7 @@ class Rows(Sequence[TensorDiff]):
         if td is None:
             td = self._slots[i] = self._make(i)
             self._omitted -= 1
+            self._listed = None
         return td
 
     def __getitem__(self, i: Any) -> Any:
@@ -189,8 +191,12 @@ class Rows(Sequence[TensorDiff]):
         return td if td is not None else self._make(i)
 
     def listed(self) -> list[TensorDiff]:
-        """The rows that are not columns: every tensor that differs or is stale, plus any row built on request."""
-        return [td for td in self._slots if td is not None]
+        """The rows that are not columns: every tensor that differs or is stale, plus any row built on request.
+
+        Summaries, verdicts and renderers each read it, so it is kept (as a new list for each caller)."""
+        if self._listed is None:
+            self._listed = [td for td in self._slots if td is not None]
+        return self._listed.copy()
 
     def omitted(self) -> int:
         """How many identical tensors are still columns (never drifted, never stale)."""

@@ -91,3 +91,22 @@ def test_table_keeps_identical_tensors_to_one_line_unless_asked():
     every = io.StringIO()
     render_table(rep, every, show_all=True)
     assert sum(line.split()[0].startswith("t") for line in every.getvalue().splitlines()[2:-2]) == 1000
+
+
+def test_plain_table_is_the_coloured_table_without_its_escape_codes():
+    """The plain table pads whole columns; the coloured one styles cell by cell: same layout, wide names too."""
+    import re
+
+    old = {"a.w": np.zeros(4, np.float32), "层.权重": np.zeros(3, np.float32), "gone": np.zeros(2, np.float32),
+           "e\u0301.bias": np.zeros(5, np.float32), "grows": np.zeros(2, np.float32)}
+    new = {"a.w": np.ones(4, np.float32), "层.权重": np.zeros(3, np.float32) + 2, "e\u0301.bias": np.zeros(5, np.float32),
+           "grows": np.zeros(3, np.float32), "new": np.zeros(1, np.float64)}
+    rep = diff(Checkpoint.from_arrays(old), Checkpoint.from_arrays(new))
+    plain, coloured = io.StringIO(), io.StringIO()
+    render_table(rep, plain, color=False, show_all=True, width=120)
+    render_table(rep, coloured, color=True, show_all=True, width=120)
+    assert "\x1b[" in coloured.getvalue() and "\x1b[" not in plain.getvalue()
+    unstyled = re.sub(r"\x1b\[[0-9;]*m", "", coloured.getvalue())
+    # (a styled last cell keeps its padding inside the escape codes; the plain line is right-stripped)
+    assert [line.rstrip() for line in unstyled.splitlines()] == plain.getvalue().splitlines()
+    assert "层.权重" in plain.getvalue() and "shape changed" in plain.getvalue()
