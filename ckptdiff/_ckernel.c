@@ -12,9 +12,10 @@
  *
  *   blake3(buffer) -> bytes                  the 32-byte BLAKE3 digest
  *   compare_run(fd_a, pos_a, fd_b, pos_b, span, buf_a, buf_b,
- *               offsets, sizes, hash_max, flags, digests, new_digests) -> int
+ *               offsets, sizes, hash_max, flags, digests, new_digests
+ *               [, identical]) -> int
  *   compare_buffers(buf_a, buf_b, offsets, sizes, hash_max,
- *                   flags, digests, new_digests) -> int
+ *                   flags, digests, new_digests[, identical]) -> int
  *   SIMD_LEVELS, _set_simd(level) -> int     the BLAKE3 code levels this CPU
  *                                            has; the test hook choosing one
  *
@@ -23,10 +24,11 @@
  * buf[offsets[i] : offsets[i] + sizes[i]] on both sides (offsets and sizes:
  * native int64 arrays of one length n). For each tensor, flags[i] gets
  * FLAG_DIFFERS when its bytes differ and FLAG_HASHED when its size is at most
- * hash_max; a hashed tensor's old-side digest goes to digests[32 i : 32 i + 32]
- * and, when it differs, its new-side digest to new_digests[32 i : 32 i + 32]
- * (both buffers hold DIGEST_SIZE = 32 bytes per tensor; other bytes are left
- * alone). Both return how many tensors differ; compare_run returns -1
+ * hash_max (and, with identical=0, it differs: a report that lists only the
+ * tensors that differ needs no digest of the others); a hashed tensor's
+ * old-side digest goes to digests[32 i : 32 i + 32] and, when it differs, its
+ * new-side digest to new_digests[32 i : 32 i + 32] (both buffers hold
+ * DIGEST_SIZE = 32 bytes per tensor; other bytes are left alone). Both return how many tensors differ; compare_run returns -1
  * instead when a file ends before span bytes were read.
  *
  * BLAKE3 here is written from the specification (default hash mode, 32-byte
@@ -48,6 +50,9 @@
 
 #ifndef _WIN32
 #include <unistd.h>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 #define HAVE_PREAD 1
 #endif
 
@@ -1019,7 +1024,7 @@ static int check_tensors(const args_t *x, Py_ssize_t span)
  * value is loaded once and checked again right where it is used.
  */
 static Py_ssize_t run_tensors(const uint8_t *a, const uint8_t *b, Py_ssize_t span, const args_t *x,
-                              Py_ssize_t hash_max)
+                              Py_ssize_t hash_max, int identical)
 {
     const uint8_t *po = x->offsets.buf, *ps = x->sizes.buf;
     uint8_t *flags = x->flags.buf, *digests = x->digests.buf, *new_digests = x->new_digests.buf;
@@ -1033,7 +1038,7 @@ static Py_ssize_t run_tensors(const uint8_t *a, const uint8_t *b, Py_ssize_t spa
         if (!tensor_ok(off, size, span))
             return -2;
         int f = !whole_same && size > 0 && memcmp(a + off, b + off, (size_t)size) != 0;
-        if (size <= hash_max) {
+        if (size <= hash_max && (f || identical)) {
             batch_add(&bt, a + off, (size_t)size, digests + (size_t)i * OUT_LEN);
             if (f)
                 batch_add(&bt, b + off, (size_t)size, new_digests + (size_t)i * OUT_LEN);
@@ -1083,11 +1088,12 @@ static PyObject *compare_run(PyObject *self, PyObject *args)
     int fd_a, fd_b;
     long long pos_a, pos_b;
     Py_ssize_t span, hash_max;
+    int identical = 1;
     PyObject *oa, *ob, *ooff, *osz, *ofl, *odg, *onew;
     args_t x;
     (void)self;
-    if (!PyArg_ParseTuple(args, "iLiLnOOOOnOOO:compare_run", &fd_a, &pos_a, &fd_b, &pos_b, &span, &oa, &ob, &ooff,
-                          &osz, &hash_max, &ofl, &odg, &onew))
+    if (!PyArg_ParseTuple(args, "iLiLnOOOOnOOO|p:compare_run", &fd_a, &pos_a, &fd_b, &pos_b, &span, &oa, &ob,
+                          &ooff, &osz, &hash_max, &ofl, &odg, &onew, &identical))
         return NULL;
     if (span < 0 || pos_a < 0 || pos_b < 0 || pos_a > LLONG_MAX - span || pos_b > LLONG_MAX - span
         || (sizeof(off_t) < 8 && (pos_a > LONG_MAX - span || pos_b > LONG_MAX - span)))
@@ -1109,7 +1115,7 @@ static PyObject *compare_run(PyObject *self, PyObject *args)
     got = read_full(fd_a, x.a.buf, (size_t)span, pos_a, &err);
     if (got == 1)
         got = read_full(fd_b, x.b.buf, (size_t)span, pos_b, &err);
-    r = got == 1 ? run_tensors(x.a.buf, x.b.buf, span, &x, hash_max) : -1;
+    r = got == 1 ? run_tensors(x.a.buf, x.b.buf, span, &x, hash_max, identical) : -1;
     Py_END_ALLOW_THREADS
     release_args(&x);
     if (got < 0) {
@@ -1156,10 +1162,12 @@ static PyObject *equal(PyObject *self, PyObject *args)
 static PyObject *compare_buffers(PyObject *self, PyObject *args)
 {
     Py_ssize_t hash_max;
+    int identical = 1;
     PyObject *oa, *ob, *ooff, *osz, *ofl, *odg, *onew;
     args_t x;
     (void)self;
-    if (!PyArg_ParseTuple(args, "OOOOnOOO:compare_buffers", &oa, &ob, &ooff, &osz, &hash_max, &ofl, &odg, &onew))
+    if (!PyArg_ParseTuple(args, "OOOOnOOO|p:compare_buffers", &oa, &ob, &ooff, &osz, &hash_max, &ofl, &odg, &onew,
+                          &identical))
         return NULL;
     if (take_args(&x, oa, ob, 0, ooff, osz, ofl, odg, onew) < 0)
         return NULL;
@@ -1170,7 +1178,7 @@ static PyObject *compare_buffers(PyObject *self, PyObject *args)
     }
     Py_ssize_t r;
     Py_BEGIN_ALLOW_THREADS
-    r = run_tensors(x.a.buf, x.b.buf, span, &x, hash_max);
+    r = run_tensors(x.a.buf, x.b.buf, span, &x, hash_max, identical);
     Py_END_ALLOW_THREADS
     release_args(&x);
     return run_result(r);
@@ -1210,21 +1218,40 @@ static PyObject *set_simd(PyObject *self, PyObject *arg)
     return PyLong_FromLong(previous);
 }
 
+/* glibc raises its mmap threshold to the size of each mapped block freed (up
+ * to 32 MiB), after which every block under it comes from the heap, and the
+ * heap keeps what is freed at its top until twice that much is free: a
+ * 200,000-tensor diff peaked 11 MB higher that way. Fixing the threshold at
+ * its initial 128 KiB turns the adjustment off. A process-wide setting: the
+ * CLI makes it, the library does not. */
+static PyObject *fix_mmap_threshold(PyObject *self, PyObject *noargs)
+{
+    (void)self;
+    (void)noargs;
+#if defined(__GLIBC__) && defined(M_MMAP_THRESHOLD)
+    return PyBool_FromLong(mallopt(M_MMAP_THRESHOLD, 128 * 1024) == 1);
+#else
+    Py_RETURN_FALSE;
+#endif
+}
+
 static PyMethodDef methods[] = {
+    {"fix_mmap_threshold", fix_mmap_threshold, METH_NOARGS,
+     "fix_mmap_threshold() -> bool: fix glibc's mmap threshold at 128 KiB (no dynamic rise); False elsewhere"},
     {"blake3", blake3_py, METH_O, "blake3(buffer) -> bytes: the 32-byte BLAKE3 digest"},
     {"equal", equal, METH_VARARGS,
      "equal(buf_a, buf_b, start, n) -> bool: bytes start..start+n of the two buffers are equal (memcmp)"},
 #ifdef HAVE_PREAD
     {"compare_run", compare_run, METH_VARARGS,
      "compare_run(fd_a, pos_a, fd_b, pos_b, span, buf_a, buf_b, offsets, sizes, hash_max, flags, digests, "
-     "new_digests) -> int: read span bytes of each file into buf_a/buf_b, then compare_buffers; -1 when a file "
-     "ends first"},
+     "new_digests[, identical]) -> int: read span bytes of each file into buf_a/buf_b, then compare_buffers; -1 "
+     "when a file ends first"},
 #endif
     {"compare_buffers", compare_buffers, METH_VARARGS,
-     "compare_buffers(buf_a, buf_b, offsets, sizes, hash_max, flags, digests, new_digests) -> int: for each "
-     "tensor i (int64 offsets[i], sizes[i]), flags[i] = FLAG_DIFFERS if its bytes differ, | FLAG_HASHED if "
-     "sizes[i] <= hash_max, whose BLAKE3 digests go to digests[32i:32i+32] (old) and, if it differs, "
-     "new_digests[32i:32i+32] (new); returns how many differ"},
+     "compare_buffers(buf_a, buf_b, offsets, sizes, hash_max, flags, digests, new_digests[, identical]) -> int: "
+     "for each tensor i (int64 offsets[i], sizes[i]), flags[i] = FLAG_DIFFERS if its bytes differ, | FLAG_HASHED "
+     "if sizes[i] <= hash_max (and, with identical false, it differs), whose BLAKE3 digests go to "
+     "digests[32i:32i+32] (old) and, if it differs, new_digests[32i:32i+32] (new); returns how many differ"},
     {"_set_simd", set_simd, METH_O,
      "_set_simd(level) -> int: for tests and benchmarks, hash with SIMD_LEVELS[level] (0: the portable code) "
      "from now on; returns the previous level"},

@@ -31,6 +31,7 @@ def diff(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     workers: int | None = None,
     rank: int | None = None,
+    hash_identical: bool = True,
 ) -> DiffReport:
     """Compare two checkpoints tensor by tensor.
 
@@ -61,12 +62,18 @@ def diff(
     reads those tensors whole a second time, so it is off by default. Every
     changed tensor gets a ``cause`` either way (docs/causes.md).
 
+    ``hash_identical=False``: identical tensors that are not stale get no
+    BLAKE3 hash (their rows' ``hash_old``/``hash_new`` are None), which saves
+    hashing every unchanged byte when the report will list only what differs
+    or is stale (``ckptdiff diff`` does this unless ``--format json --all``).
+
     Returns:
         The :class:`~ckptdiff.report.DiffReport` every renderer reads.
     """
     with opened(old, new) as (a, b):
         return engine.diff(a, b, load_manifest(manifest), atol, rtol, include, exclude, fail_on, progress,
-                           chunk_bytes=chunk_bytes, workers=workers, rank=rank)
+                           chunk_bytes=chunk_bytes, workers=workers, rank=rank,
+                           hash_identical=hash_identical)
 
 
 __all__ = ["diff"]

@@ -140,6 +140,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # top only spins (see stats_numpy._DOT_OK; numpy measures only where the
         # C module was not built). A user's explicit setting wins.
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    try:  # freed blocks go back to the system instead of staying in the heap (see _ckernel.c)
+        from . import _ckernel
+
+        _ckernel.fix_mmap_threshold()
+    except ImportError:  # pragma: no cover - installs without a compiler
+        pass
     from . import watchdog
 
     try:

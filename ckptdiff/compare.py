@@ -43,6 +43,8 @@ except ImportError:  # pragma: no cover - installs without a compiler
     _ckernel = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
+    from typing import Any
+
     from .dtypes import DType
     from .stats import DeltaStats
 
@@ -235,13 +237,17 @@ class PairResult:
 
     __slots__ = ("hash_old", "hash_new", "stats")
 
-    def __init__(self, hash_old: str, hash_new: str, stats: DeltaStats | None) -> None:
-        self.hash_old, self.hash_new = hash_old, hash_new
+    def __init__(self, hash_old: str | None, hash_new: str | None, stats: DeltaStats | None) -> None:
+        self.hash_old, self.hash_new = hash_old, hash_new  # None: identical and not hashed (hash_identical=False)
         self.stats = stats  # None: bitwise identical
 
     @property
     def identical(self) -> bool:
         return self.stats is None
+
+
+#: An identical pair that nobody asked the hash of.
+_UNHASHED = PairResult(None, None, None)
 
 
 def _buffers_equal(io: _IOBuffers, start: int, n: int) -> bool:
@@ -255,8 +261,10 @@ def _buffers_equal(io: _IOBuffers, start: int, n: int) -> bool:
 
 
 def _result(info: DType, ca: memoryview, cb: memoryview, same: bool, atol: float, rtol: float,
-            rows: int) -> PairResult:
+            rows: int, hash_identical: bool = True) -> PairResult:
     """Hashes, and statistics if the bytes differ, of one pair already in memory."""
+    if same and not hash_identical:
+        return _UNHASHED
     n = ca.nbytes
     h = new_hasher(n)
     h.update(ca)
@@ -271,7 +279,7 @@ def _result(info: DType, ca: memoryview, cb: memoryview, same: bool, atol: float
 
 
 def _compare_small(old: TensorRef, new: TensorRef, io: _IOBuffers, atol: float, rtol: float,
-                   progress: Progress | None) -> PairResult:
+                   progress: Progress | None, hash_identical: bool) -> PairResult:
     """A pair that fits in one chunk, read straight into this thread's buffers.
 
     Same answers as the streaming loop, without its generators and
@@ -283,7 +291,7 @@ def _compare_small(old: TensorRef, new: TensorRef, io: _IOBuffers, atol: float, 
     assert old.read_into is not None and new.read_into is not None
     fill_exact(old.read_into, va, 0, n, f"tensor {old.name!r}")
     fill_exact(new.read_into, vb, 0, n, f"tensor {new.name!r}")
-    res = _result(old.dtype_info, va, vb, _buffers_equal(io, 0, n), atol, rtol, row_len(old.shape))
+    res = _result(old.dtype_info, va, vb, _buffers_equal(io, 0, n), atol, rtol, row_len(old.shape), hash_identical)
     if progress:
         progress(2 * n)
     return res
@@ -296,6 +304,7 @@ def compare_run(
     rtol: float = 0.0,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     progress: Progress | None = None,
+    hash_identical: bool = True,
 ) -> list[PairResult]:
     """Compare a run of small tensor pairs that lie side by side in both files.
 
@@ -330,16 +339,55 @@ def compare_run(
         n = old.nbytes
         if n < _THREADED_HASH_BYTES and (whole_same or _buffers_equal(io, start, n)):
             # The usual answer, in one hasher call: a run's frozen tensor pays per-tensor cost only here.
-            h = plain_hash(va[start:start + n]).hexdigest()
-            out.append(PairResult(h, h, None))
+            if hash_identical:
+                h = plain_hash(va[start:start + n]).hexdigest()
+                out.append(PairResult(h, h, None))
+            else:
+                out.append(_UNHASHED)
         else:
             same = whole_same or _buffers_equal(io, start, n)
             out.append(_result(old.dtype_info, va[start:start + n], vb[start:start + n], same, atol, rtol,
-                               row_len(old.shape)))
+                               row_len(old.shape), hash_identical))
         done += 2 * n
     if progress:
         progress(done)
     return out
+
+
+def _identical_prefix(old: TensorRef, new: TensorRef, io: _IOBuffers | None, chunk_bytes: int,
+                      progress: Progress | None) -> int | None:
+    """None when the two tensors' bytes are identical, else how many leading bytes (whole chunks) are.
+
+    Compares chunk by chunk without hashing, and counts the identical chunks as progress."""
+    into_a, into_b = (io.mva, io.mvb) if io is not None else (None, None)
+    done = 0
+    for ca, cb in zip(old.chunks(chunk_bytes, into_a), new.chunks(chunk_bytes, into_b), strict=True):
+        if io is not None and io.holds(ca, cb):
+            same = ca.nbytes == cb.nbytes and _buffers_equal(io, 0, ca.nbytes)
+        else:
+            same = bytes_equal(ca, cb)
+        release_pages(ca)
+        release_pages(cb)
+        if not same:
+            return done
+        done += ca.nbytes
+        if progress:
+            progress(ca.nbytes + cb.nbytes)
+    return None
+
+
+def _skipping(progress: Progress, skip: int) -> Progress:
+    """``progress``, leaving out the first ``skip`` bytes reported to it."""
+    left = skip
+
+    def report(n: int) -> None:
+        nonlocal left
+        take = min(left, n)
+        left -= take
+        if n > take:
+            progress(n - take)
+
+    return report
 
 
 def compare_pair(
@@ -350,6 +398,7 @@ def compare_pair(
     rtol: float = 0.0,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     progress: Progress | None = None,
+    hash_identical: bool = True,
 ) -> PairResult:
     """Compare two tensors of the same dtype and shape, bitwise, in one streaming pass.
 
@@ -358,6 +407,12 @@ def compare_pair(
     bytes of a fine-tune diff. At the first differing chunk the state is
     copied and each side continues on its own. Sources with ``read_into``
     are streamed through this thread's two reused buffers.
+
+    ``hash_identical=False``: a pair whose bytes are identical is not hashed
+    (both hashes None), for a report that will not list it. The bytes are
+    compared first, with no hashing; at the first difference the pair is
+    compared again from its start with hashes, which reads the identical
+    prefix twice (a trained tensor usually differs in its first chunk).
     """
     assert old.dtype == new.dtype and old.shape == new.shape
     if old.hash is not None and old.hash == new.hash:
@@ -369,7 +424,13 @@ def compare_pair(
     io = _io_buffers(chunk_bytes) if old.read_into or new.read_into else None
     if io is not None and old.nbytes <= chunk_bytes and old.read_into and new.read_into \
             and old.hash is None and new.hash is None:
-        return _compare_small(old, new, io, atol, rtol, progress)
+        return _compare_small(old, new, io, atol, rtol, progress, hash_identical)
+    if not hash_identical and old.hash is None and new.hash is None:
+        prefix = _identical_prefix(old, new, io, chunk_bytes, progress)
+        if prefix is None:
+            return _UNHASHED
+        if prefix and progress:
+            progress = _skipping(progress, 2 * prefix)  # the prefix's bytes were counted once already
     into_a, into_b = (io.mva, io.mvb) if io is not None else (None, None)
     h_old = new_hasher(old.nbytes) if old.hash is None else None
     shared = h_old is not None and new.hash is None  # one state for both sides, so far
@@ -426,6 +487,13 @@ def compare_pair(
 #: hashes everything a run holds.
 C_HASH_MAX = 1 << 62
 
+def blake3_digest(data: Any) -> bytes:
+    """The 32-byte BLAKE3 digest of a buffer: the C kernel's (without the GIL), else the blake3 package's."""
+    if _ckernel is not None:
+        return _ckernel.blake3(data)
+    return blake3.blake3(data).digest()
+
+
 #: Bits of compare_spans' per-tensor flags.
 DIFFERS, HASHED = 1, 2
 
@@ -435,7 +503,7 @@ DIGEST_SIZE = 32
 
 def compare_spans(fd_a: int, pos_a: int, fd_b: int, pos_b: int, span: int, offsets: memoryview,
                   sizes: memoryview, flags: memoryview, digests: memoryview, new_digests: memoryview,
-                  chunk_bytes: int, what: str) -> tuple[memoryview, memoryview, int]:
+                  chunk_bytes: int, what: str, hash_identical: bool = True) -> tuple[memoryview, memoryview, int]:
     """Compare a run of tensors that lie side by side in two files, tensor by tensor, with no object per tensor.
 
     Reads ``span`` bytes at ``pos_a`` of ``fd_a`` and at ``pos_b`` of
@@ -446,12 +514,13 @@ def compare_spans(fd_a: int, pos_a: int, fd_b: int, pos_b: int, span: int, offse
     ``new_digests[32k:32k+32]`` (BLAKE3 of the new side). Returns the two
     buffers' views of the run (valid until this thread's next comparison,
     for the caller to measure changed tensors) and how many tensors differ.
+    ``hash_identical=False`` leaves the digests of identical tensors unwritten.
     """
     io = _io_buffers(chunk_bytes)
     va, vb = io.mva[:span], io.mvb[:span]
     if _ckernel is not None:
         got = _ckernel.compare_run(fd_a, pos_a, fd_b, pos_b, span, io.a, io.b, offsets, sizes, C_HASH_MAX,
-                                   flags, digests, new_digests)
+                                   flags, digests, new_digests, hash_identical)
         if got < 0:
             raise FormatError(f"{what}: a file ended before the bytes its header promises")
         if span <= C_HASH_MAX:  # every tensor lies in the span, so the kernel hashed them all
@@ -469,7 +538,7 @@ def compare_spans(fd_a: int, pos_a: int, fd_b: int, pos_b: int, span: int, offse
     digest = blake3.blake3
     for k, (start, n) in enumerate(zip(offsets, sizes)):
         f = flags[k]
-        if not f & HASHED:
+        if not f & HASHED and (hash_identical or f & DIFFERS):
             at = DIGEST_SIZE * k
             digests[at:at + DIGEST_SIZE] = digest(va[start:start + n]).digest()
             if f & DIFFERS:

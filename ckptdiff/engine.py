@@ -26,7 +26,8 @@ from . import policy
 from .cause import classify, sums_of
 from .checkpoint import DEFAULT_CHUNK_BYTES, Checkpoint, SpanTable, TensorRef
 from .dtypes import DTYPES
-from .compare import DIFFERS, PairResult, changed_stats, compare_pair, compare_run, compare_spans, hash_ref, in_worker_thread
+from .compare import (DIFFERS, PairResult, blake3_digest, changed_stats, compare_pair, compare_run, compare_spans,
+                      hash_ref, in_worker_thread)
 from .errors import CkptError, NothingSelected
 from .manifest import Manifest
 from .progress import Meter, ProgressFn
@@ -51,6 +52,7 @@ def diff(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     workers: int | None = None,
     rank: int | None = None,
+    hash_identical: bool = True,
 ) -> DiffReport:
     """Compare two open checkpoints tensor by tensor (they are left open).
 
@@ -73,6 +75,10 @@ def diff(
 
     ``rank``: also test each changed matrix's delta for a numerical rank of
     at most ``rank`` (cause ``low_rank``; reads those tensors whole again).
+
+    ``hash_identical=False``: identical tensors that are not stale get no
+    BLAKE3 hash (their rows' hashes are None), for a report that only lists
+    the tensors that differ or are stale; everything else is the same.
     """
     _check_tolerance("atol", atol)
     _check_tolerance("rtol", rtol)
@@ -99,7 +105,7 @@ def diff(
     if (type(old.tensors) is SpanTable and type(new.tensors) is SpanTable and not include_pats
             and not exclude_pats):
         rows, ta, tb = _diff_tables(old.tensors, new.tensors, man, float(atol), float(rtol), chunk_bytes,
-                                    workers, progress)
+                                    workers, progress, hash_identical)
         if rank is not None:
             from .lowrank import apply_low_rank
             apply_low_rank(rows.listed(), ta, tb, rank)
@@ -116,10 +122,17 @@ def diff(
     def one(item: list[str]) -> list[TensorDiff]:
         if len(item) == 1:
             n = item[0]
-            return [_diff_one(n, ta.get(n), tb.get(n), man, atol_f, rtol_f, chunk_bytes, advance)]
+            # A trainable tensor that stays identical is listed (stale), with its hash.
+            hashed = hash_identical or policy.role(man, n) == "trainable"
+            return [_diff_one(n, ta.get(n), tb.get(n), man, atol_f, rtol_f, chunk_bytes, advance, hashed)]
         pairs = [(ta[n], tb[n]) for n in item]
-        results = compare_run(pairs, atol=atol_f, rtol=rtol_f, chunk_bytes=chunk_bytes, progress=advance)
-        return [_same_layout(n, x, y, res, man) for n, (x, y), res in zip(item, pairs, results)]
+        results = compare_run(pairs, atol=atol_f, rtol=rtol_f, chunk_bytes=chunk_bytes, progress=advance,
+                              hash_identical=hash_identical)
+        rows = [_same_layout(n, x, y, res, man) for n, (x, y), res in zip(item, pairs, results)]
+        for td, (x, _y) in zip(rows, pairs):
+            if td.stale and td.hash_old is None:
+                td.hash_old = td.hash_new = hash_ref(x, chunk_bytes, None)
+        return rows
 
     items = _plan(names, ta, tb, chunk_bytes)
     done = _map_items(one, items, ta, tb, _worker_count(workers, total, len(items)))
@@ -156,7 +169,8 @@ def _report(old: Checkpoint, new: Checkpoint, tensors: Sequence[TensorDiff], man
 # ---------------------------------------------------------------------------
 
 def _diff_tables(ta: SpanTable, tb: SpanTable, man: Manifest | None, atol: float, rtol: float, chunk_bytes: int,
-                 workers: int | None, progress: ProgressFn | None) -> tuple[Rows, SpanTable, SpanTable]:
+                 workers: int | None, progress: ProgressFn | None,
+                 hash_identical: bool = True) -> tuple[Rows, SpanTable, SpanTable]:
     """The diff of two column tables (safetensors files), with no Python object per identical tensor.
 
     The same answers as the path through refs (tested against it), in
@@ -221,6 +235,13 @@ def _diff_tables(ta: SpanTable, tb: SpanTable, man: Manifest | None, atol: float
         del starts, lengths, starts_b
     flags = bytearray(len(order))
     digests = bytearray(32 * len(order))  # the old side's, kept for the identical rows
+    # Without hash_identical, the trainable tensors of the runs are still hashed when identical: stale rows are listed.
+    stale_watch = None
+    if not hash_identical and man is not None:
+        stale_watch = bytearray(len(order))
+        for p, i in enumerate(order):
+            if policy.role(man, names[i]) == "trainable":
+                stale_watch[p] = 1
     rel_v, size_v, flag_v, dig_v = memoryview(rel), memoryview(sizes), memoryview(flags), memoryview(digests)
     fd_a, fd_b, base_a, base_b = ta.fd, tb.fd, ta.base, tb.base
 
@@ -231,7 +252,12 @@ def _diff_tables(ta: SpanTable, tb: SpanTable, man: Manifest | None, atol: float
         new_digests = bytearray(32 * (e - s))  # the new side's, of the changed tensors of this run only
         va, vb, differ = compare_spans(fd_a, base_a + oa, fd_b, base_b + ob, span, rel_v[s:e], size_v[s:e],
                                        flag_v[s:e], dig_v[32 * s:32 * e], memoryview(new_digests), chunk_bytes,
-                                       what)
+                                       what, hash_identical)
+        if stale_watch is not None:
+            for p in range(s, e):
+                if stale_watch[p] and not flags[p] & DIFFERS:
+                    at = rel[p]
+                    digests[32 * p:32 * p + 32] = blake3_digest(va[at:at + sizes[p]])
         if differ:
             for p in range(s, e):
                 if flags[p] & DIFFERS:
@@ -247,7 +273,8 @@ def _diff_tables(ta: SpanTable, tb: SpanTable, man: Manifest | None, atol: float
         x = ta.ref(i) if i < n_a else None
         j = (i if i < n_a else -1) if pair_b is None else (pair_b[i] if i < n_a else tb.index[names[i]])
         y = tb.ref(j) if j >= 0 else None
-        slots[i] = _diff_one(names[i], x, y, man, atol, rtol, chunk_bytes, advance)
+        hashed = hash_identical or policy.role(man, names[i]) == "trainable"
+        slots[i] = _diff_one(names[i], x, y, man, atol, rtol, chunk_bytes, advance, hashed)
 
     items: list[tuple[str, Any]] = [("run", r) for r in runs] + [("one", i) for i in singles]
     weight = [2 * (rel[r[1] - 1] + sizes[r[1] - 1]) for r in runs] + [2 * nb_a[i] if i < n_a else 0 for i in singles]
@@ -268,9 +295,10 @@ def _diff_tables(ta: SpanTable, tb: SpanTable, man: Manifest | None, atol: float
         for i in cand:
             if slots[i] is None and policy.role(man, names[i]) == "trainable":
                 slots[i] = _identical_row(i, ta, tb, pair_b, digests, i if position is None else position[i], man)
+    kept = digests if hash_identical else None
 
     def make(i: int) -> TensorDiff:
-        return _identical_row(i, ta, tb, pair_b, digests, i if position is None else position[i], man)
+        return _identical_row(i, ta, tb, pair_b, kept, i if position is None else position[i], man)
 
     return Rows(slots, make), ta, tb
 
@@ -360,10 +388,10 @@ def _ints(column: Any) -> list[int]:
     return column.tolist() if isinstance(column, memoryview) else list(column)
 
 
-def _identical_row(i: int, ta: SpanTable, tb: SpanTable, pair_b: list[int] | None, digests: bytearray, p: int,
-                   man: Manifest | None) -> TensorDiff:
-    """The row of a bitwise-identical same-layout pair, from the columns and its digest."""
-    h = digests[32 * p:32 * p + 32].hex()
+def _identical_row(i: int, ta: SpanTable, tb: SpanTable, pair_b: list[int] | None, digests: bytearray | None,
+                   p: int, man: Manifest | None) -> TensorDiff:
+    """The row of a bitwise-identical same-layout pair, from the columns and its digest (None: not hashed)."""
+    h = None if digests is None else digests[32 * p:32 * p + 32].hex()
     shape = ta.shapes[i]
     numel = 1
     for d in shape:
@@ -388,9 +416,11 @@ def _diff_one(
     rtol: float,
     chunk_bytes: int,
     advance: Callable[[int], None] | None,
+    hash_identical: bool = True,
 ) -> TensorDiff:
     if old is not None and new is not None and old.shape == new.shape and old.dtype == new.dtype:
-        res = compare_pair(old, new, atol=atol, rtol=rtol, chunk_bytes=chunk_bytes, progress=advance)
+        res = compare_pair(old, new, atol=atol, rtol=rtol, chunk_bytes=chunk_bytes, progress=advance,
+                           hash_identical=hash_identical)
         return _same_layout(name, old, new, res, manifest)
     td = _start(name, old, new, manifest)
     if old is None or new is None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Sequence
+from itertools import islice
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time (see docs/performance.md)
 if TYPE_CHECKING:
     from typing import IO, Any
@@ -247,7 +248,10 @@ def write_json(report: DiffReport, file: IO[str], show_all: bool = True) -> None
     promise to encode as ``json.dumps`` does falls back to it.
     """
     show_all = show_all or report.lora is not None
-    head = report.to_dict(tensors=False, identical=show_all)
+    head = report.to_dict(tensors=False, identical=show_all, reasons=False)
+    # The verdict's reasons (one per changed tensor under --fail-on change) are
+    # streamed too: a marker stands in the list, replaced as they are worded.
+    head["verdict"]["reasons"] = [_REASONS_MARK] if head["verdict"]["failed"] else []
     rows: Sequence[TensorDiff] = report.tensors if show_all else list(rows_to_list(report.tensors, False))
     # Listing every row of a Rows builds the identical ones one batch at a time, without keeping them.
     take = rows.peek if isinstance(rows, Rows) else rows.__getitem__
@@ -270,7 +274,19 @@ def write_json(report: DiffReport, file: IO[str], show_all: bool = True) -> None
                            + json.dumps(t.to_dict(), indent=2, allow_nan=False).replace("\n", _ROW_NL)
                            for k, t in enumerate(batch))
         file.write(text)
-    file.write(("\n  ]" if rows else "") + "," + after[1:] + "\n")
+    file.write(("\n  ]" if rows else "") + ",")
+    lead, mark, tail = after[1:].partition(_esc(_REASONS_MARK))
+    file.write(lead)
+    if mark:
+        reasons = report.reasons()
+        sep = ",\n" + lead[lead.rindex("\n") + 1:]  # the list's indent
+        for i, batch in enumerate(iter(lambda: list(islice(reasons, _JSON_BATCH)), [])):
+            file.write(("" if i == 0 else sep) + sep.join(map(_esc, batch)))
+    file.write(tail + "\n")
+
+
+#: Stands for the verdict's reasons in the document's last members until they are written.
+_REASONS_MARK = "\0reasons\0"
 
 
 # The standard library indents only in its pure-Python encoder (CPython 3.11

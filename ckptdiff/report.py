@@ -290,41 +290,42 @@ class DiffReport(_Record):
         return out
 
     def verdict(self) -> tuple[bool, list[str]]:
-        """(failed, reasons) under ``fail_on``."""
+        """(failed, reasons) under ``fail_on``: it failed exactly when there is a reason."""
+        reasons = list(self.reasons())
+        return bool(reasons), reasons
+
+    def reasons(self) -> Iterator[str]:
+        """Why the report fails, one sentence per tensor, worded as they are read (writers stream them)."""
         if self.lora is not None:
-            return self._merge_verdict()
-        reasons: list[str] = []
-        if self.fail_on == "drift":
+            yield from self._merge_reasons()
+        elif self.fail_on == "drift":
             for t in self.drifted:
-                reasons.append(f"frozen tensor {t.name} {_what(t)}")
+                yield f"frozen tensor {t.name} {_what(t)}"
         elif self.fail_on == "change":
             for t in self.changed:
-                reasons.append(f"tensor {t.name} {_what(t)}")
-        return bool(reasons), reasons
+                yield f"tensor {t.name} {_what(t)}"
 
     def merge_summary(self) -> dict[str, int]:
         """How many tensors got each merge verdict (all zero without a LoRA merge check)."""
         counts = Counter(t.merge.verdict for t in _materialized(self.tensors) if t.merge is not None)
         return {v: counts.get(v, 0) for v in MERGE_VERDICTS}
 
-    def _merge_verdict(self) -> tuple[bool, list[str]]:
+    def _merge_reasons(self) -> Iterator[str]:
         """A merge check fails on any target off its expected value or any other tensor changed."""
         if self.fail_on == "never":
-            return False, []
-        reasons: list[str] = []
+            return
         for t in _materialized(self.tensors):
             m = t.merge
             if m is not None and m.verdict == "merge-off":
-                reasons.append(f"tensor {t.name} {merge_off_text(m)}")
+                yield f"tensor {t.name} {merge_off_text(m)}"
             elif m is not None and m.verdict == "changed-outside":
-                reasons.append(f"tensor {t.name} is not in the adapter but {_what(t)}")
-        return bool(reasons), reasons
+                yield f"tensor {t.name} is not in the adapter but {_what(t)}"
 
     @property
     def failed(self) -> bool:
         """``verdict()[0]``, without wording a reason per tensor."""
         if self.lora is not None:
-            return self._merge_verdict()[0]
+            return next(self._merge_reasons(), None) is not None
         rows = _materialized(self.tensors)
         if self.fail_on == "drift":
             return any(t.drift for t in rows)
@@ -336,17 +337,18 @@ class DiffReport(_Record):
     def exit_code(self) -> int:
         return 1 if self.failed else 0
 
-    def to_dict(self, tensors: bool = True, identical: bool = True) -> dict[str, Any]:
+    def to_dict(self, tensors: bool = True, identical: bool = True, reasons: bool = True) -> dict[str, Any]:
         """The ``ckptdiff.diff/2`` document.
 
         ``identical=False`` lists only the tensors that differ or are stale
         (what ``ckptdiff diff --format json`` prints without ``--all``) and
         counts the others in ``"omitted_identical"``; a LoRA merge check
         lists every tensor whatever it says. ``tensors=False``
-        leaves the rows out (``"tensors"`` is then None), for writers that
-        stream them.
+        leaves the rows out (``"tensors"`` is then None), and ``reasons=False``
+        the verdict's reasons (then None, and ``"failed"`` still says whether
+        there are any), for writers that stream them.
         """
-        failed, reasons = self.verdict()
+        failed, why = self.verdict() if reasons else (self.failed, None)
         summary = self.summary()
         identical = identical or self.lora is not None  # a merge check's point is every tensor's verdict
         rows = list(rows_to_list(self.tensors, identical)) if tensors else None
@@ -361,7 +363,7 @@ class DiffReport(_Record):
             "summary": summary,
             "omitted_identical": 0 if identical else self.omitted_identical(),
             "tensors": [t.to_dict() for t in rows] if rows is not None else None,
-            "verdict": {"failed": failed, "reasons": reasons},
+            "verdict": {"failed": failed, "reasons": why},
         } | ({"lora": {**self.lora, "summary": self.merge_summary()}} if self.lora is not None else {})
 
     def omitted_identical(self) -> int:

@@ -156,6 +156,9 @@ def run(args: argparse.Namespace) -> int:
                     fail_on=args.fail_on,
                     progress=progress,
                     rank=args.rank,
+                    # Only a JSON report with --all lists identical tensors (and their hashes): the
+                    # others need no hash of the bytes that did not change.
+                    hash_identical=args.format == "json" and args.show_all,
                 )
     except NothingSelected as e:
         # The same error, in the words of the flags the user typed.

@@ -161,6 +161,28 @@ def test_json_schema(ckpts, capsys):
     assert b["status"] == "identical" and b["max_abs_delta"] is None and b["hash_old"] == b["hash_new"]
 
 
+@pytest.mark.parametrize("flags, hashed", [(("-f", "json", "--all"), True), (("-f", "json"), False),
+                                           ((), False), (("--all",), False), (("-f", "markdown", "--all"), False)])
+def test_identical_tensors_are_hashed_only_for_a_report_that_lists_them(ckpts, capsys, monkeypatch, flags, hashed):
+    """Only JSON with --all shows identical tensors' hashes; other reports skip hashing unchanged bytes."""
+    from ckptdiff import engine
+
+    seen = []
+    real = engine.diff
+
+    def recording(*args, **kwargs):
+        report = real(*args, **kwargs)
+        seen.append(report)
+        return report
+
+    monkeypatch.setattr(engine, "diff", recording)
+    run_cli(capsys, "diff", ckpts["base"], ckpts["drifted"], "-m", ckpts["manifest"], *flags)
+    (report,) = seen
+    bias = next(t for t in report.tensors if t.name == "backbone.0.bias")
+    assert bias.status == "identical" and (bias.hash_old is not None) is hashed
+    assert all(t.hash_old and t.hash_new for t in report.tensors if t.status == "changed")
+
+
 def test_json_lists_identical_tensors_only_with_all(ckpts, capsys):
     rc, out, _ = run_cli(capsys, "diff", ckpts["base"], ckpts["drifted"], "-m", ckpts["manifest"], "-f", "json")
     data = json.loads(out)

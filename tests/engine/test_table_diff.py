@@ -191,3 +191,63 @@ def test_same_names_and_offsets_cut_into_runs_by_the_window(tmp_path, chunk_byte
     fast, slow = _both(pa, pb, chunk_bytes=chunk_bytes, workers=2)
     assert [t.to_dict() for t in fast.tensors] == [t.to_dict() for t in slow.tensors]
     assert fast.summary()["changed"] == len(range(0, 600, 11))
+
+
+STALE_MANIFEST = Manifest(trainable=["experts.1*", "scalar", "steps"], frozen=["*"])
+
+
+@pytest.mark.parametrize("kernel", ["c", "c-and-package", "python"])
+@pytest.mark.parametrize("kw", [{}, {"manifest": STALE_MANIFEST}, {"chunk_bytes": 256, "workers": 2,
+                                                                   "manifest": STALE_MANIFEST}],
+                         ids=["default", "manifest", "small-chunks"])
+def test_without_hash_identical_only_unlisted_rows_go_unhashed(pair, monkeypatch, kernel, kw):
+    """hash_identical=False changes nothing a listing shows: rows that differ or are stale keep their hashes."""
+    if kernel == "python":
+        _without_kernel(monkeypatch)
+    elif compare._ckernel is None:
+        pytest.skip("the C kernel is not built")
+    elif kernel == "c-and-package":
+        monkeypatch.setattr(compare, "C_HASH_MAX", 48)
+    with open_checkpoint(pair[0]) as a, open_checkpoint(pair[1]) as b:
+        for old, new in ((a, b), (_by_refs(a), _by_refs(b))):  # the table path, then the general one
+            full = engine.diff(old, new, **kw)
+            lean = engine.diff(old, new, hash_identical=False, **kw)
+            assert lean.to_json(identical=False) == full.to_json(identical=False)
+            unhashed = 0
+            for f, t in zip(full.tensors, lean.tensors):
+                if f.status != "identical" or f.stale:
+                    assert t.to_dict() == f.to_dict()
+                else:
+                    assert f.hash_old is not None and t.hash_old is None and t.hash_new is None
+                    t.hash_old, t.hash_new = f.hash_old, f.hash_new
+                    assert t.to_dict() == f.to_dict()
+                    unhashed += 1
+            assert unhashed == full.omitted_identical() > 0
+            assert not kw or len(full.stale) > 3
+
+
+@pytest.mark.parametrize("where", ["first", "last", "nowhere"])
+def test_compare_pair_without_hash_identical_rereads_only_what_differs(tmp_path, where):
+    """A streamed pair is compared without hashing; where it differs, the hashed pass gives the usual answer."""
+    a = np.arange(50_000, dtype=np.float32)
+    b = a.copy()
+    if where != "nowhere":
+        b[0 if where == "first" else -1] += 1
+    pa, pb = str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")
+    save_file({"x": a}, pa)
+    save_file({"x": b}, pb)
+    with open_checkpoint(pa) as ca, open_checkpoint(pb) as cb:
+        x, y = _by_refs(ca).tensors["x"], _by_refs(cb).tensors["x"]
+        results: dict[bool, compare.PairResult] = {}
+        for hashed in (True, False):
+            seen: list[int] = []
+            results[hashed] = compare.compare_pair(x, y, chunk_bytes=4096, progress=seen.append,
+                                                   hash_identical=hashed)
+            assert sum(seen) == 2 * a.nbytes  # every byte counted once, the re-read prefix included
+    full, lean = results[True], results[False]
+    if where == "nowhere":
+        assert lean.identical and lean.hash_old is None and lean.hash_new is None and full.hash_old is not None
+    else:
+        assert (lean.hash_old, lean.hash_new) == (full.hash_old, full.hash_new)
+        assert (engine._same_layout("x", x, y, lean, None).to_dict()
+                == engine._same_layout("x", x, y, full, None).to_dict())
