@@ -95,10 +95,11 @@ def test_pt_diff_imports_neither_numpy_nor_torch(tmp_path):
     assert rep["h"]["max_abs_delta"] == pytest.approx(abs(7.0 - float(a["h"][4])), rel=1e-12)
 
 
-def test_a_safetensors_diff_loads_only_the_code_it_runs(tmp_path):
-    """Start-up is most of a small diff's time: a JSON diff of two safetensors files, written
-    with -o, loads no other command's code, no store (sqlite3), no zip reader, no rich, no shutil,
-    no dataclasses (it imports inspect), no typing, no ctypes."""
+@pytest.mark.parametrize("fmt", ["json", "table"])
+def test_a_safetensors_diff_loads_only_the_code_it_runs(tmp_path, fmt):
+    """Start-up is most of a small diff's time: a JSON diff of two safetensors files, or its table
+    off a terminal, written with -o, loads no other command's code, no store (sqlite3), no zip
+    reader, no rich, no shutil, no dataclasses (it imports inspect), no typing, no ctypes."""
     a = {"w": np.arange(16, dtype=np.float32), "b": np.ones(4, dtype=np.float32)}
     b = {"w": a["w"] + 1, "b": a["b"]}
     pa, pb = write_pair(tmp_path, a, b)
@@ -106,10 +107,13 @@ def test_a_safetensors_diff_loads_only_the_code_it_runs(tmp_path):
                 "ckptdiff.store", "sqlite3", "zipfile", "rich", "shutil", "numpy", "dataclasses", "inspect",
                 "typing"] + (["ctypes"] if compare._ckernel is not None else [])  # ctypes: memcmp without it
     probe = ("import sys\nfrom ckptdiff.cli import main\n"
-             "code = main(['diff', sys.argv[1], sys.argv[2], '--format', 'json', '-o', sys.argv[3]])\n"
+             f"code = main(['diff', sys.argv[1], sys.argv[2], '--format', '{fmt}', '-o', sys.argv[3]])\n"
              "print(code, *[m for m in sys.argv[4].split(',') if m in sys.modules])")
-    out = tmp_path / "r.json"
+    out = tmp_path / f"r.{fmt}"
     r = subprocess.run([sys.executable, "-c", probe, pa, pb, str(out), ",".join(unwanted)],
                        capture_output=True, text=True, check=True)
     assert r.stdout.split() == ["1"], r.stdout
-    assert json.loads(out.read_text())["summary"]["changed"] == 1
+    if fmt == "json":
+        assert json.loads(out.read_text())["summary"]["changed"] == 1
+    else:
+        assert out.read_text().splitlines()[-1] == "FAIL: 1 tensor differs (--fail-on change)"

@@ -110,3 +110,33 @@ def test_plain_table_is_the_coloured_table_without_its_escape_codes():
     # (a styled last cell keeps its padding inside the escape codes; the plain line is right-stripped)
     assert [line.rstrip() for line in unstyled.splitlines()] == plain.getvalue().splitlines()
     assert "层.权重" in plain.getvalue() and "shape changed" in plain.getvalue()
+
+
+@pytest.mark.parametrize("width", [None, 100, 60])
+@pytest.mark.parametrize("show_all", [False, True])
+def test_table_off_a_terminal_is_what_rich_prints_without_rich(monkeypatch, tmp_path, width, show_all):
+    """Off a terminal the table is written without rich: the same text its console prints there."""
+    from ckptdiff.manifest import Manifest
+
+    long = "encoder.layers.0.attention.self.query_key_value.weight_" + "x" * 90
+    old = {"backbone.w": np.zeros((4, 4), np.float32), "backbone.b": np.zeros(4, np.float32),
+           "head.w": np.zeros(3, np.float32), "head.stuck": np.ones(2, np.float32), long: np.zeros(2, np.float32),
+           "层.权重": np.zeros(3, np.float32), "[red]x:thumbs_up:": np.zeros(1, np.float32)}
+    new = dict(old, **{"backbone.w": np.full((4, 4), 0.5, np.float32), "head.w": np.ones(3, np.float32),
+                       long: np.ones(2, np.float32), "层.权重": np.ones(3, np.float32)})
+    man = Manifest(trainable=["head.*"], frozen=["*"])
+    rep = diff(Checkpoint.from_arrays(old), Checkpoint.from_arrays(new), manifest=man)
+    rep.old.path = str(tmp_path / "[bold]old:smile:.safetensors")
+    assert rep.drifted and rep.stale and any(t.cause for t in rep.drifted)
+
+    def table(through_rich: bool) -> str:
+        monkeypatch.setattr(render_mod, "_may_be_terminal", lambda file: through_rich)
+        buf = io.StringIO()
+        render_table(rep, buf, show_all=show_all, width=width)
+        return buf.getvalue()
+
+    plain = table(False)
+    assert plain == table(True)
+    assert "[bold]old:smile:" in plain and ("[red]x:thumbs_up:" in plain) is show_all
+    assert ("(2 identical tensors hidden; --all shows them)" in plain) is not show_all
+    assert ("terminal too narrow" in plain) is (width is not None)
