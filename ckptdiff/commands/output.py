@@ -45,16 +45,13 @@ def is_special(path: str) -> bool:
         return False  # does not exist yet: a regular file will be created
 
 
-#: A store's database file (``ckptdiff.store.db.DB_NAME``): a store is a directory holding one.
-STORE_DB_NAME = "ckptdiff.db"
-
-
 def _near_a_store(path: str) -> bool:
     """Whether ``path``'s folder or the one above holds a store's database: the only places
     :func:`~ckptdiff.store.store.owning_store` looks, checked without importing the store
     (sqlite3 and the store's modules are ~10 ms of a diff's start-up)."""
+    from ..store.layout import is_store
     parent = os.path.dirname(os.path.realpath(path))
-    return any(os.path.isfile(os.path.join(d, STORE_DB_NAME)) for d in (parent, os.path.dirname(parent)))
+    return any(is_store(d) for d in (parent, os.path.dirname(parent)))
 
 
 def _refuse_to_clobber_a_checkpoint(path: str, inputs: tuple[str, ...]) -> None:

@@ -11,11 +11,14 @@ elsewhere), and every tensor must be exactly where the index says, once.
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from ..checkpoint import Checkpoint, TensorRef
 from ..errors import CkptError, FormatError
 from ._common import small_json
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time (see docs/performance.md)
+if TYPE_CHECKING:
+    from typing import Any
 
 #: The index files Hugging Face writes, in the order ``from_pretrained`` prefers them.
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")

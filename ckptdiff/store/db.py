@@ -20,8 +20,8 @@ import time
 
 from .._version import __version__
 from ..errors import CkptError
+from .layout import DB_NAME
 
-DB_NAME = "ckptdiff.db"
 #: 2: objects may live in pack files (``packs/``), which version 1 readers would report as missing.
 FORMAT_VERSION = 2
 #: The first format version whose stores may hold packs.

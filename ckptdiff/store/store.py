@@ -42,6 +42,7 @@ from . import compress as compress_mod
 from . import db, refs
 from .blobs import BlobDir, put_all, store_os_error
 from .history import LogRow, build_log, effective_manifest
+from .layout import is_store
 from .locking import LOCK_NAME, gc_lock
 from .model import BadBlob, Entry, GcResult, Metric, SnapshotInfo, VerifyResult
 from .packs import PACK_DIR, SMALL_OBJECT_BYTES
@@ -54,11 +55,6 @@ MAX_STEP = 2**63
 #: Temp files older than this are leftovers of a killed writer; ``gc`` removes them.
 STALE_TEMP_S = 3600.0
 
-
-
-def is_store(path: str | os.PathLike[str]) -> bool:
-    """True when ``path`` is a ckptdiff store directory (it holds ``ckptdiff.db``)."""
-    return os.path.isfile(os.path.join(os.fspath(path), db.DB_NAME))
 
 
 def _root(path: str | os.PathLike[str]) -> str:

@@ -209,14 +209,6 @@ def test_unwritable_destinations_are_one_line_and_leave_nothing(files, tmp_path,
         ro.chmod(0o755)
 
 
-def test_the_output_check_knows_the_stores_database_name():
-    """diff -o looks for a store's database before importing the store code: the same file name."""
-    from ckptdiff.commands.output import STORE_DB_NAME
-    from ckptdiff.store.db import DB_NAME
-
-    assert STORE_DB_NAME == DB_NAME
-
-
 def test_reports_and_exports_never_land_in_a_stores_own_files(files, tmp_path, capsys):
     st = tmp_path / "st"
     assert cli(capsys, "snapshot", files["x"], "--store", st)[0] == 0

@@ -95,17 +95,35 @@ def test_pt_diff_imports_neither_numpy_nor_torch(tmp_path):
     assert rep["h"]["max_abs_delta"] == pytest.approx(abs(7.0 - float(a["h"][4])), rel=1e-12)
 
 
-@pytest.mark.parametrize("fmt", ["json", "table"])
-def test_a_safetensors_diff_loads_only_the_code_it_runs(tmp_path, fmt):
-    """Start-up is most of a small diff's time: a JSON diff of two safetensors files, or its table
-    off a terminal, written with -o, loads no other command's code, no store (sqlite3), no zip
-    reader, no rich, no shutil, no dataclasses (it imports inspect), no typing, no ctypes."""
+def _write_sharded(directory, arrays):  # noqa: ANN001, ANN202
+    """A two-shard Hugging Face directory: two safetensors files and their index."""
+    from safetensors.numpy import save_file
+
+    directory.mkdir()
+    weight_map = {}
+    for k, names in enumerate((["b"], ["w"])):
+        shard = f"model-{k + 1:05d}-of-00002.safetensors"
+        save_file({n: arrays[n] for n in names}, str(directory / shard))
+        weight_map.update({n: shard for n in names})
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return str(directory)
+
+
+@pytest.mark.parametrize("fmt,layout", [("json", "file"), ("table", "file"), ("json", "sharded")])
+def test_a_safetensors_diff_loads_only_the_code_it_runs(tmp_path, fmt, layout):
+    """Start-up is most of a small diff's time: a JSON diff of two safetensors files or sharded
+    directories, or its table off a terminal, written with -o, loads no other command's code, no
+    store (sqlite3; a directory is only checked for a store's database), no zip reader, no rich,
+    no shutil, no dataclasses (it imports inspect), no typing, no ctypes."""
     a = {"w": np.arange(16, dtype=np.float32), "b": np.ones(4, dtype=np.float32)}
     b = {"w": a["w"] + 1, "b": a["b"]}
-    pa, pb = write_pair(tmp_path, a, b)
+    if layout == "file":
+        pa, pb = write_pair(tmp_path, a, b)
+    else:
+        pa, pb = _write_sharded(tmp_path / "a", a), _write_sharded(tmp_path / "b", b)
     unwanted = ["ckptdiff.commands.store_cmds", "ckptdiff.commands.tui_cmd", "ckptdiff.commands.report_cmd",
-                "ckptdiff.store", "sqlite3", "zipfile", "rich", "shutil", "numpy", "dataclasses", "inspect",
-                "typing"] + (["ctypes"] if compare._ckernel is not None else [])  # ctypes: memcmp without it
+                "ckptdiff.store.store", "ckptdiff.store.db", "sqlite3", "zipfile", "rich", "shutil", "numpy",
+                "dataclasses", "inspect", "typing"] + (["ctypes"] if compare._ckernel is not None else [])
     probe = ("import sys\nfrom ckptdiff.cli import main\n"
              f"code = main(['diff', sys.argv[1], sys.argv[2], '--format', '{fmt}', '-o', sys.argv[3]])\n"
              "print(code, *[m for m in sys.argv[4].split(',') if m in sys.modules])")
