@@ -53,5 +53,9 @@ def __getattr__(name: str) -> Any:
     return value
 
 
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
 __all__ = ["Store", "is_store", "open_snapshot", "SnapshotInfo", "Entry", "VerifyResult", "BadBlob",
            "GcResult", "LogRow", "DB_NAME", "FORMAT_VERSION"]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from store_helpers import ckpt
 
 from ckptdiff.errors import CkptError
-from ckptdiff.store import refs, store as store_mod
+from ckptdiff.store import Store, refs, store as store_mod
 from ckptdiff.store.refs import RefRow, resolve
 
 ROWS = [
@@ -69,3 +72,25 @@ def test_store_resolves_and_reports_ambiguity(raw_store, monkeypatch):
 
 def test_min_prefix_is_documented():
     assert refs.MIN_PREFIX == 4 and "latest~K" in refs.FORMS
+
+
+def test_the_store_package_answers_is_store_without_importing_the_store(tmp_path):
+    """``is_store`` costs a stat: importing the package loads neither sqlite3 nor the store's
+    modules until one of its other names is used, and then every exported name resolves."""
+    Store.open(tmp_path / "st", create=True).close()
+    probe = (
+        "import sys, ckptdiff.store as s\n"
+        "assert s.is_store(sys.argv[1]) and not s.is_store(sys.argv[2])\n"
+        "assert 'sqlite3' not in sys.modules and 'ckptdiff.store.store' not in sys.modules\n"
+        "ns = {}\n"
+        "exec('from ckptdiff.store import *', ns)\n"
+        "assert set(s.__all__) <= set(ns) and set(s.__all__) <= set(dir(s))\n"
+        "assert ns['Store'] is s.store.Store and 'sqlite3' in sys.modules\n"
+        "try:\n"
+        "    s.NoSuchName\n"
+        "except AttributeError as e:\n"
+        "    print('AttributeError', e)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "st"), str(tmp_path)], capture_output=True,
+                       text=True, check=True)
+    assert r.stdout.strip() == "AttributeError module 'ckptdiff.store' has no attribute 'NoSuchName'"
