@@ -867,6 +867,16 @@ static void batch_init(batch_t *bt)
 static void hash_group(const batch_t *bt, group_t *g)
 {
 #ifdef HAVE_SIMD
+    /* A part-filled group whose inputs have more whole chunks each than
+     * there are inputs goes one input at a time, its chunks side by side
+     * (measured with AVX2: 2 inputs of 51 KiB hashed at 1.0 GB/s in 4 lanes,
+     * two of them idle, and at 3.2 GB/s one by one in 8 lanes; 2 inputs of
+     * 2 KiB are a little faster side by side). */
+    if (g->n > 1 && g->n < (size_t)bt->width && g->len / CHUNK_LEN > g->n) {
+        for (size_t k = 0; k < g->n; k++)
+            blake3_at(bt->level, g->p[k], g->len, g->out[k]);
+        return;
+    }
     if (g->n > 1) {
         const lanes_t *L = lanes_for(bt->level, g->n);
         const uint8_t *in[MAX_W];
