@@ -1,8 +1,6 @@
 """``python -m ckptdiff ...``: the same as the ``ckptdiff`` command."""
 
-import sys
-
-from .cli import main
+from .cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -282,6 +282,49 @@ def test_python_dash_m_ckptdiff_is_the_same_program(ckpts):
     assert p.returncode == 0 and p.stdout.startswith("usage: ckptdiff ")
 
 
+def _many_changed(tmp_path: Path, n: int = 3000) -> tuple[Path, Path]:
+    """Two files whose JSON report is ~1 MB: more than a pipe holds, so the writer blocks on its reader."""
+    a = {f"layer.{i}.weight": np.full(4, i, np.float32) for i in range(n)}
+    b = {k: v + 1 for k, v in a.items()}
+    save_file(a, str(tmp_path / "a.safetensors"))
+    save_file(b, str(tmp_path / "b.safetensors"))
+    return tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+
+
+def test_console_entry_flushes_every_byte_before_it_exits(tmp_path):
+    a, b = _many_changed(tmp_path)
+    p = _subprocess("-m", "ckptdiff", "diff", str(a), str(b), "-f", "json")  # stdout: a pipe
+    assert p.returncode == 1 and p.stderr == ""
+    doc = json.loads(p.stdout)
+    assert doc["summary"]["changed"] == 3000 and len(doc["tensors"]) == 3000
+    with open(tmp_path / "out.txt", "w") as f:  # stdout: a file, and the table
+        p = subprocess.run([sys.executable, "-m", "ckptdiff", "diff", str(a), str(b)], stdout=f,
+                           stderr=subprocess.PIPE, text=True, timeout=120)
+    assert p.returncode == 1 and p.stderr == ""
+    assert (tmp_path / "out.txt").read_text().splitlines()[-1] == "FAIL: 3000 tensors differ (--fail-on change)"
+
+
+def test_console_entry_with_a_reader_that_stops_early_is_quiet(tmp_path):
+    a, b = _many_changed(tmp_path)
+    p = subprocess.Popen([sys.executable, "-m", "ckptdiff", "diff", str(a), str(b), "-f", "json"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout is not None and p.stderr is not None
+    assert p.stdout.read(10) == b'{\n  "schema'[:10]
+    p.stdout.close()  # `| head -c 10`
+    err = p.stderr.read()
+    assert p.wait(timeout=120) == 0 and err == b""
+
+
+def test_console_entry_of_a_store_command_exits_normally(tmp_path, ckpts):
+    store = tmp_path / "store"
+    for argv in (["init", str(store)], ["snapshot", "--store", str(store), str(ckpts["base"]), "--step", "7"]):
+        p = _subprocess("-m", "ckptdiff", *argv)
+        assert p.returncode == 0, p.stderr
+    p = _subprocess("-m", "ckptdiff", "log", str(store), "--format", "json")
+    assert p.returncode == 0, p.stderr
+    assert [s["step"] for s in json.loads(p.stdout)["snapshots"]] == [7]
+
+
 def _run_in_pty(args: list[str], env_extra: dict[str, str]) -> tuple[int, str]:
     import pty
     import select
