@@ -631,12 +631,389 @@ static PyObject *decode_py(PyObject *self, PyObject *args)
     return list;
 }
 
+/* ---- measure and classify in one call: the row of a changed tensor -----
+ *
+ * configure_causes(fit_cosine, decay_max_c, min_elements, uniform_min,
+ *                  step_max_cosine, step_min_changed, decay_component_cosine,
+ *                  sparse_max_fraction, sparse_min_rows, reinit_max_cosine,
+ *                  reinit_min_rel_l2, running_stat_names)
+ *     takes ckptdiff.cause's thresholds (the one place they are written), once.
+ *
+ * measure_row(kind, old, new, atol, rtol, row_len, round_mask, is_float,
+ *             numel, rows, name, want_rows)
+ *     -> (changed, out_of_tolerance, nan_new, inf_new, max_abs_delta,
+ *         mean_abs_delta, rel_l2, cause, cause_detail) | None
+ *
+ * What ckptdiff.stats.DeltaStats.of_pair, then ckptdiff.cause.sums_of and
+ * classify, give for a changed tensor whose two sides are whole in memory
+ * (rows: the first dimension of a tensor of two or more, else -1), as plain
+ * values: a changed row of a run of small tensors cost ~9 us of Python in
+ * those three steps, and ~1 us here. The arithmetic is cause.classify's,
+ * operation for operation (float64, no contraction into fused multiply-adds:
+ * -ffp-contract=off), and the evidence is rounded as cause._round does, with
+ * CPython's own float formatting and parsing, so the values are equal, not
+ * merely close; tests/engine/test_cause_c.py checks that against the Python
+ * classifier over crafted and random sums. None means "not handled here" (a
+ * name that is not valid UTF-8, a tensor of 2**53 elements or more): the
+ * caller then takes the Python path. */
+
+typedef struct { int ok; double v; } opt_t;  /* a float or None */
+
+static struct {
+    int ready;
+    double fit_cosine, decay_max_c, uniform_min, step_max_cosine, step_min_changed, decay_component_cosine,
+        sparse_max_fraction, reinit_max_cosine, reinit_min_rel_l2;
+    long long min_elements, sparse_min_rows;
+    PyObject *running;  /* tuple of str */
+} RULES;
+
+enum {
+    S_NAN_INF, S_RUNNING_STATS, S_PRECISION_ROUNDTRIP, S_WEIGHT_DECAY, S_RESCALED, S_SPARSE_ROWS,
+    S_REINITIALIZED, S_OPTIMIZER_STEP, S_DENSE_UPDATE,
+    S_NAN_NEW, S_INF_NEW, S_BUFFER, S_REL_L2, S_DTYPE, S_MAX_ABS_DELTA, S_C, S_COSINE, S_ROWS, S_OF, S_FIRST,
+    S_NEW_NORM_RATIO, S_TYPICAL_ABS_DELTA, S_UNIFORMITY, S_DECAY_C, S_DECAY_SHARE, S_COUNT
+};
+static const char *const STR_TEXT[S_COUNT] = {
+    "nan_inf", "running_stats", "precision_roundtrip", "weight_decay", "rescaled", "sparse_rows",
+    "reinitialized", "optimizer_step", "dense_update",
+    "nan_new", "inf_new", "buffer", "rel_l2", "dtype", "max_abs_delta", "c", "cosine", "rows", "of", "first",
+    "new_norm_ratio", "typical_abs_delta", "uniformity", "decay_c", "decay_share",
+};
+static PyObject *STR[S_COUNT];
+static PyObject *ROUND_STR[R_COUNT];
+
+static PyObject *configure_causes(PyObject *self, PyObject *args)
+{
+    PyObject *running;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "ddLdddddLddO!:configure_causes", &RULES.fit_cosine, &RULES.decay_max_c,
+                          &RULES.min_elements, &RULES.uniform_min, &RULES.step_max_cosine, &RULES.step_min_changed,
+                          &RULES.decay_component_cosine, &RULES.sparse_max_fraction, &RULES.sparse_min_rows,
+                          &RULES.reinit_max_cosine, &RULES.reinit_min_rel_l2, &PyTuple_Type, &running))
+        return NULL;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(running); i++)
+        if (!PyUnicode_CheckExact(PyTuple_GET_ITEM(running, i)))
+            return PyErr_Format(PyExc_TypeError, "running_stat_names must be a tuple of str");
+    Py_INCREF(running);
+    Py_XSETREF(RULES.running, running);
+    RULES.ready = 1;
+    Py_RETURN_NONE;
+}
+
+static opt_t some(double v) { opt_t o = {1, v}; return o; }
+static const opt_t NONE_OPT = {0, 0.0};
+
+/* cause._ratio */
+static opt_t ratio(double a, double b)
+{
+    if (b > 0 && isfinite(a) && isfinite(b))
+        return some(a / b);
+    return NONE_OPT;
+}
+
+/* cause._cos: a cosine from a dot product and two norms (two divisions: a * b may underflow to 0) */
+static opt_t cosine(double dot, double a, double b)
+{
+    if (!(a > 0 && b > 0) || !(isfinite(dot) && isfinite(a) && isfinite(b)))
+        return NONE_OPT;
+    double v = dot / a / b;
+    double lo = v < 1.0 ? v : 1.0;  /* min(1.0, v) */
+    return some(lo > -1.0 ? lo : -1.0);  /* max(-1.0, ...) */
+}
+
+/* cause._round: to a few significant digits, as float("%.*g" % (digits, x)); None stays None */
+static PyObject *rounded(opt_t x, int digits)
+{
+    if (!x.ok)
+        Py_RETURN_NONE;
+    if (!isfinite(x.v) || x.v == 0.0)
+        return PyFloat_FromDouble(x.v);
+    char *s = PyOS_double_to_string(x.v, 'g', digits, 0, NULL);
+    if (!s)
+        return NULL;
+    double v = PyOS_string_to_double(s, NULL, NULL);
+    PyMem_Free(s);
+    if (v == -1.0 && PyErr_Occurred())
+        return NULL;
+    return PyFloat_FromDouble(v);
+}
+
+/* Set d[key] = value, stealing value; -1 on error (value may be NULL: an error already set). */
+static int put(PyObject *d, int key, PyObject *value)
+{
+    if (!value)
+        return -1;
+    int r = PyDict_SetItem(d, STR[key], value);
+    Py_DECREF(value);
+    return r;
+}
+
+/* cause.running_stat: name.rsplit(".", 1)[-1].rsplit("/", 1)[-1].split(":")[0], if one of the names */
+static PyObject *running_stat(const char *name, Py_ssize_t len)
+{
+    Py_ssize_t start = 0, end = len;
+    for (Py_ssize_t i = len; i > 0; i--)
+        if (name[i - 1] == '.') { start = i; break; }
+    for (Py_ssize_t i = len; i > start; i--)
+        if (name[i - 1] == '/') { start = i; break; }
+    for (Py_ssize_t i = start; i < len; i++)
+        if (name[i] == ':') { end = i; break; }
+    for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(RULES.running); k++) {
+        Py_ssize_t n;
+        const char *s = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(RULES.running, k), &n);
+        if (!s)
+            return NULL;
+        if (n == end - start && memcmp(s, name + start, (size_t)n) == 0)
+            return PyTuple_GET_ITEM(RULES.running, k);  /* borrowed */
+    }
+    return Py_None;  /* borrowed */
+}
+
+typedef struct {
+    int is_float;
+    long long numel, changed, nan_new, inf_new, rows, changed_rows;  /* rows: -1 for None */
+    double sum_abs, max_abs, delta_norm, old_norm, sum_od;
+    int round_mask;
+    PyObject *first;  /* tuple of int */
+} sums_t;
+
+/* cause.classify: sets *cause (a new reference) and returns the detail dict; NULL on error. */
+static PyObject *classify(const sums_t *s, const char *name, Py_ssize_t name_len, PyObject **cause)
+{
+    PyObject *d = PyDict_New();
+    if (!d)
+        return NULL;
+    int which;
+    if (s->nan_new || s->inf_new) {
+        which = S_NAN_INF;
+        if (put(d, S_NAN_NEW, PyLong_FromLongLong(s->nan_new)) < 0 ||
+            put(d, S_INF_NEW, PyLong_FromLongLong(s->inf_new)) < 0)
+            goto fail;
+        goto done;
+    }
+    PyObject *stat = running_stat(name, name_len);
+    if (!stat)
+        goto fail;
+    double old2 = s->old_norm, d2 = s->delta_norm, sod = s->sum_od;
+    if (stat != Py_None) {
+        which = S_RUNNING_STATS;
+        Py_INCREF(stat);
+        if (put(d, S_BUFFER, stat) < 0 || put(d, S_REL_L2, rounded(ratio(d2, old2), 6)) < 0)
+            goto fail;
+        goto done;
+    }
+    if (s->round_mask && s->changed) {
+        int f = 0;
+        while (!(s->round_mask & (1 << f)))
+            f++;
+        which = S_PRECISION_ROUNDTRIP;
+        Py_INCREF(ROUND_STR[f]);
+        if (put(d, S_DTYPE, ROUND_STR[f]) < 0 || put(d, S_MAX_ABS_DELTA, rounded(some(s->max_abs), 6)) < 0)
+            goto fail;
+        goto done;
+    }
+    /* ||new||^2 = ||old||^2 + 2 sum old*delta + ||delta||^2, all from the same sums */
+    double new_sq = old2 * old2 + 2 * sod + d2 * d2;
+    double tiny = 1e-6 * old2;
+    double new_norm = (new_sq > tiny * tiny && isfinite(new_sq)) ? sqrt(new_sq) : 0.0;
+    opt_t cos_d = cosine(sod, d2, old2);
+    opt_t cos_new = cosine(old2 * old2 + sod, new_norm, old2);
+    opt_t rel = ratio(d2, old2);
+    int statistical = s->is_float && s->numel >= RULES.min_elements;
+    if (statistical && cos_d.ok && fabs(cos_d.v) >= RULES.fit_cosine) {
+        double c = sod / old2 / old2;
+        if (-RULES.decay_max_c < c && c < 0) {
+            which = S_WEIGHT_DECAY;
+            if (put(d, S_C, rounded(some(-c), 4)) < 0 || put(d, S_COSINE, rounded(some(-cos_d.v), 6)) < 0 ||
+                put(d, S_REL_L2, rounded(rel, 6)) < 0)
+                goto fail;
+            goto done;
+        }
+        if (c > 0) {
+            which = S_RESCALED;
+            if (put(d, S_C, rounded(some(c), 4)) < 0 || put(d, S_COSINE, rounded(cos_d, 6)) < 0 ||
+                put(d, S_REL_L2, rounded(rel, 6)) < 0)
+                goto fail;
+            goto done;
+        }
+    }
+    if (s->rows >= 0 && s->rows >= RULES.sparse_min_rows && 0 < s->changed_rows &&
+        (double)s->changed_rows <= RULES.sparse_max_fraction * (double)s->rows) {
+        which = S_SPARSE_ROWS;
+        PyObject *first = PySequence_List(s->first);
+        if (put(d, S_ROWS, PyLong_FromLongLong(s->changed_rows)) < 0 ||
+            put(d, S_OF, PyLong_FromLongLong(s->rows)) < 0 || put(d, S_FIRST, first) < 0)
+            goto fail;
+        goto done;
+    }
+    if (statistical && old2 > 0 && (new_norm == 0.0 || (cos_new.ok && fabs(cos_new.v) <= RULES.reinit_max_cosine &&
+                                                        rel.ok && rel.v >= RULES.reinit_min_rel_l2))) {
+        which = S_REINITIALIZED;
+        if (put(d, S_COSINE, rounded(new_norm != 0.0 ? cos_new : NONE_OPT, 6)) < 0 ||
+            put(d, S_REL_L2, rounded(rel, 6)) < 0 ||
+            put(d, S_NEW_NORM_RATIO, rounded(ratio(new_norm, old2), 6)) < 0)
+            goto fail;
+        goto done;
+    }
+    opt_t uniformity = NONE_OPT, typical = NONE_OPT;
+    long long finite_changed = s->changed - s->nan_new - s->inf_new;
+    if (finite_changed > 0 && d2 > 0 && isfinite(s->sum_abs) && isfinite(d2)) {
+        double q = s->sum_abs / d2;
+        double u = q * q / (double)finite_changed;
+        uniformity = some(u < 1.0 ? u : 1.0);
+    }
+    if (finite_changed > 0)
+        typical = some(s->sum_abs / (double)finite_changed);
+    if (statistical && uniformity.ok && uniformity.v >= RULES.uniform_min &&
+        (!cos_d.ok || fabs(cos_d.v) <= RULES.step_max_cosine) &&
+        (double)s->changed >= RULES.step_min_changed * (double)s->numel) {
+        which = S_OPTIMIZER_STEP;
+        if (put(d, S_TYPICAL_ABS_DELTA, rounded(typical, 6)) < 0 || put(d, S_UNIFORMITY, rounded(uniformity, 6)) < 0)
+            goto fail;
+        if (cos_d.ok && fabs(cos_d.v) >= RULES.decay_component_cosine) {
+            if (put(d, S_DECAY_C, rounded(some(-sod / old2 / old2), 4)) < 0 ||
+                put(d, S_DECAY_SHARE, rounded(some(cos_d.v * cos_d.v), 4)) < 0)
+                goto fail;
+        }
+        goto done;
+    }
+    which = S_DENSE_UPDATE;
+    if (put(d, S_COSINE, rounded(cos_d, 6)) < 0 || put(d, S_UNIFORMITY, rounded(uniformity, 6)) < 0 ||
+        put(d, S_TYPICAL_ABS_DELTA, rounded(typical, 6)) < 0)
+        goto fail;
+done:
+    Py_INCREF(STR[which]);
+    *cause = STR[which];
+    return d;
+fail:
+    Py_DECREF(d);
+    return NULL;
+}
+
+static PyObject *float_or_none(opt_t x)
+{
+    if (!x.ok)
+        Py_RETURN_NONE;
+    return PyFloat_FromDouble(x.v);
+}
+
+static PyObject *measure_row(PyObject *self, PyObject *args)
+{
+    int kind, round_mask, is_float;
+    Py_buffer a, b;
+    double atol, rtol;
+    Py_ssize_t row_len;
+    long long numel, rows;
+    Py_ssize_t want_rows;
+    PyObject *name_obj;
+    (void)self;
+    if (!RULES.ready)
+        return PyErr_Format(PyExc_RuntimeError, "configure_causes() was not called");
+    if (!PyArg_ParseTuple(args, "iy*y*ddnipLLUn:measure_row", &kind, &a, &b, &atol, &rtol, &row_len,
+                          &round_mask, &is_float, &numel, &rows, &name_obj, &want_rows))
+        return NULL;
+    PyObject *result = NULL, *detail = NULL, *cause = NULL, *first = NULL;
+    if (kind < 0 || kind >= K_COUNT || row_len < 0 || want_rows < 0 || want_rows > 64 || a.len != b.len ||
+        a.len % ITEMSIZE[kind]) {
+        PyErr_SetString(PyExc_ValueError, "bad kind, row arguments or buffers");
+        goto out;
+    }
+    Py_ssize_t name_len;
+    const char *name = PyUnicode_AsUTF8AndSize(name_obj, &name_len);
+    if (!name) {  /* lone surrogates: the Python path words it */
+        PyErr_Clear();
+        result = Py_NewRef(Py_None);
+        goto out;
+    }
+    if (numel < 0 || numel >= (1LL << 53)) {  /* counts compared as float64 must be exact */
+        result = Py_NewRef(Py_None);
+        goto out;
+    }
+    acc_t acc;
+    rows_t rw;
+    memset(&acc, 0, sizeof acc);
+    memset(&rw, 0, sizeof rw);
+    acc.dn.scale = acc.on.scale = 1.0;
+    rw.row_len = row_len;
+    rw.last_row = -1;
+    rw.want = want_rows;
+    round_mask &= round_candidates(kind);
+    if (kind == K_F16)
+        need_f16_table();
+    Py_BEGIN_ALLOW_THREADS
+    measure_all(kind, a.buf, b.buf, a.len / ITEMSIZE[kind], atol, rtol, &acc, &round_mask, &rw);
+    Py_END_ALLOW_THREADS
+    long long out_of_tol = (atol != 0.0 || rtol != 0.0) ? acc.beyond + acc.moves : acc.changed;
+    first = PyTuple_New(rw.nfirst);
+    if (!first)
+        goto out;
+    for (int i = 0; i < rw.nfirst; i++) {
+        PyObject *v = PyLong_FromLongLong(rw.first_buf[i]);
+        if (!v)
+            goto out;
+        PyTuple_SET_ITEM(first, i, v);
+    }
+    /* DeltaStats.of_pair, then sums_of: a norm merged into an empty one is itself unless its ssq is 0 */
+    norm_t dn = {1.0, 0.0}, on = {1.0, 0.0};
+    if (acc.dn.ssq != 0.0) dn = acc.dn;
+    if (acc.on.ssq != 0.0) on = acc.on;
+    sums_t s;
+    s.is_float = is_float;
+    s.numel = numel;
+    s.changed = acc.changed;
+    s.nan_new = acc.nan_new;
+    s.inf_new = acc.inf_new;
+    s.sum_abs = 0.0 + acc.sum_abs;
+    s.max_abs = acc.max_abs > 0.0 ? acc.max_abs : 0.0;
+    s.delta_norm = dn.ssq != 0.0 ? dn.scale * sqrt(dn.ssq) : 0.0;
+    s.old_norm = on.ssq != 0.0 ? on.scale * sqrt(on.ssq) : 0.0;
+    s.sum_od = 0.0 + acc.sum_od;
+    s.round_mask = round_mask;
+    s.rows = rows;
+    s.changed_rows = rw.changed_rows;
+    s.first = first;
+    detail = classify(&s, name, name_len, &cause);
+    if (!detail)
+        goto out;
+    /* TensorDiff's numbers (engine._with_stats): over the positions finite on both sides, None without any */
+    opt_t mx = NONE_OPT, mean = NONE_OPT, rel = NONE_OPT;
+    if (acc.finite_both) {
+        mx = some(s.max_abs);
+        mean = some(s.sum_abs / (double)acc.finite_both);
+        /* _Norm.ratio */
+        if (on.ssq == 0.0)
+            rel = some(dn.ssq == 0.0 ? 0.0 : INFINITY);
+        else if (dn.ssq == 0.0)
+            rel = some(0.0);
+        else
+            rel = some((dn.scale / on.scale) * sqrt(dn.ssq / on.ssq));
+    }
+    result = Py_BuildValue("(LLLLNNNNN)", acc.changed, out_of_tol, acc.nan_new, acc.inf_new, float_or_none(mx),
+                           float_or_none(mean), float_or_none(rel), cause, detail);
+    cause = detail = NULL;  /* stolen by N */
+out:
+    Py_XDECREF(cause);
+    Py_XDECREF(detail);
+    Py_XDECREF(first);
+    PyBuffer_Release(&a);
+    PyBuffer_Release(&b);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"measure", measure, METH_VARARGS,
      "measure(kind, old, new_or_None, atol, rtol) -> (changed, out_of_tolerance, finite_both, max_abs, "
      "sum_abs, nan_new, inf_new, delta_scale, delta_ssq, old_scale, old_ssq, sum_old_delta, round_mask, "
      "changed_rows, last_row, first_rows); optional row_len, elem_offset, last_row, want_rows, round_mask"},
     {"decode", decode_py, METH_VARARGS, "decode(kind, buffer) -> list of float (at most 1024 elements)"},
+    {"configure_causes", configure_causes, METH_VARARGS,
+     "configure_causes(fit_cosine, decay_max_c, min_elements, uniform_min, step_max_cosine, step_min_changed, "
+     "decay_component_cosine, sparse_max_fraction, sparse_min_rows, reinit_max_cosine, reinit_min_rel_l2, "
+     "running_stat_names): ckptdiff.cause's thresholds, for measure_row"},
+    {"measure_row", measure_row, METH_VARARGS,
+     "measure_row(kind, old, new, atol, rtol, row_len, round_mask, is_float, numel, rows, name, want_rows) -> "
+     "(changed, out_of_tolerance, nan_new, inf_new, max_abs_delta, mean_abs_delta, rel_l2, cause, cause_detail) "
+     "or None: a changed tensor measured and classified as ckptdiff.cause.classify does"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -648,6 +1025,12 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC PyInit__cstats(void)
 {
     build_tables();
+    for (int i = 0; i < S_COUNT; i++)
+        if (!STR[i] && !(STR[i] = PyUnicode_InternFromString(STR_TEXT[i])))
+            return NULL;
+    for (int i = 0; i < R_COUNT; i++)
+        if (!ROUND_STR[i] && !(ROUND_STR[i] = PyUnicode_InternFromString(ROUND_NAMES[i])))
+            return NULL;
     PyObject *m = PyModule_Create(&module);
     if (!m)
         return NULL;

@@ -177,7 +177,7 @@ def classify(s: Sums) -> tuple[str, dict[str, Any]]:
     rel = _ratio(d2, old2)
     statistical = s.is_float and s.numel >= MIN_ELEMENTS
     if statistical and cos_d is not None and abs(cos_d) >= FIT_COSINE:
-        c = s.sum_old_delta / (old2 * old2)
+        c = s.sum_old_delta / old2 / old2  # two divisions: old2 * old2 may underflow to 0
         if -DECAY_MAX_C < c < 0:
             return "weight_decay", {"c": _round(-c, 4), "cosine": _round(-cos_d), "rel_l2": _round(rel)}
         if c > 0:
@@ -199,7 +199,7 @@ def classify(s: Sums) -> tuple[str, dict[str, Any]]:
             cos_d is None or abs(cos_d) <= STEP_MAX_COSINE) and s.changed >= STEP_MIN_CHANGED * s.numel:
         detail: dict[str, Any] = {"typical_abs_delta": _round(typical), "uniformity": _round(uniformity)}
         if cos_d is not None and abs(cos_d) >= DECAY_COMPONENT_COSINE:
-            detail["decay_c"] = _round(-s.sum_old_delta / (old2 * old2), 4)
+            detail["decay_c"] = _round(-s.sum_old_delta / old2 / old2, 4)
             detail["decay_share"] = _round(cos_d * cos_d, 4)
         return "optimizer_step", detail
     return "dense_update", {"cosine": _round(cos_d), "uniformity": _round(uniformity),

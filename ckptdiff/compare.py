@@ -220,6 +220,7 @@ def _new_stats(info: DType, atol: float, rtol: float, row_len: int) -> DeltaStat
 
 #: ckptdiff.stats.DeltaStats, imported at the first changed tensor (identical bytes need no statistics).
 _DeltaStats: type[DeltaStats] | None = None
+_measured_row: Callable[..., tuple | None] | None = None  # type: ignore[type-arg]
 
 
 def row_len(shape: Sequence[int]) -> int:
@@ -544,6 +545,15 @@ def compare_spans(fd_a: int, pos_a: int, fd_b: int, pos_b: int, span: int, offse
             if f & DIFFERS:
                 new_digests[at:at + DIGEST_SIZE] = digest(vb[start:start + n]).digest()
     return va, vb, differ
+
+
+def measured_row(info: DType, va: memoryview, vb: memoryview, atol: float, rtol: float, shape: Sequence[int],
+                 name: str) -> tuple | None:  # type: ignore[type-arg]
+    """:func:`ckptdiff.stats.measured_row`: a changed tensor's numbers and cause in one C call, or None."""
+    global _measured_row
+    if _measured_row is None:
+        from .stats import measured_row as _measured_row
+    return _measured_row(info, va, vb, atol, rtol, shape, name)
 
 
 def changed_stats(info: DType, va: memoryview, vb: memoryview, atol: float, rtol: float,

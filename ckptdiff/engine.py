@@ -27,7 +27,7 @@ from .cause import classify, sums_of
 from .checkpoint import DEFAULT_CHUNK_BYTES, Checkpoint, SpanTable, TensorRef
 from .dtypes import DTYPES
 from .compare import (DIFFERS, PairResult, blake3_digest, changed_stats, compare_pair, compare_run, compare_spans,
-                      hash_ref, in_worker_thread)
+                      hash_ref, in_worker_thread, measured_row)
 from .errors import CkptError, NothingSelected
 from .manifest import Manifest
 from .progress import Meter, ProgressFn
@@ -306,15 +306,20 @@ def _diff_tables(ta: SpanTable, tb: SpanTable, man: Manifest | None, atol: float
 def _changed_row(name: str, dtype: str, shape: tuple[int, ...], va: memoryview, vb: memoryview, hash_old: str,
                  hash_new: str, man: Manifest | None, atol: float, rtol: float) -> TensorDiff:
     """The row of a same-layout pair whose bytes differ, both sides in memory (a tensor of a run)."""
-    stats = changed_stats(DTYPES[dtype], va, vb, atol, rtol, shape)
+    info = DTYPES[dtype]
     numel = 1
     for d in shape:
         numel *= d
-    td = TensorDiff(name=name, status=policy.same_layout_status(False), role=policy.role(man, name), dtype_old=dtype,
-                    dtype_new=dtype, shape_old=list(shape), shape_new=list(shape), numel=numel, hash_old=hash_old,
-                    hash_new=hash_new)
-    _with_stats(td, stats)
-    return policy.judge(td)
+    got = measured_row(info, va, vb, atol, rtol, shape, name)
+    if got is None:
+        td = TensorDiff(name, policy.same_layout_status(False), policy.role(man, name), False, False, dtype, dtype,
+                        list(shape), list(shape), numel, hash_old, hash_new)
+        _with_stats(td, changed_stats(info, va, vb, atol, rtol, shape))
+        return policy.judge(td)
+    changed, out, nan_new, inf_new, mx, mean, rel, cause, detail = got
+    return policy.judge(TensorDiff(name, policy.same_layout_status(False), policy.role(man, name), False, False,
+                                   dtype, dtype, list(shape), list(shape), numel, hash_old, hash_new, mx, mean, rel,
+                                   changed, nan_new, inf_new, out, cause, detail))
 
 
 def _in_order(offsets: Sequence[int], nbytes: Sequence[int]) -> bool:
