@@ -310,16 +310,15 @@ def _changed_row(name: str, dtype: str, shape: tuple[int, ...], va: memoryview, 
     numel = 1
     for d in shape:
         numel *= d
-    got = measured_row(info, va, vb, atol, rtol, shape, name)
-    if got is None:
-        td = TensorDiff(name, policy.same_layout_status(False), policy.role(man, name), False, False, dtype, dtype,
-                        list(shape), list(shape), numel, hash_old, hash_new)
+    td = TensorDiff(name, policy.same_layout_status(False), policy.role(man, name), False, False, dtype, dtype,
+                    list(shape), list(shape), numel, hash_old, hash_new)
+    got = measured_row(info, va, vb, atol, rtol, shape, name)  # numbers and cause in one C call
+    if got is None:  # no C module for it: DeltaStats, then cause.classify
         _with_stats(td, changed_stats(info, va, vb, atol, rtol, shape))
-        return policy.judge(td)
-    changed, out, nan_new, inf_new, mx, mean, rel, cause, detail = got
-    return policy.judge(TensorDiff(name, policy.same_layout_status(False), policy.role(man, name), False, False,
-                                   dtype, dtype, list(shape), list(shape), numel, hash_old, hash_new, mx, mean, rel,
-                                   changed, nan_new, inf_new, out, cause, detail))
+    else:
+        (td.changed_elements, td.out_of_tolerance, td.nan_new, td.inf_new, td.max_abs_delta, td.mean_abs_delta,
+         td.rel_l2, td.cause, td.cause_detail) = got
+    return policy.judge(td)
 
 
 def _in_order(offsets: Sequence[int], nbytes: Sequence[int]) -> bool:

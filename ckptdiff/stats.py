@@ -90,7 +90,11 @@ def measured_row(dtype: DType, ca: memoryview, cb: memoryview, atol: float, rtol
     numel = 1
     for d in shape:
         numel *= d
-    rows, row_len = (shape[0], numel // shape[0] if shape[0] else 0) if len(shape) >= 2 else (-1, 0)
+    rows, row_len = -1, 0  # rows count for two dimensions or more (compare.row_len)
+    if len(shape) >= 2:
+        rows, row_len = shape[0], 1
+        for d in shape[1:]:
+            row_len *= d
     assert _C is not None
     return _C.measure_row(kind, ca, cb, atol, rtol, row_len, _ROUND_CANDIDATES.get(dtype.name, 0), dtype.is_float,
                           numel, rows, name, FIRST_ROWS)
