@@ -70,6 +70,11 @@ BASELINE_PAIRS = {"fp32_1g", "bf16", "small2000", "small2000_lite", "small51k",
                   "fp32_quick", "bf16_quick", "small_quick", "small51k_quick"}
 #: Pairs whose table output is timed beside their JSON output.
 TABLE_PAIRS = {"many50k", "many5k_quick"}
+#: A pair of at most this many bytes a side runs in tens of milliseconds, where one slow moment of
+#: a shared host can spoil a best-of-5 of either tool: cat and ckptdiff get SHORT_ROUNDS times the
+#: rounds there (a few seconds in all).
+SHORT_PAIR_BYTES = 256 << 20
+SHORT_ROUNDS = 3
 #: Formats compared with the same pair as one safetensors file, in the same rounds.
 TWIN_FORMATS = ("pt", "shards4", "h5")
 
@@ -168,7 +173,7 @@ def bench_pair(pair: PairInfo, tools: list[str], repeat: int, log, timeout_s: fl
         "script": [py, os.path.join(HERE, "_baseline_script.py"), pair.a, pair.b],
         "diffai": [py, os.path.join(HERE, "_baseline_diffai.py"), pair.a, pair.b],
     }
-    rounds = max(repeat, 3)
+    rounds = max(repeat, 3) * (SHORT_ROUNDS if pair.bytes_per_side <= SHORT_PAIR_BYTES else 1)
     fast = {"cat": (cmds["cat"], (0,)), "ckptdiff": (cmds["ckptdiff"], (0, 1))}
     if pair.name in TABLE_PAIRS:
         fast[TABLE] = (ckptdiff_cmd() + ["diff", pair.a, pair.b], (0, 1))
