@@ -33,8 +33,8 @@
  *
  * BLAKE3 here is written from the specification (default hash mode, 32-byte
  * output), in two forms. The portable one compresses one block at a time.
- * On x86 with GCC or clang, vector code compresses 4 (SSE4.1) or 8 (AVX2)
- * blocks at once: the chunks of one long input side by side, and, in a run,
+ * On x86 with GCC or clang, vector code compresses 4 (SSE4.1), 8 (AVX2) or
+ * 16 (AVX-512) blocks at once: the chunks of one long input side by side, and, in a run,
  * tensors of equal size side by side, so that even tensors of one chunk or
  * less fill the lanes. The widest code the CPU has is picked when the module
  * loads; SIMD_LEVELS lists the levels it may use ("portable" first) and
@@ -296,8 +296,8 @@ static void blake3_portable(const uint8_t *p, size_t len, uint8_t digest[OUT_LEN
  * module builds with plain x86-64 flags; the widest the CPU has is picked
  * when the module loads.
  */
-enum { SIMD_PORTABLE = 0, SIMD_SSE41 = 1, SIMD_AVX2 = 2 };
-#define MAX_W 8  /* the most lanes */
+enum { SIMD_PORTABLE = 0, SIMD_SSE41 = 1, SIMD_AVX2 = 2, SIMD_AVX512 = 3 };
+#define MAX_W 16  /* the most lanes */
 /* Longest input for hash_same_len (its chaining values stay on the stack);
  * longer ones have enough chunks of their own to fill the lanes. */
 #define SAME_MAX_CHUNKS 64
@@ -308,7 +308,7 @@ enum { SIMD_PORTABLE = 0, SIMD_SSE41 = 1, SIMD_AVX2 = 2 };
 #define HAVE_SIMD 1
 #include <immintrin.h>
 
-static const char *const SIMD_NAMES[] = {"portable", "sse4.1", "avx2"};
+static const char *const SIMD_NAMES[] = {"portable", "sse4.1", "avx2", "avx512"};
 
 typedef struct {
     int width;
@@ -598,12 +598,127 @@ static void blocks8(uint32_t *h, const uint8_t *const in[], size_t off, size_t b
         _mm256_storeu_si256((__m256i *)(h + 8 * i), v[i]);
 }
 
+/* --- 16 lanes, AVX-512 (F only: 32-bit adds, xors and rotations, and the shuffles of the transpose) --- */
+
+#define AVX512_FN static inline __attribute__((always_inline, target("avx512f")))
+
+/* 16 rows of 16 words become columns: r[j] holds word j of each row. Within
+ * each 128-bit lane the 4 x 4 blocks are transposed as in sse_transpose; then
+ * the lanes move between registers, two shuffles per output. */
+AVX512_FN void avx512_transpose(__m512i r[16])
+{
+    __m512i x[16];
+    for (int g = 0; g < 4; g++) {  /* rows 4g .. 4g+3: x[4g + q] lane L holds word 4L + q of the four rows */
+        __m512i t0 = _mm512_unpacklo_epi32(r[4 * g], r[4 * g + 1]);
+        __m512i t1 = _mm512_unpackhi_epi32(r[4 * g], r[4 * g + 1]);
+        __m512i t2 = _mm512_unpacklo_epi32(r[4 * g + 2], r[4 * g + 3]);
+        __m512i t3 = _mm512_unpackhi_epi32(r[4 * g + 2], r[4 * g + 3]);
+        x[4 * g] = _mm512_unpacklo_epi64(t0, t2);
+        x[4 * g + 1] = _mm512_unpackhi_epi64(t0, t2);
+        x[4 * g + 2] = _mm512_unpacklo_epi64(t1, t3);
+        x[4 * g + 3] = _mm512_unpackhi_epi64(t1, t3);
+    }
+    for (int q = 0; q < 4; q++) {
+        /* lanes 0 1 of groups 0 and 1 (then 2 and 3), and lanes 2 3 of each */
+        __m512i lo01 = _mm512_shuffle_i32x4(x[q], x[4 + q], 0x44), hi01 = _mm512_shuffle_i32x4(x[q], x[4 + q], 0xEE);
+        __m512i lo23 = _mm512_shuffle_i32x4(x[8 + q], x[12 + q], 0x44);
+        __m512i hi23 = _mm512_shuffle_i32x4(x[8 + q], x[12 + q], 0xEE);
+        r[q] = _mm512_shuffle_i32x4(lo01, lo23, 0x88);       /* word q: lane 0 of groups 0, 1, 2, 3 */
+        r[4 + q] = _mm512_shuffle_i32x4(lo01, lo23, 0xDD);   /* word 4 + q: lane 1 */
+        r[8 + q] = _mm512_shuffle_i32x4(hi01, hi23, 0x88);   /* word 8 + q: lane 2 */
+        r[12 + q] = _mm512_shuffle_i32x4(hi01, hi23, 0xDD);  /* word 12 + q: lane 3 */
+    }
+}
+
+AVX512_FN void avx512_gather(const uint8_t *const in[], size_t off, uint32_t *m)
+{
+    __m512i r[16];
+    for (int k = 0; k < 16; k++)
+        r[k] = _mm512_loadu_si512((const void *)(in[k] + off));
+    avx512_transpose(r);
+    for (int j = 0; j < 16; j++)
+        _mm512_storeu_si512((void *)(m + 16 * j), r[j]);
+}
+
+AVX512_FN void avx512_block(__m512i h[8], const uint32_t *m, const uint32_t *ctr, uint32_t block_len,
+                            uint32_t flags)
+{
+#define ADD _mm512_add_epi32
+#define XOR _mm512_xor_si512
+#define R16(x) _mm512_ror_epi32(x, 16)
+#define R12(x) _mm512_ror_epi32(x, 12)
+#define R8(x) _mm512_ror_epi32(x, 8)
+#define R7(x) _mm512_ror_epi32(x, 7)
+#define MSG(j) _mm512_loadu_si512((const void *)(m + 16 * (j)))
+    __m512i v[16];
+    for (int i = 0; i < 8; i++)
+        v[i] = h[i];
+    for (int i = 0; i < 4; i++)
+        v[8 + i] = _mm512_set1_epi32((int)IV[i]);
+    v[12] = _mm512_loadu_si512((const void *)ctr);
+    v[13] = _mm512_loadu_si512((const void *)(ctr + 16));
+    v[14] = _mm512_set1_epi32((int)block_len);
+    v[15] = _mm512_set1_epi32((int)flags);
+    VROUNDS();
+    for (int i = 0; i < 8; i++)
+        h[i] = XOR(v[i], v[i + 8]);
+#undef ADD
+#undef XOR
+#undef R16
+#undef R12
+#undef R8
+#undef R7
+#undef MSG
+}
+
+__attribute__((target("avx512f")))
+static void gather16(const uint8_t *const in[], size_t off, uint32_t *m)
+{
+    avx512_gather(in, off, m);
+}
+
+__attribute__((target("avx512f")))
+static void compress16(uint32_t *h, const uint32_t *m, const uint32_t *ctr, uint32_t block_len, uint32_t flags)
+{
+    __m512i v[8];
+    for (int i = 0; i < 8; i++)
+        v[i] = _mm512_loadu_si512((const void *)(h + 16 * i));
+    avx512_block(v, m, ctr, block_len, flags);
+    for (int i = 0; i < 8; i++)
+        _mm512_storeu_si512((void *)(h + 16 * i), v[i]);
+}
+
+__attribute__((target("avx512f")))
+static void blocks16(uint32_t *h, const uint8_t *const in[], size_t off, size_t blocks, const uint32_t *ctr,
+                     uint32_t flags, uint32_t flags_start, uint32_t flags_end)
+{
+    __m512i v[8];
+    uint32_t m[16 * 16];
+    for (int i = 0; i < 8; i++)
+        v[i] = _mm512_loadu_si512((const void *)(h + 16 * i));
+    uint32_t f = flags | flags_start;
+    for (size_t b = 0; b < blocks; b++) {
+        if (b + 1 == blocks)
+            f |= flags_end;
+        avx512_gather(in, off + BLOCK_LEN * b, m);
+        avx512_block(v, m, ctr, BLOCK_LEN, f);
+        f = flags;
+    }
+    for (int i = 0; i < 8; i++)
+        _mm512_storeu_si512((void *)(h + 16 * i), v[i]);
+}
+
 static const lanes_t LANES4 = {4, gather4, compress4, blocks4};
 static const lanes_t LANES8 = {8, gather8, compress8, blocks8};
+static const lanes_t LANES16 = {16, gather16, compress16, blocks16};
 
-/* The lanes for n inputs at a level: 8 only where more than 4 would be used. */
+/* The lanes for n inputs at a level: the widest the level has, but no wider
+ * than the next that more than half fills (16 only for more than 8, 8 for
+ * more than 4). */
 INLINE const lanes_t *lanes_for(int level, size_t n)
 {
+    if (level >= SIMD_AVX512 && n > 8)
+        return &LANES16;
     return level >= SIMD_AVX2 && n > 4 ? &LANES8 : &LANES4;
 }
 
@@ -808,7 +923,9 @@ static int simd_best = SIMD_PORTABLE, simd_level = SIMD_PORTABLE;
 static void simd_detect(void)
 {
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2"))
+    if (__builtin_cpu_supports("avx512f"))  /* CPU and OS: libgcc checks the zmm state is enabled */
+        simd_best = SIMD_AVX512;
+    else if (__builtin_cpu_supports("avx2"))
         simd_best = SIMD_AVX2;
     else if (__builtin_cpu_supports("sse4.1"))
         simd_best = SIMD_SSE41;
@@ -860,7 +977,7 @@ typedef struct {
 static void batch_init(batch_t *bt)
 {
     bt->level = simd_level;
-    bt->width = bt->level >= SIMD_AVX2 ? 8 : bt->level == SIMD_SSE41 ? 4 : 1;
+    bt->width = bt->level >= SIMD_AVX512 ? 16 : bt->level == SIMD_AVX2 ? 8 : bt->level == SIMD_SSE41 ? 4 : 1;
     bt->open = 0;
 }
 

@@ -3,7 +3,7 @@
 The blake3 package is the oracle for every digest; flags and counts are
 checked against a plain Python comparison of the same slices. Every BLAKE3
 test runs at each code level this CPU has (``SIMD_LEVELS``: the portable
-code, then SSE4.1 and AVX2 where present), chosen with the ``_set_simd``
+code, then SSE4.1, AVX2 and AVX-512 where present), chosen with the ``_set_simd``
 test hook. Bad offsets, sizes, buffers and descriptors must raise, never
 crash.
 """
@@ -50,7 +50,7 @@ def level(request):
 
 def test_simd_levels_and_hook():
     assert ck.SIMD_LEVELS[0] == "portable"
-    assert set(ck.SIMD_LEVELS) <= {"portable", "sse4.1", "avx2"}
+    assert set(ck.SIMD_LEVELS) <= {"portable", "sse4.1", "avx2", "avx512"}
     best = len(ck.SIMD_LEVELS) - 1
     assert ck._set_simd(0) == best  # the widest is picked when the module loads
     assert ck._set_simd(False) == 0
@@ -496,15 +496,16 @@ def test_equal_sized_tensors_every_count(level, count):
         assert kernel_digests(data, offsets, [size] * count) == want, size
 
 
-def test_equal_sized_tensors_around_whole_chunk_counts(level):
+@pytest.mark.parametrize("count", [8, 16])
+def test_equal_sized_tensors_around_whole_chunk_counts(level, count):
     """k * 1024 - 1, k * 1024, k * 1024 + 1 for k to 70: both sides of the longest side-by-side size (64 KiB)."""
     rnd = random.Random(5)
     for k in range(1, 71):
         for size in (k * 1024 - 1, k * 1024, k * 1024 + 1):
-            data = rnd.randbytes(size * 8)
-            offsets = [size * i for i in range(8)]
+            data = rnd.randbytes(size * count)
+            offsets = [size * i for i in range(count)]
             want = [oracle(data[o:o + size]) for o in offsets]
-            assert kernel_digests(data, offsets, [size] * 8) == want, size
+            assert kernel_digests(data, offsets, [size] * count) == want, size
 
 
 def test_interleaved_sizes_and_changed_tensors(level):
