@@ -70,10 +70,10 @@ BASELINE_PAIRS = {"fp32_1g", "bf16", "small2000", "small2000_lite", "small51k",
                   "fp32_quick", "bf16_quick", "small_quick", "small51k_quick"}
 #: Pairs whose table output is timed beside their JSON output.
 TABLE_PAIRS = {"many50k", "many5k_quick"}
-#: A pair of at most this many bytes a side runs in tens of milliseconds, where one slow moment of
-#: a shared host can spoil a best-of-5 of either tool: cat and ckptdiff get SHORT_ROUNDS times the
-#: rounds there (a few seconds in all).
-SHORT_PAIR_BYTES = 256 << 20
+#: A pair of at most this many bytes a side runs in a few tenths of a second or less, where one slow
+#: moment of a shared host can spoil a best-of-5 of either tool: cat and ckptdiff get SHORT_ROUNDS
+#: times the rounds there (seconds in all).
+SHORT_PAIR_BYTES = 512 << 20
 SHORT_ROUNDS = 3
 #: Formats compared with the same pair as one safetensors file, in the same rounds.
 TWIN_FORMATS = ("pt", "shards4", "h5")
