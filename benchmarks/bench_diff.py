@@ -37,6 +37,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import sysconfig
 import time
 from dataclasses import dataclass
 
@@ -97,11 +98,49 @@ def byte_compile_ckptdiff() -> None:
         compileall.compile_dir(where, quiet=1)
 
 
+#: The ckptdiff command the benchmark times (see install_wheel); the environment's own until then.
+_CKPTDIFF: list[str] = []
+
+
 def ckptdiff_cmd() -> list[str]:
+    if _CKPTDIFF:
+        return list(_CKPTDIFF)
     exe = os.path.join(os.path.dirname(sys.executable), "ckptdiff")
     if os.path.exists(exe):
         return [exe]
     return [sys.executable, "-m", "ckptdiff.cli"]
+
+
+def install_wheel(where: str, log) -> list[str] | None:  # noqa: ANN001
+    """This checkout installed as ``pip install .`` installs it, into a scratch environment; its command.
+
+    The README's set-up is an editable install, whose import hook in
+    ``site`` (setuptools' finder: it imports ``pathlib``, ``urllib.parse``
+    and more) costs every ckptdiff process ~5 ms that no installed copy
+    pays. So the benchmark times a regular install of the same code: a
+    fresh venv at ``where`` that takes its dependencies (numpy, safetensors,
+    blake3, ...) from this environment through a ``.pth`` file, with
+    ckptdiff built and installed into it by this environment's pip. None
+    (and the environment's own ckptdiff is timed) when that fails.
+    """
+    root = os.path.dirname(HERE)
+    shutil.rmtree(where, ignore_errors=True)
+    py = os.path.join(where, "bin", "python")
+    try:
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", where], check=True, capture_output=True)
+        site = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], check=True,
+                              capture_output=True, text=True).stdout.strip()
+        deps = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+        with open(os.path.join(site, "_benchmark_dependencies.pth"), "w") as f:
+            f.write("\n".join(deps) + "\n")
+        subprocess.run([sys.executable, "-m", "pip", "--python", py, "install", "-q", "--no-deps",
+                        "--no-build-isolation", root], check=True, capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = (getattr(e, "stderr", "") or str(e)).strip().splitlines()[-1:] or [""]
+        log(f"could not install ckptdiff as a wheel ({detail[0]}); timing this environment's ckptdiff instead")
+        return None
+    exe = os.path.join(where, "bin", "ckptdiff")
+    return [exe] if os.path.exists(exe) else None
 
 
 @dataclass
@@ -323,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="kill a baseline (script, diffai) run after this many seconds (default 120)")
     ap.add_argument("--data", default=os.path.join(HERE, "data"), help="where generated pairs live")
     ap.add_argument("--out", default=None, help="also write results.json and results.md into this directory")
+    ap.add_argument("--dev", action="store_true",
+                    help="time this environment's ckptdiff (the editable install) instead of a regular install "
+                         "of this checkout in a scratch venv under --data")
     args = ap.parse_args(argv)
 
     def log(msg: str) -> None:
@@ -343,7 +385,13 @@ def main(argv: list[str] | None = None) -> int:
         log("cat not found: the floor cannot be measured")
         return 2
     t0 = time.perf_counter()
-    byte_compile_ckptdiff()
+    installed = None if args.dev else install_wheel(os.path.join(args.data, ".wheel-env"), log)
+    if installed:
+        _CKPTDIFF[:] = installed
+    else:
+        byte_compile_ckptdiff()
+    how = "a regular install of this checkout" if installed else "this environment's ckptdiff"
+    log(f"timing {how}: {' '.join(ckptdiff_cmd())}")
     pairs = generate(args.quick, args.big, args.data)
     big_pair = pairs.pop() if args.big else None
     tiny = [p for p in pairs if p.name == "tiny"]
@@ -360,7 +408,8 @@ def main(argv: list[str] | None = None) -> int:
 
     all_cases = ([startup] if startup else []) + cases + ([big_case] if big_case else [])
     lines = [f"ckptdiff diff benchmark - {cpu_model()} ({platform.machine()}), {os.cpu_count()} CPUs, "
-             f"Python {platform.python_version()}, page cache warm, best of N wall time per process", ""]
+             f"Python {platform.python_version()}, page cache warm, best of N wall time per process; "
+             f"ckptdiff: {how}", ""]
     lines += table(all_cases)
     lines += ["", "| target | measured | wanted | met |", "|---|---:|---:|:---:|"]
     results = verdicts(([startup] if startup else []) + cases, big_case, args.quick)
