@@ -8,7 +8,6 @@ and terminals without Unicode fonts agree).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time (see docs/performance.md)
@@ -20,21 +19,34 @@ ARROW = "->"
 
 
 def num(x: float | None) -> str:
-    """A delta for a table cell: '-' when unknown, '0' when exactly zero, else 4 significant digits."""
+    """A delta for a table cell: '-' when unknown, '0' when exactly zero, else 4 significant digits
+    ('inf', '-inf' and 'nan' as the format writes them; a NaN never with a sign)."""
     if x is None:
         return "-"
-    if math.isnan(x):
-        return "nan"
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
     if x == 0:
         return "0"
+    if x != x:
+        return "nan"
     return f"{x:.4g}"
+
+
+#: Shapes already written: a model has few distinct shapes, and a many-tensor table writes each one
+#: thousands of times (bounded, so a checkpoint of all-different shapes cannot grow it without end).
+_SHAPE_TEXT: dict[tuple[int, ...], str] = {}
+_SHAPE_TEXT_MAX = 4096
 
 
 def shape(s: Sequence[int] | None) -> str:
     """``(2, 3)``, ``(8,)`` for one dimension, ``()`` for a scalar, ``-`` when absent."""
-    return "-" if s is None else "(" + ", ".join(map(str, s)) + ("," if len(s) == 1 else "") + ")"
+    if s is None:
+        return "-"
+    key = tuple(s)
+    text = _SHAPE_TEXT.get(key)
+    if text is None:
+        text = "(" + ", ".join(map(str, key)) + ("," if len(key) == 1 else "") + ")"
+        if len(_SHAPE_TEXT) < _SHAPE_TEXT_MAX:
+            _SHAPE_TEXT[key] = text
+    return text
 
 
 def change(old: str | None, new: str | None) -> str:
@@ -46,8 +58,10 @@ def change(old: str | None, new: str | None) -> str:
 
 def shape_of(t: Any) -> str:
     """A TensorDiff's shape cell."""
-    return change(None if t.shape_old is None else shape(t.shape_old),
-                  None if t.shape_new is None else shape(t.shape_new))
+    old, new = t.shape_old, t.shape_new
+    if old is not None and old == new:  # the common row: one layout on both sides
+        return shape(new)
+    return change(None if old is None else shape(old), None if new is None else shape(new))
 
 
 def dtype_of(t: Any) -> str:

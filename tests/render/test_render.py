@@ -80,6 +80,21 @@ def test_identical_sides_are_not_a_stale_warning():
 def test_fmt_num():
     assert [fmt_num(x) for x in (None, 0.0, float("inf"), float("nan"), 0.00040001, 1234567.0)] == \
         ["-", "0", "inf", "nan", "0.0004", "1.235e+06"]
+    assert [fmt_num(x) for x in (-0.0, float("-inf"), -float("nan"), -2.5e-7)] == ["0", "-inf", "nan", "-2.5e-07"]
+
+
+def test_shapes_read_the_same_from_lists_tuples_and_the_cache():
+    from ckptdiff import display
+
+    for s, text in (([2, 3], "(2, 3)"), ((8,), "(8,)"), ([], "()"), (None, "-"), ([np.int64(4), 5], "(4, 5)")):
+        assert display.shape(s) == display.shape(s) == text
+    row = TensorDiff(name="w", status="shape_changed", shape_old=[2, 3], shape_new=[3, 2])
+    assert display.shape_of(row) == "(2, 3)->(3, 2)"
+    row = TensorDiff(name="w", status="removed", shape_old=[4])
+    assert display.shape_of(row) == "(4,)"
+    for i in range(display._SHAPE_TEXT_MAX + 10):  # all-different shapes: the cache stops growing
+        assert display.shape([i, 1]) == f"({i}, 1)"
+    assert len(display._SHAPE_TEXT) <= display._SHAPE_TEXT_MAX
 
 
 def test_markdown_for_pr_comments():
