@@ -530,6 +530,40 @@ CLONES static void measure_all(int kind, const unsigned char *a, const unsigned 
     }
 }
 
+/* What measure and measure_row share: the pair measured whole, without the GIL, into
+ * acc (zeroed here), round_mask (cut to the kind's candidates) and rw; returns the
+ * out_of_tolerance count. b may be NULL (a chunk known to be identical). */
+static long long measure_buffers(int kind, const void *a, const void *b, Py_ssize_t nbytes, double atol,
+                                 double rtol, acc_t *acc, int *round_mask, rows_t *rw)
+{
+    memset(acc, 0, sizeof *acc);
+    acc->dn.scale = acc->on.scale = 1.0;
+    *round_mask &= round_candidates(kind);
+    if (kind == K_F16)
+        need_f16_table();
+    Py_BEGIN_ALLOW_THREADS
+    measure_all(kind, a, b, nbytes / ITEMSIZE[kind], atol, rtol, acc, round_mask, rw);
+    Py_END_ALLOW_THREADS
+    return (atol != 0.0 || rtol != 0.0) ? acc->beyond + acc->moves : acc->changed;
+}
+
+/* The first changed rows rw found, as a tuple of int. */
+static PyObject *first_rows(const rows_t *rw)
+{
+    PyObject *first = PyTuple_New(rw->nfirst);
+    if (!first)
+        return NULL;
+    for (int i = 0; i < rw->nfirst; i++) {
+        PyObject *v = PyLong_FromLongLong(rw->first_buf[i]);
+        if (!v) {
+            Py_DECREF(first);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(first, i, v);
+    }
+    return first;
+}
+
 static PyObject *measure(PyObject *self, PyObject *args)
 {
     int kind;
@@ -572,28 +606,13 @@ static PyObject *measure(PyObject *self, PyObject *args)
                             a.len, KIND_NAMES[kind]);
     }
     acc_t acc;
-    memset(&acc, 0, sizeof acc);
-    acc.dn.scale = acc.on.scale = 1.0;
-    round_mask &= round_candidates(kind);
-    if (kind == K_F16)
-        need_f16_table();
-    Py_BEGIN_ALLOW_THREADS
-    measure_all(kind, a.buf, has_b ? b.buf : NULL, a.len / ITEMSIZE[kind], atol, rtol, &acc, &round_mask, &rw);
-    Py_END_ALLOW_THREADS
+    long long out_of_tol = measure_buffers(kind, a.buf, has_b ? b.buf : NULL, a.len, atol, rtol, &acc,
+                                           &round_mask, &rw);
     PyBuffer_Release(&a);
     if (has_b) PyBuffer_Release(&b);
-    long long out_of_tol = (atol != 0.0 || rtol != 0.0) ? acc.beyond + acc.moves : acc.changed;
-    PyObject *first = PyTuple_New(rw.nfirst);
+    PyObject *first = first_rows(&rw);
     if (!first)
         return NULL;
-    for (int i = 0; i < rw.nfirst; i++) {
-        PyObject *v = PyLong_FromLongLong(rw.first_buf[i]);
-        if (!v) {
-            Py_DECREF(first);
-            return NULL;
-        }
-        PyTuple_SET_ITEM(first, i, v);
-    }
     return Py_BuildValue("(LLLddLLdddddiLnN)", acc.changed, out_of_tol, acc.finite_both, acc.max_abs, acc.sum_abs,
                          acc.nan_new, acc.inf_new, acc.dn.scale, acc.dn.ssq, acc.on.scale, acc.on.ssq,
                          acc.sum_od, round_mask, (long long)rw.changed_rows, rw.last_row, first);
@@ -931,28 +950,14 @@ static PyObject *measure_row(PyObject *self, PyObject *args)
     }
     acc_t acc;
     rows_t rw;
-    memset(&acc, 0, sizeof acc);
     memset(&rw, 0, sizeof rw);
-    acc.dn.scale = acc.on.scale = 1.0;
     rw.row_len = row_len;
     rw.last_row = -1;
     rw.want = want_rows;
-    round_mask &= round_candidates(kind);
-    if (kind == K_F16)
-        need_f16_table();
-    Py_BEGIN_ALLOW_THREADS
-    measure_all(kind, a.buf, b.buf, a.len / ITEMSIZE[kind], atol, rtol, &acc, &round_mask, &rw);
-    Py_END_ALLOW_THREADS
-    long long out_of_tol = (atol != 0.0 || rtol != 0.0) ? acc.beyond + acc.moves : acc.changed;
-    first = PyTuple_New(rw.nfirst);
+    long long out_of_tol = measure_buffers(kind, a.buf, b.buf, a.len, atol, rtol, &acc, &round_mask, &rw);
+    first = first_rows(&rw);
     if (!first)
         goto out;
-    for (int i = 0; i < rw.nfirst; i++) {
-        PyObject *v = PyLong_FromLongLong(rw.first_buf[i]);
-        if (!v)
-            goto out;
-        PyTuple_SET_ITEM(first, i, v);
-    }
     /* DeltaStats.of_pair, then sums_of: a norm merged into an empty one is itself unless its ssq is 0 */
     norm_t dn = {1.0, 0.0}, on = {1.0, 0.0};
     if (acc.dn.ssq != 0.0) dn = acc.dn;

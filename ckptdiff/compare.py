@@ -548,12 +548,12 @@ def compare_spans(fd_a: int, pos_a: int, fd_b: int, pos_b: int, span: int, offse
 
 
 def measured_row(info: DType, va: memoryview, vb: memoryview, atol: float, rtol: float, shape: Sequence[int],
-                 name: str) -> tuple | None:  # type: ignore[type-arg]
+                 numel: int, name: str) -> tuple | None:  # type: ignore[type-arg]
     """:func:`ckptdiff.stats.measured_row`: a changed tensor's numbers and cause in one C call, or None."""
     global _measured_row
     if _measured_row is None:
         from .stats import measured_row as _measured_row
-    return _measured_row(info, va, vb, atol, rtol, shape, name)
+    return _measured_row(info, va, vb, atol, rtol, numel, shape[0] if len(shape) >= 2 else -1, row_len(shape), name)
 
 
 def changed_stats(info: DType, va: memoryview, vb: memoryview, atol: float, rtol: float,

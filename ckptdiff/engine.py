@@ -312,7 +312,7 @@ def _changed_row(name: str, dtype: str, shape: tuple[int, ...], va: memoryview, 
         numel *= d
     td = TensorDiff(name, policy.same_layout_status(False), policy.role(man, name), False, False, dtype, dtype,
                     list(shape), list(shape), numel, hash_old, hash_new)
-    got = measured_row(info, va, vb, atol, rtol, shape, name)  # numbers and cause in one C call
+    got = measured_row(info, va, vb, atol, rtol, shape, numel, name)  # numbers and cause in one C call
     if got is None:  # no C module for it: DeltaStats, then cause.classify
         _with_stats(td, changed_stats(info, va, vb, atol, rtol, shape))
     else:

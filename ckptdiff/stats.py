@@ -71,10 +71,13 @@ def _configure_causes() -> bool:
 _C_ROWS = _configure_causes()
 
 
-def measured_row(dtype: DType, ca: memoryview, cb: memoryview, atol: float, rtol: float,
-                 shape: tuple[int, ...] | list[int], name: str) -> tuple | None:  # type: ignore[type-arg]
+def measured_row(dtype: DType, ca: memoryview, cb: memoryview, atol: float, rtol: float, numel: int, rows: int,
+                 row_len: int, name: str) -> tuple | None:  # type: ignore[type-arg]
     """A changed tensor, both sides whole in memory, measured and classified in one C call.
 
+    ``numel`` elements; ``rows`` and ``row_len``: its first dimension and the
+    elements of a row for a tensor of two dimensions or more, -1 and 0 for
+    others (``compare.measured_row`` works them out from the shape).
     ``(changed_elements, out_of_tolerance, nan_new, inf_new, max_abs_delta,
     mean_abs_delta, rel_l2, cause, cause_detail)``: exactly what
     ``DeltaStats.of_pair`` then ``cause.classify(cause.sums_of(...))`` give
@@ -87,14 +90,6 @@ def measured_row(dtype: DType, ca: memoryview, cb: memoryview, atol: float, rtol
     kind = _C_KIND.get(dtype.name) if _C_ROWS else None
     if kind is None:
         return None
-    numel = 1
-    for d in shape:
-        numel *= d
-    rows, row_len = -1, 0  # rows count for two dimensions or more (compare.row_len)
-    if len(shape) >= 2:
-        rows, row_len = shape[0], 1
-        for d in shape[1:]:
-            row_len *= d
     assert _C is not None
     return _C.measure_row(kind, ca, cb, atol, rtol, row_len, _ROUND_CANDIDATES.get(dtype.name, 0), dtype.is_float,
                           numel, rows, name, FIRST_ROWS)

@@ -21,9 +21,8 @@ import pytest
 from safetensors.numpy import save_file
 
 import ckptdiff
-from ckptdiff import stats
+from ckptdiff import compare, stats
 from ckptdiff.cause import CAUSES, RUNNING_STAT_NAMES, Sums, classify, sums_of
-from ckptdiff.compare import row_len
 from ckptdiff.dtypes import DTYPES
 
 pytestmark = pytest.mark.skipif(not stats._C_ROWS, reason="the C statistics module was not built")
@@ -32,15 +31,15 @@ pytestmark = pytest.mark.skipif(not stats._C_ROWS, reason="the C statistics modu
 def _python_row(dtype: str, a: np.ndarray, b: np.ndarray, name: str, atol: float = 0.0, rtol: float = 0.0) -> tuple:
     info = DTYPES[dtype]
     st = stats.DeltaStats.of_pair(info, memoryview(a.tobytes()), memoryview(b.tobytes()), atol, rtol,
-                                  row_len(a.shape))
+                                  compare.row_len(a.shape))
     cause, detail = classify(sums_of(name, a.shape, st))
     return (st.changed_elements, st.out_of_tolerance, st.nan_new, st.inf_new,
             st.max_abs_delta if st.finite_both else None, st.mean_abs_delta, st.rel_l2, cause, detail)
 
 
 def _c_row(dtype: str, a: np.ndarray, b: np.ndarray, name: str, atol: float = 0.0, rtol: float = 0.0) -> tuple | None:
-    return stats.measured_row(DTYPES[dtype], memoryview(a.tobytes()), memoryview(b.tobytes()), atol, rtol,
-                              a.shape, name)
+    return compare.measured_row(DTYPES[dtype], memoryview(a.tobytes()), memoryview(b.tobytes()), atol, rtol,
+                                a.shape, a.size, name)
 
 
 def _key(x: object) -> object:
